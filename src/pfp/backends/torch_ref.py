@@ -1,0 +1,272 @@
+"""PyTorch reference backend of the Probabilistic Forward Pass (PFP).
+
+Every activation is carried as a pair ``(mean, var)`` of float32 tensors shaped like the
+activation itself (batch first). The operators implement the moment-matching equations of
+``docs/pfp-notes.md`` section 1 and are the ground truth the compiled (TVM) backend is
+tested against, so they favour clarity and numerical robustness over raw speed; all of them
+are still fully vectorised.
+
+Example::
+
+    >>> spec = build_spec("mlp")
+    >>> logit_mean, logit_var = pfp_forward(spec, params, images)   # (B, 10) each
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from pfp.spec import Conv2d, Dense, Flatten, MaxPool2d, ModelSpec, ReLU
+
+__all__ = [
+    "CLARK_EPS",
+    "RELU_VAR_EPS",
+    "GaussianLayerParams",
+    "scale_variance",
+    "dense_first",
+    "dense",
+    "conv2d_first",
+    "conv2d",
+    "relu",
+    "max2",
+    "maxpool2x2",
+    "flatten",
+    "pfp_forward",
+    "deterministic_forward",
+]
+
+#: Added to var1 + var2 in Clark's max so t > 0 even when both inputs are deterministic.
+#: Small enough that the bias it adds to a tie of two deterministic values (sqrt(eps)*phi(0)
+#: = 4e-7) is negligible, large enough to stay a normal float32.
+CLARK_EPS = 1e-12
+#: Below this variance a ReLU input is treated as deterministic (ReLU applied to the mean).
+RELU_VAR_EPS = 1e-12
+# Standardised arguments beyond this are clipped. Phi saturates to exactly 0/1 in float32
+# beyond |a| ~ 14, so clipping changes no result; it only keeps a^2 finite (no inf * 0 = nan).
+_MAX_STD_ARG = 40.0
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+
+@dataclass(frozen=True)
+class GaussianLayerParams:
+    """Mean-field Gaussian parameters of one layer (float32 tensors)."""
+
+    weight_mean: Tensor
+    weight_var: Tensor  # sigma_w^2
+    weight_m2: Tensor  # E[w^2] = sigma_w^2 + mu_w^2, precomputed at conversion
+    bias_mean: Tensor
+    bias_var: Tensor
+
+    @classmethod
+    def from_mean_var(cls, weight_mean: Tensor, weight_var: Tensor,
+                      bias_mean: Tensor, bias_var: Tensor) -> "GaussianLayerParams":
+        """Build the parameters from means and variances, precomputing E[w^2]."""
+        weight_mean, weight_var, bias_mean, bias_var = (
+            torch.as_tensor(t, dtype=torch.float32) for t in (weight_mean, weight_var, bias_mean, bias_var))
+        if weight_mean.shape != weight_var.shape or bias_mean.shape != bias_var.shape:
+            raise ValueError("mean and variance tensors must have the same shape")
+        return cls(weight_mean, weight_var, weight_var + weight_mean.square(), bias_mean, bias_var)
+
+
+def scale_variance(p: GaussianLayerParams, factor: float) -> GaussianLayerParams:
+    """Multiply every weight and bias variance by ``factor`` (E[w^2] recomputed)."""
+    if factor == 1.0:
+        return p
+    if factor < 0:
+        raise ValueError(f"variance scale must be >= 0, got {factor}")
+    return GaussianLayerParams.from_mean_var(p.weight_mean, p.weight_var * factor,
+                                             p.bias_mean, p.bias_var * factor)
+
+
+# --------------------------------------------------------------------------- helpers
+
+def _phi(a: Tensor) -> Tensor:
+    """Standard normal pdf."""
+    return torch.exp(-0.5 * a * a) * _INV_SQRT_2PI
+
+
+def _clark_h(a: Tensor, cdf: Tensor, cdf_neg: Tensor, pdf: Tensor) -> Tensor:
+    """h(a) = a^2 Phi(a) Phi(-a) + a phi(a) (Phi(-a) - Phi(a)) - phi(a)^2  (<= 0).
+
+    Var[max(X1, X2)] = var1 Phi(a) + var2 Phi(-a) + t^2 h(a) is the algebraic rewrite of
+    Clark's E2 - mu^2. The rewrite never subtracts the (possibly huge) squared means, so
+    the absolute error is ~ float eps * t^2 instead of ~ float eps * mu^2. Phi(-a) is
+    evaluated directly (not as 1 - Phi(a)) so Phi(a) Phi(-a) keeps its relative accuracy.
+    """
+    return a * a * cdf * cdf_neg + a * pdf * (cdf_neg - cdf) - pdf * pdf
+
+
+# --------------------------------------------------------------------------- linear layers
+
+def dense_first(x: Tensor, p: GaussianLayerParams) -> tuple[Tensor, Tensor]:
+    """Gaussian dense layer on a deterministic input x of shape (B, in)."""
+    mean = F.linear(x, p.weight_mean, p.bias_mean)
+    var = F.linear(x.square(), p.weight_var, p.bias_var)
+    return mean, var
+
+
+def dense(mean: Tensor, var: Tensor, p: GaussianLayerParams) -> tuple[Tensor, Tensor]:
+    """Gaussian dense layer on independent Gaussian inputs N(mean, var) of shape (B, in)."""
+    out_mean = F.linear(mean, p.weight_mean, p.bias_mean)
+    # All-positive form var_x E[w^2] + mu_x^2 sigma_w^2 + var_b instead of the textbook
+    # E[x^2] E[w^2] - mu_x^2 mu_w^2: when variances are small next to the squared means the
+    # difference subtracts two nearly equal large numbers (catastrophic cancellation in
+    # float32, it can even come out negative); a sum of non-negative terms has a relative
+    # error of a few ulps and is >= 0 by construction. Same cost: two products per weight.
+    out_var = F.linear(var, p.weight_m2, p.bias_var) + F.linear(mean.square(), p.weight_var)
+    return out_mean, out_var
+
+
+def conv2d_first(x: Tensor, p: GaussianLayerParams, stride: int = 1,
+                 padding: int = 0) -> tuple[Tensor, Tensor]:
+    """Gaussian 2-D convolution (NCHW) on a deterministic input."""
+    # Zero padding is a deterministic 0, which adds nothing to either sum: plain F.conv2d
+    # padding is exact for both moments.
+    mean = F.conv2d(x, p.weight_mean, p.bias_mean, stride=stride, padding=padding)
+    var = F.conv2d(x.square(), p.weight_var, p.bias_var, stride=stride, padding=padding)
+    return mean, var
+
+
+def conv2d(mean: Tensor, var: Tensor, p: GaussianLayerParams, stride: int = 1,
+           padding: int = 0) -> tuple[Tensor, Tensor]:
+    """Gaussian 2-D convolution (NCHW) on independent Gaussian inputs."""
+    out_mean = F.conv2d(mean, p.weight_mean, p.bias_mean, stride=stride, padding=padding)
+    # Same all-positive variance form as :func:`dense` (see there for why).
+    out_var = (F.conv2d(var, p.weight_m2, p.bias_var, stride=stride, padding=padding)
+               + F.conv2d(mean.square(), p.weight_var, None, stride=stride, padding=padding))
+    return out_mean, out_var
+
+
+# --------------------------------------------------------------------------- non-linearities
+
+def relu(mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:
+    """Exact mean and variance of ReLU(X) for X ~ N(mean, var) (rectified Gaussian)."""
+    var = var.clamp_min(0.0)
+    std = torch.sqrt(var.clamp_min(RELU_VAR_EPS))  # clamp: no 0/0 where var == 0
+    a = (mean / std).clamp(-_MAX_STD_ARG, _MAX_STD_ARG)
+    cdf, cdf_neg, pdf = torch.special.ndtr(a), torch.special.ndtr(-a), _phi(a)
+    out_mean = mean * cdf + std * pdf
+    # ReLU(X) = max(X, 0): Clark's variance with var2 = 0, i.e. var * (Phi(a) + h(a)). This
+    # equals E[relu^2] - E[relu]^2 but stays accurate when mean^2 >> var (e.g. a confident
+    # positive pre-activation, where the difference would be pure float32 rounding noise).
+    out_var = (var * (cdf + _clark_h(a, cdf, cdf_neg, pdf))).clamp_min(0.0)
+    # Vanishing variance: ReLU is deterministic there; use it exactly rather than the
+    # (already tiny) std * phi(a) correction computed with the clamped std.
+    deterministic = var <= RELU_VAR_EPS
+    out_mean = torch.where(deterministic, mean.clamp_min(0.0), out_mean)
+    out_var = torch.where(deterministic, torch.zeros_like(out_var), out_var)
+    return out_mean, out_var
+
+
+def max2(mean1: Tensor, var1: Tensor, mean2: Tensor, var2: Tensor) -> tuple[Tensor, Tensor]:
+    """Clark's moment matching of max(X1, X2) for independent Gaussians X1, X2."""
+    var1, var2 = var1.clamp_min(0.0), var2.clamp_min(0.0)
+    t2 = var1 + var2 + CLARK_EPS
+    t = torch.sqrt(t2)
+    a = ((mean1 - mean2) / t).clamp(-_MAX_STD_ARG, _MAX_STD_ARG)
+    cdf, cdf_neg, pdf = torch.special.ndtr(a), torch.special.ndtr(-a), _phi(a)
+    out_mean = mean1 * cdf + mean2 * cdf_neg + t * pdf
+    # Algebraically identical to E2 - mu^2 of the notes, without the cancellation (see _clark_h).
+    out_var = (var1 * cdf + var2 * cdf_neg + t2 * _clark_h(a, cdf, cdf_neg, pdf)).clamp_min(0.0)
+    return out_mean, out_var
+
+
+def maxpool2x2(mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:
+    """2x2 max-pooling, stride 2 (NCHW), as pairwise Clark max: horizontal pairs, then vertical.
+
+    Each output (i, j) depends only on its own window rows 2i..2i+1, columns 2j..2j+1.
+    """
+    height, width = mean.shape[-2:]
+    if height % 2 or width % 2:
+        raise ValueError(f"2x2 max-pool needs even height and width, got {height}x{width}")
+    # Strided slices pick the left/right column of every window at once: (.., H, W/2).
+    row_mean, row_var = max2(mean[..., 0::2], var[..., 0::2], mean[..., 1::2], var[..., 1::2])
+    # Then the top/bottom row of every window: (.., H/2, W/2).
+    return max2(row_mean[..., 0::2, :], row_var[..., 0::2, :],
+                row_mean[..., 1::2, :], row_var[..., 1::2, :])
+
+
+def flatten(mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:
+    """Flatten every dimension after the batch one (C, H, W order, like torch.flatten)."""
+    return mean.flatten(1), var.flatten(1)
+
+
+# --------------------------------------------------------------------------- whole network
+
+def _check_input(spec: ModelSpec, x: Tensor) -> Tensor:
+    x = torch.as_tensor(x, dtype=torch.float32)
+    if tuple(x.shape[1:]) != tuple(spec.input_shape):
+        raise ValueError(f"{spec.name}: expects input (B, {', '.join(map(str, spec.input_shape))}), "
+                         f"got {tuple(x.shape)}")
+    return x
+
+
+def _layer_param(table: dict, name: str):
+    try:
+        return table[name]
+    except KeyError:
+        raise KeyError(f"no parameters for layer {name!r}; have {sorted(table)}") from None
+
+
+def pfp_forward(spec: ModelSpec, params: dict[str, GaussianLayerParams], x: Tensor, *,
+                variance_scale: float = 1.0) -> tuple[Tensor, Tensor]:
+    """One probabilistic forward pass: logit mean and variance, each (B, num_classes).
+
+    ``x`` is the deterministic input (B, *spec.input_shape). ``variance_scale`` multiplies
+    every weight and bias variance (calibration); 0 gives the network of the means.
+    """
+    h = _check_input(spec, x)
+    var: Tensor | None = None  # None while the activation is still deterministic
+    for layer in spec.layers:
+        if isinstance(layer, Flatten):
+            h = h.flatten(1)
+            var = None if var is None else var.flatten(1)
+        elif isinstance(layer, (Dense, Conv2d)):
+            p = scale_variance(_layer_param(params, layer.name), variance_scale)
+            if isinstance(layer, Dense):
+                if h.dim() > 2:  # tolerate a spec that omits Flatten before a dense layer
+                    h = h.flatten(1)
+                    var = None if var is None else var.flatten(1)
+                h, var = dense_first(h, p) if var is None else dense(h, var, p)
+            else:
+                h, var = (conv2d_first(h, p, layer.stride, layer.padding) if var is None
+                          else conv2d(h, var, p, layer.stride, layer.padding))
+        elif isinstance(layer, ReLU):
+            h, var = (torch.relu(h), None) if var is None else relu(h, var)
+        elif isinstance(layer, MaxPool2d):
+            h, var = (F.max_pool2d(h, 2), None) if var is None else maxpool2x2(h, var)
+        else:
+            raise TypeError(f"unsupported layer {layer!r}")
+    if var is None:  # a spec without parametric layers: deterministic output
+        var = torch.zeros_like(h)
+    return h, var
+
+
+def deterministic_forward(spec: ModelSpec, weights: dict[str, tuple[Tensor, Tensor]],
+                          x: Tensor) -> Tensor:
+    """Plain forward pass with one (weight, bias) pair per parametric layer; logits (B, C).
+
+    Used for the deterministic baseline and for each weight sample of SVI.
+    """
+    h = _check_input(spec, x)
+    for layer in spec.layers:
+        if isinstance(layer, Flatten):
+            h = h.flatten(1)
+        elif isinstance(layer, Dense):
+            weight, bias = _layer_param(weights, layer.name)
+            h = F.linear(h.flatten(1) if h.dim() > 2 else h, weight, bias)
+        elif isinstance(layer, Conv2d):
+            weight, bias = _layer_param(weights, layer.name)
+            h = F.conv2d(h, weight, bias, stride=layer.stride, padding=layer.padding)
+        elif isinstance(layer, ReLU):
+            h = torch.relu(h)
+        elif isinstance(layer, MaxPool2d):
+            h = F.max_pool2d(h, 2)
+        else:
+            raise TypeError(f"unsupported layer {layer!r}")
+    return h

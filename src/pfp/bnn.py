@@ -1,0 +1,208 @@
+"""Mean-field Gaussian BNN in Pyro, built from a :class:`~pfp.spec.ModelSpec`.
+
+Every weight and bias of a parametric layer is a sample site with an isotropic Gaussian
+prior; the guide is Pyro's ``AutoNormal`` (independent Gaussian per weight). Training
+maximises the minibatch ELBO scaled to the full data set (``pyro.plate`` with
+``subsample``), with the KL term computed analytically (``TraceMeanField_ELBO``).
+
+Example::
+
+    >>> posterior, losses = train_svi(build_spec("mlp"), TrainConfig(epochs=1), x, y, seed=0)
+    >>> posterior.save("posterior.npz")
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.infer import SVI, TraceMeanField_ELBO
+from pyro.infer.autoguide import AutoNormal
+from tqdm.auto import tqdm
+
+from pfp.backends.torch_ref import deterministic_forward
+from pfp.config import TrainConfig
+from pfp.data.idx import DataError
+from pfp.io import atomic_savez
+from pfp.spec import ModelSpec
+
+
+class PosteriorError(DataError):
+    """A saved posterior is unreadable or holds invalid values (NaN, non-positive scales)."""
+
+
+def site_names(layer_name: str) -> tuple[str, str]:
+    # Underscores, not dots: AutoNormal nests dotted names into sub-modules.
+    return f"{layer_name}_weight", f"{layer_name}_bias"
+
+
+def make_model(spec: ModelSpec, prior_scale: float) -> Callable:
+    """Pyro model ``model(x, y=None, num_data=None)`` for a spec (x normalised, NCHW)."""
+
+    def model(x: torch.Tensor, y: Optional[torch.Tensor] = None, num_data: Optional[int] = None):
+        weights = {}
+        for layer in spec.parametric_layers():
+            weight_site, bias_site = site_names(layer.name)
+            weight = pyro.sample(weight_site, dist.Normal(0.0, prior_scale).expand(layer.weight_shape).to_event(len(layer.weight_shape)))
+            bias = pyro.sample(bias_site, dist.Normal(0.0, prior_scale).expand(layer.bias_shape).to_event(1))
+            weights[layer.name] = (weight, bias)
+        logits = deterministic_forward(spec, weights, x)
+        size = num_data if num_data is not None else x.shape[0]
+        # subsample= makes Pyro scale the likelihood by size / batch: the unbiased full-data ELBO.
+        with pyro.plate("data", size=size, subsample=torch.arange(x.shape[0])):
+            pyro.sample("obs", dist.Categorical(logits=logits), obs=y)
+        return logits
+
+    return model
+
+
+def _init_loc(site: dict) -> torch.Tensor:
+    """Start means like PyTorch's default layer init (fan-in scaled), biases at zero."""
+    shape = site["fn"].shape() if hasattr(site["fn"], "shape") else site["value"].shape
+    if site["name"].endswith("_bias"):
+        return torch.zeros(shape)
+    fan_in = int(np.prod(shape[1:]))
+    bound = 1.0 / math.sqrt(fan_in)
+    return torch.empty(shape).uniform_(-bound, bound)
+
+
+@dataclass
+class Posterior:
+    """Constrained mean-field posterior: loc and scale (std, > 0) per sample site."""
+
+    spec: ModelSpec
+    loc: dict[str, torch.Tensor]
+    scale: dict[str, torch.Tensor]
+
+    def save(self, path: str | Path) -> None:
+        arrays = {"spec": np.array(self.spec.to_json())}
+        for name in self.loc:
+            arrays[f"{name}.loc"] = self.loc[name].detach().cpu().numpy().astype(np.float32)
+            arrays[f"{name}.scale"] = self.scale[name].detach().cpu().numpy().astype(np.float32)
+        atomic_savez(path, arrays)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Posterior":
+        path = Path(path)
+        if not path.is_file():
+            raise PosteriorError(f"{path}: posterior file not found")
+        try:
+            with np.load(path, allow_pickle=False) as archive:
+                spec = ModelSpec.from_json(str(archive["spec"]))
+                arrays = {key: archive[key] for key in archive.files if key != "spec"}
+        except (OSError, ValueError, KeyError) as error:
+            raise PosteriorError(f"{path}: not a readable posterior file ({error})") from None
+        loc, scale = {}, {}
+        for layer in spec.parametric_layers():
+            for site, shape in zip(site_names(layer.name), (layer.weight_shape, layer.bias_shape)):
+                for kind in ("loc", "scale"):
+                    key = f"{site}.{kind}"
+                    if key not in arrays:
+                        raise PosteriorError(f"{path}: missing array {key!r}")
+                    if tuple(arrays[key].shape) != tuple(shape):
+                        raise PosteriorError(f"{path}: {key} has shape {arrays[key].shape}, spec says {shape}")
+                    if not np.all(np.isfinite(arrays[key])):
+                        raise PosteriorError(f"{path}: {key} contains NaN or infinite values")
+                if np.any(arrays[f"{site}.scale"] <= 0):
+                    bad = int(np.sum(arrays[f"{site}.scale"] <= 0))
+                    raise PosteriorError(f"{path}: {site}.scale has {bad} non-positive value(s); scales must be > 0")
+                loc[site] = torch.from_numpy(arrays[f"{site}.loc"])
+                scale[site] = torch.from_numpy(arrays[f"{site}.scale"])
+        return cls(spec=spec, loc=loc, scale=scale)
+
+    def mean_weights(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        return {layer.name: tuple(self.loc[site] for site in site_names(layer.name)) for layer in self.spec.parametric_layers()}
+
+    def sample_weights(self, generator: torch.Generator) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        weights = {}
+        for layer in self.spec.parametric_layers():
+            pair = []
+            for site in site_names(layer.name):
+                noise = torch.randn(self.loc[site].shape, generator=generator)
+                pair.append(self.loc[site] + self.scale[site] * noise)
+            weights[layer.name] = tuple(pair)
+        return weights
+
+
+def posterior_from_guide(spec: ModelSpec, guide: AutoNormal) -> Posterior:
+    """Read loc and *constrained* scale (softplus of the raw parameter) from the guide."""
+    loc, scale = {}, {}
+    with torch.no_grad():
+        for layer in spec.parametric_layers():
+            for site in site_names(layer.name):
+                site_loc, site_scale = guide._get_loc_and_scale(site)
+                loc[site] = site_loc.detach().clone()
+                scale[site] = site_scale.detach().clone()
+    return Posterior(spec=spec, loc=loc, scale=scale)
+
+
+def train_svi(
+    spec: ModelSpec,
+    config: TrainConfig,
+    x_train: torch.Tensor,
+    y_train: torch.Tensor,
+    *,
+    seed: int,
+    progress: bool = True,
+) -> tuple[Posterior, list[float]]:
+    """Fit the mean-field posterior by SVI; returns it with the mean ELBO loss per epoch (per example)."""
+    pyro.clear_param_store()
+    pyro.set_rng_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    num_data = x_train.shape[0]
+    model = make_model(spec, config.prior_scale)
+    guide = AutoNormal(model, init_loc_fn=_init_loc, init_scale=float(config.init_scale))
+    elbo = TraceMeanField_ELBO(num_particles=config.num_particles, vectorize_particles=config.num_particles > 1)
+    svi = SVI(model, guide, pyro.optim.ClippedAdam({"lr": config.lr}), loss=elbo)
+    steps_per_epoch = math.ceil(num_data / config.batch_size)
+    total_steps = config.epochs * steps_per_epoch
+    if config.max_steps is not None:
+        total_steps = min(total_steps, config.max_steps)
+    losses: list[float] = []
+    step = 0
+    bar = tqdm(total=total_steps, desc=f"SVI {spec.name}", unit="step", disable=not progress)
+    while step < total_steps:
+        order = torch.randperm(num_data, generator=generator)
+        epoch_loss, epoch_count = 0.0, 0
+        for start in range(0, num_data, config.batch_size):
+            if step >= total_steps:
+                break
+            index = order[start : start + config.batch_size]
+            loss = svi.step(x_train[index], y_train[index], num_data)
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"SVI {spec.name}: loss became {loss} at step {step}; lower train.{spec.name}.lr")
+            epoch_loss += loss
+            epoch_count += 1
+            step += 1
+            bar.update(1)
+        losses.append(epoch_loss / epoch_count / num_data)
+        bar.set_postfix(elbo_loss=f"{losses[-1]:.4f}")
+    bar.close()
+    if total_steps == 0:
+        guide(x_train[:1], y_train[:1], num_data)  # materialise the guide's parameters
+    return posterior_from_guide(spec, guide), losses
+
+
+def predict_svi(
+    posterior: Posterior, x: torch.Tensor, *, num_samples: int, seed: int, batch_size: int = 1000
+) -> torch.Tensor:
+    """Logits of ``num_samples`` weight draws, shape (S, N, C)."""
+    generator = torch.Generator().manual_seed(seed)
+    outputs = []
+    with torch.no_grad():
+        for _ in range(num_samples):
+            weights = posterior.sample_weights(generator)
+            outputs.append(torch.cat([deterministic_forward(posterior.spec, weights, x[i : i + batch_size]) for i in range(0, x.shape[0], batch_size)]))
+    return torch.stack(outputs)
+
+
+def predict_deterministic(posterior: Posterior, x: torch.Tensor, *, batch_size: int = 1000) -> torch.Tensor:
+    weights = posterior.mean_weights()
+    with torch.no_grad():
+        return torch.cat([deterministic_forward(posterior.spec, weights, x[i : i + batch_size]) for i in range(0, x.shape[0], batch_size)])

@@ -1,0 +1,150 @@
+"""Typed pipeline parameters, loaded from ``params.yaml`` and validated once.
+
+Every stage reads its section through :func:`load_params`; a bad value fails here with
+the offending key named (``train.mlp.epochs: must be >= 0``), never deep inside a stage.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pfp.spec import Architecture
+
+
+class ConfigError(ValueError):
+    """A parameter file is missing, unreadable or holds an invalid value."""
+
+
+class _Section(BaseModel):
+    # Unknown keys are typos more often than not: refuse them.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(_Section):
+    mnist_dir: Optional[str] = None  # IDX folder; None -> download from the canonical mirror
+    ood_dir: Optional[str] = None  # Fashion-MNIST IDX folder; None -> download
+    ambiguous_dir: Optional[str] = None  # original Ambiguous-MNIST files (DDU), if you have them
+    download_dir: str = "data/downloads"
+    val_size: int = Field(5000, ge=1)
+    train_size: Optional[int] = Field(None, ge=1)  # cap on MNIST train images (None: all left)
+    test_size: Optional[int] = Field(None, ge=1)
+    ood_size: Optional[int] = Field(None, ge=1)
+
+
+class VAEConfig(_Section):
+    hidden: list[int] = [512, 256]
+    latent_dim: int = Field(32, ge=2)
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(1e-3, gt=0)
+
+
+class EnsembleConfig(_Section):
+    members: int = Field(5, ge=2)
+    epochs: int = Field(2, ge=1)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(1e-3, gt=0)
+
+
+class AmbiguousConfig(_Section):
+    train_images: int = Field(6000, ge=1)
+    val_images: int = Field(500, ge=1)
+    test_images: int = Field(6000, ge=1)
+    labels_per_image: int = Field(10, ge=1)
+    min_classes: int = Field(2, ge=2, le=10)
+    max_classes: int = Field(4, ge=2, le=10)
+    max_mi: float = Field(0.05, gt=0)
+    min_entropy: float = Field(0.3, ge=0)
+    max_entropy: float = Field(3.0, gt=0)
+    max_candidates: int = Field(2_000_000, ge=1)
+    vae: VAEConfig = VAEConfig()
+    ensemble: EnsembleConfig = EnsembleConfig()
+
+    @model_validator(mode="after")
+    def _ranges(self) -> "AmbiguousConfig":
+        if self.min_classes > self.max_classes:
+            raise ValueError("min_classes must be <= max_classes")
+        if self.min_entropy >= self.max_entropy:
+            raise ValueError("min_entropy must be < max_entropy")
+        return self
+
+
+class TrainConfig(_Section):
+    epochs: int = Field(10, ge=0)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    prior_scale: float = Field(1.0, gt=0)
+    init_scale: float = Field(1e-3, gt=0)  # initial posterior std of every weight
+    num_particles: int = Field(1, ge=1)
+    max_steps: Optional[int] = Field(None, ge=1)  # cap on optimisation steps (smoke runs)
+
+
+class CalibrateConfig(_Section):
+    variance_scales: list[float] = Field(default_factory=lambda: [0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.5, 2.0, 3.0])
+    fit_temperature: bool = True
+    logit_samples: int = Field(100, ge=1)
+
+    @field_validator("variance_scales")
+    @classmethod
+    def _positive(cls, scales: list[float]) -> list[float]:
+        if not scales or any(s <= 0 for s in scales):
+            raise ValueError("must be a non-empty list of positive numbers")
+        return scales
+
+
+class EvaluateConfig(_Section):
+    svi_samples: int = Field(30, ge=2)
+    logit_samples: int = Field(100, ge=2)  # Monte-Carlo draws over PFP's Gaussian logits (no network passes)
+    moment_samples: int = Field(200, ge=2)  # SVI samples for the PFP-vs-SVI logit moment comparison
+    moment_images: int = Field(1000, ge=1)
+    ece_bins: int = Field(15, ge=1)
+    batch_size: int = Field(1000, ge=1)
+
+
+class PipelineParams(_Section):
+    seed: int = 0
+    models: list[Architecture] = [Architecture.MLP, Architecture.LENET]
+    data: DataConfig = DataConfig()
+    ambiguous: AmbiguousConfig = AmbiguousConfig()
+    train: dict[Architecture, TrainConfig] = {}
+    calibrate: CalibrateConfig = CalibrateConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+
+    @model_validator(mode="after")
+    def _every_model_has_train_section(self) -> "PipelineParams":
+        missing = [m.value for m in self.models if m not in self.train]
+        if missing:
+            raise ValueError(f"train: no section for model(s) {', '.join(missing)}")
+        return self
+
+
+def _format_errors(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        lines.append(f"  {key}: {item['msg']} (got {item.get('input')!r})")
+    return "\n".join(lines)
+
+
+def parse_params(raw: dict[str, Any], source: str = "params") -> PipelineParams:
+    try:
+        return PipelineParams.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(f"{source}: invalid parameters\n{_format_errors(error)}") from None
+
+
+def load_params(path: str | Path = "params.yaml") -> PipelineParams:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: parameter file not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return parse_params(raw, str(path))

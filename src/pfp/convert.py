@@ -1,0 +1,89 @@
+"""Posterior -> PFP parameters (mean, variance and second raw moment per weight).
+
+The variance is the square of Pyro's *constrained* scale (``AutoNormal`` stores
+``softplus``-positive scales), never ``exp`` of the raw parameter. ``E[w^2]`` is
+precomputed here once, so no backend recomputes it per inference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pfp.backends.torch_ref import GaussianLayerParams, pfp_forward
+from pfp.bnn import Posterior, PosteriorError, site_names
+from pfp.io import atomic_savez
+from pfp.spec import ModelSpec
+
+_FIELDS = ("weight_mean", "weight_var", "weight_m2", "bias_mean", "bias_var")
+
+
+@dataclass
+class PFPModel:
+    """A converted network: the model description plus Gaussian parameters per layer."""
+
+    spec: ModelSpec
+    params: dict[str, GaussianLayerParams]
+
+    def save(self, path: str | Path) -> None:
+        arrays = {"spec": np.array(self.spec.to_json())}
+        for name, layer in self.params.items():
+            for field in _FIELDS:
+                arrays[f"{name}.{field}"] = getattr(layer, field).numpy().astype(np.float32)
+        atomic_savez(path, arrays)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "PFPModel":
+        path = Path(path)
+        if not path.is_file():
+            raise PosteriorError(f"{path}: PFP parameter file not found")
+        try:
+            with np.load(path, allow_pickle=False) as archive:
+                spec = ModelSpec.from_json(str(archive["spec"]))
+                arrays = {key: archive[key] for key in archive.files if key != "spec"}
+        except (OSError, ValueError, KeyError) as error:
+            raise PosteriorError(f"{path}: not a readable PFP parameter file ({error})") from None
+        params = {}
+        for layer in spec.parametric_layers():
+            values = {}
+            for field in _FIELDS:
+                key = f"{layer.name}.{field}"
+                if key not in arrays:
+                    raise PosteriorError(f"{path}: missing array {key!r}")
+                if not np.all(np.isfinite(arrays[key])):
+                    raise PosteriorError(f"{path}: {key} contains NaN or infinite values")
+                values[field] = torch.from_numpy(arrays[key])
+            params[layer.name] = GaussianLayerParams(**values)
+        return cls(spec=spec, params=params)
+
+
+def convert_posterior(posterior: Posterior) -> PFPModel:
+    params = {}
+    for layer in posterior.spec.parametric_layers():
+        weight_site, bias_site = site_names(layer.name)
+        weight_mean = posterior.loc[weight_site].double()
+        weight_var = posterior.scale[weight_site].double() ** 2
+        params[layer.name] = GaussianLayerParams(
+            weight_mean=weight_mean.float(),
+            weight_var=weight_var.float(),
+            weight_m2=(weight_var + weight_mean**2).float(),
+            bias_mean=posterior.loc[bias_site].float(),
+            bias_var=(posterior.scale[bias_site].double() ** 2).float(),
+        )
+    return PFPModel(spec=posterior.spec, params=params)
+
+
+def predict_pfp(
+    model: PFPModel, x: torch.Tensor, *, variance_scale: float = 1.0, batch_size: int = 1000
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gaussian logits (mean, variance), each (N, C), from one probabilistic forward pass."""
+    means, variances = [], []
+    with torch.no_grad():
+        for start in range(0, x.shape[0], batch_size):
+            mean, var = pfp_forward(model.spec, model.params, x[start : start + batch_size], variance_scale=variance_scale)
+            means.append(mean)
+            variances.append(var)
+    return torch.cat(means), torch.cat(variances)

@@ -1,0 +1,161 @@
+"""Evaluate the three predictors of one trained BNN on Dirty-MNIST and Fashion-MNIST.
+
+- ``svi``: Monte-Carlo over the posterior (``svi_samples`` weight draws, network passes each);
+- ``pfp``: one probabilistic forward pass, calibrated, Monte-Carlo over the Gaussian logits only;
+- ``det``: the posterior means as an ordinary network.
+
+For every method and set: accuracy, NLL, ECE, Brier, mean MI and SME; OOD AUROC
+(MNIST test vs Fashion-MNIST) for MI, SME and mean logit variance.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pfp import metrics, plots
+from pfp.bnn import Posterior, predict_deterministic, predict_svi
+from pfp.calibrate import CalibrationResult
+from pfp.config import EvaluateConfig
+from pfp.convert import PFPModel, predict_pfp
+from pfp.data.dirty_mnist import normalise
+from pfp.predictive import gaussian_logit_softmax_samples, softmax_samples
+
+
+class Method(str, Enum):
+    SVI = "svi"
+    PFP = "pfp"
+    DET = "det"
+
+
+class EvalSet(str, Enum):
+    MNIST = "mnist"
+    AMBIGUOUS = "ambiguous"
+    FASHION = "fashion"
+
+
+SET_ARRAYS = {EvalSet.MNIST: "mnist_test", EvalSet.AMBIGUOUS: "ambiguous_test", EvalSet.FASHION: "ood_test"}
+
+
+@dataclass
+class Prediction:
+    """Per-example outputs of one method on one set."""
+
+    probs: np.ndarray  # (N, C) predictive mean
+    mutual_information: np.ndarray  # (N,)
+    softmax_entropy: np.ndarray  # (N,)
+    logit_variance: np.ndarray  # (N,) mean over classes
+
+
+def _from_sample_probs(sample_probs: np.ndarray, logit_variance: np.ndarray) -> Prediction:
+    probs = sample_probs.mean(0)
+    return Prediction(probs, metrics.mutual_information(sample_probs), metrics.softmax_entropy(probs), logit_variance)
+
+
+def predict(method: Method, posterior: Posterior, pfp_model: PFPModel, calibration: CalibrationResult,
+            x: torch.Tensor, config: EvaluateConfig, *, seed: int) -> Prediction:
+    if method is Method.SVI:
+        logits = predict_svi(posterior, x, num_samples=config.svi_samples, seed=seed, batch_size=config.batch_size)
+        return _from_sample_probs(softmax_samples(logits), logits.var(0).mean(-1).numpy())
+    if method is Method.PFP:
+        logit_mean, logit_var = predict_pfp(pfp_model, x, variance_scale=calibration.variance_scale, batch_size=config.batch_size)
+        sample_probs = gaussian_logit_softmax_samples(logit_mean, logit_var, num_samples=config.logit_samples,
+                                                      temperature=calibration.temperature, seed=seed)
+        return _from_sample_probs(sample_probs, logit_var.mean(-1).numpy())
+    logits = predict_deterministic(posterior, x, batch_size=config.batch_size)
+    return _from_sample_probs(softmax_samples(logits)[None], np.zeros(x.shape[0], dtype=np.float32))
+
+
+def _set_metrics(prediction: Prediction, labels: np.ndarray, ece_bins: int) -> dict[str, float]:
+    return {
+        "accuracy": metrics.accuracy(prediction.probs, labels),
+        "nll": metrics.nll(prediction.probs, labels),
+        "ece": metrics.expected_calibration_error(prediction.probs, labels, n_bins=ece_bins),
+        "brier": metrics.brier(prediction.probs, labels),
+        "mi": float(prediction.mutual_information.mean()),
+        "sme": float(prediction.softmax_entropy.mean()),
+    }
+
+
+def _auroc_scores(prediction_in: Prediction, prediction_out: Prediction) -> dict[str, float]:
+    return {
+        "mi": metrics.auroc(prediction_in.mutual_information, prediction_out.mutual_information),
+        "sme": metrics.auroc(prediction_in.softmax_entropy, prediction_out.softmax_entropy),
+        "var": metrics.auroc(prediction_in.logit_variance, prediction_out.logit_variance),
+    }
+
+
+def _concat(a: Prediction, b: Prediction) -> Prediction:
+    return Prediction(*(np.concatenate([getattr(a, f), getattr(b, f)]) for f in Prediction.__dataclass_fields__))
+
+
+def moment_errors(posterior: Posterior, pfp_model: PFPModel, x: torch.Tensor, *, num_samples: int, seed: int,
+                  variance_scale: float = 1.0) -> dict[str, float]:
+    """Relative error of PFP's logit mean/variance against SVI's sampled moments."""
+    logits = predict_svi(posterior, x, num_samples=num_samples, seed=seed)
+    logit_mean, logit_var = predict_pfp(pfp_model, x, variance_scale=variance_scale)
+    return {
+        "logit_mean_rel_error": metrics.relative_error(logit_mean.numpy(), logits.mean(0).numpy()),
+        "logit_var_rel_error": metrics.relative_error(logit_var.numpy(), logits.var(0).numpy()),
+    }
+
+
+def evaluate_model(posterior: Posterior, pfp_model: PFPModel, calibration: CalibrationResult,
+                   arrays: dict[str, np.ndarray], config: EvaluateConfig, *, seed: int,
+                   plot_dir: str | Path | None = None) -> dict[str, dict]:
+    """Metrics per method (see module docstring); writes plots to ``plot_dir`` when given."""
+    inputs = {s: normalise(arrays[f"{SET_ARRAYS[s]}_x"]) for s in EvalSet}
+    labels = {s: arrays[f"{SET_ARRAYS[s]}_y"] for s in EvalSet}
+    results: dict[str, dict] = {}
+    predictions: dict[Method, dict[EvalSet, Prediction]] = {}
+    for method in Method:
+        predictions[method] = {s: predict(method, posterior, pfp_model, calibration, inputs[s], config, seed=seed) for s in EvalSet}
+        per_set = {s.value: _set_metrics(predictions[method][s], labels[s], config.ece_bins) for s in EvalSet}
+        ood = _auroc_scores(predictions[method][EvalSet.MNIST], predictions[method][EvalSet.FASHION])
+        dirty = _concat(predictions[method][EvalSet.MNIST], predictions[method][EvalSet.AMBIGUOUS])
+        ood_dirty = _auroc_scores(dirty, predictions[method][EvalSet.FASHION])
+        results[method.value] = {
+            **{k: per_set["mnist"][k] for k in ("accuracy", "nll", "ece", "brier")},
+            **{f"auroc_{k}": v for k, v in ood.items()},
+            **{f"auroc_{k}_dirty": v for k, v in ood_dirty.items()},
+            "mi_id": per_set["mnist"]["mi"], "mi_ood": per_set["fashion"]["mi"], "mi_ambiguous": per_set["ambiguous"]["mi"],
+            "sme_id": per_set["mnist"]["sme"], "sme_ood": per_set["fashion"]["sme"], "sme_ambiguous": per_set["ambiguous"]["sme"],
+            "sets": per_set,
+        }
+    count = min(config.moment_images, inputs[EvalSet.MNIST].shape[0])
+    moment_x = inputs[EvalSet.MNIST][:count]
+    results[Method.PFP.value].update(moment_errors(posterior, pfp_model, moment_x, num_samples=config.moment_samples, seed=seed + 1))
+    calibrated = moment_errors(posterior, pfp_model, moment_x, num_samples=config.moment_samples, seed=seed + 1,
+                               variance_scale=calibration.variance_scale)
+    results[Method.PFP.value].update({f"{k}_calibrated": v for k, v in calibrated.items()})
+    if plot_dir is not None:
+        write_plots(Path(plot_dir), posterior.spec.name, predictions, labels, config.ece_bins)
+    return results
+
+
+def write_plots(plot_dir: Path, model_name: str, predictions: dict[Method, dict[EvalSet, Prediction]],
+                labels: dict[EvalSet, np.ndarray], ece_bins: int) -> list[Path]:
+    mnist, fashion = EvalSet.MNIST, EvalSet.FASHION
+    bins = {m.value: metrics.reliability_bins(p[mnist].probs, labels[mnist], n_bins=ece_bins) for m, p in predictions.items()}
+    curves = {}
+    for method, per_set in predictions.items():
+        for score in ("mutual_information", "softmax_entropy"):
+            scores_in, scores_out = getattr(per_set[mnist], score), getattr(per_set[fashion], score)
+            fpr, tpr = metrics.roc_curve_points(scores_in, scores_out)
+            curves[f"{method.value} {score.replace('_', ' ')}"] = (fpr, tpr, metrics.auroc(scores_in, scores_out))
+
+    def per_set_values(field: str) -> dict[str, dict[str, np.ndarray]]:
+        return {m.value: {s.value: getattr(p[s], field) for s in EvalSet} for m, p in predictions.items() if m is not Method.DET}
+
+    return [
+        plots.reliability_diagram(bins, plot_dir / f"{model_name}_reliability.png", title=f"{model_name}: reliability (MNIST test)"),
+        plots.roc_curves(curves, plot_dir / f"{model_name}_roc.png", title=f"{model_name}: OOD ROC, MNIST vs Fashion-MNIST"),
+        plots.uncertainty_histograms(per_set_values("mutual_information"), plot_dir / f"{model_name}_mi_hist.png",
+                                     title=f"{model_name}: mutual information", xlabel="MI (nats)", log_y=True),
+        plots.uncertainty_histograms(per_set_values("softmax_entropy"), plot_dir / f"{model_name}_sme_hist.png",
+                                     title=f"{model_name}: softmax entropy", xlabel="SME (nats)"),
+    ]

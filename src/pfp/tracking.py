@@ -1,0 +1,122 @@
+"""The only module that talks to MLflow.
+
+Default tracking URI: a SQLite database ``mlflow.db`` in the working folder (the DVC
+workspace), no server needed; ``MLFLOW_TRACKING_URI`` points it at a server. When the
+Prefect flow drives the stages it opens a pipeline run and passes its id in
+``PFP_MLFLOW_PARENT_RUN_ID``, so every stage run is nested under it.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+EXPERIMENT = os.environ.get("PFP_MLFLOW_EXPERIMENT", "pfp-pipeline")
+PARENT_RUN_ENV = "PFP_MLFLOW_PARENT_RUN_ID"
+GIT_COMMIT_ENV = "PFP_GIT_COMMIT"
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def git_commit(folder: str | Path = ".") -> str:
+    if os.environ.get(GIT_COMMIT_ENV):
+        return os.environ[GIT_COMMIT_ENV]
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 else "unknown"
+
+
+def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1} (MLflow params and metrics are flat)."""
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _mlflow():
+    import mlflow  # slow import: only where tracking happens
+
+    mlflow.set_tracking_uri(tracking_uri())
+    if mlflow.get_experiment_by_name(EXPERIMENT) is None:
+        try:
+            mlflow.create_experiment(EXPERIMENT)
+        except Exception:  # another stage created it meanwhile
+            pass
+    mlflow.set_experiment(EXPERIMENT)
+    return mlflow
+
+
+class StageRun:
+    """Thin handle on an active MLflow run."""
+
+    def __init__(self, mlflow, run):
+        self._mlflow = mlflow
+        self.run_id = run.info.run_id
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        flat = {k: str(v)[:500] for k, v in flatten(params).items()}
+        items = list(flat.items())
+        for start in range(0, len(items), 100):
+            self._mlflow.log_params(dict(items[start : start + 100]))
+
+    def log_metrics(self, values: Mapping[str, Any], step: int | None = None) -> None:
+        numeric = {k.replace("@", "_"): float(v) for k, v in flatten(values).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if numeric:
+            self._mlflow.log_metrics(numeric, step=step)
+
+    def log_metric_series(self, name: str, values: list[float]) -> None:
+        for step, value in enumerate(values):
+            self._mlflow.log_metric(name, float(value), step=step)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        path = Path(path)
+        if path.is_dir():
+            self._mlflow.log_artifacts(str(path), artifact_path=artifact_path)
+        else:
+            self._mlflow.log_artifact(str(path), artifact_path=artifact_path)
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        self._mlflow.set_tags({k: str(v) for k, v in tags.items()})
+
+
+@contextmanager
+def stage_run(stage: str, *, params: Mapping[str, Any] | None = None, tags: Mapping[str, Any] | None = None) -> Iterator[StageRun]:
+    """An MLflow run for one pipeline stage, nested under the flow's run when there is one."""
+    mlflow = _mlflow()
+    parent = os.environ.get(PARENT_RUN_ENV) or None
+    base_tags = {"pfp.stage": stage, "git_commit": git_commit()}
+    if parent:
+        base_tags["mlflow.parentRunId"] = parent
+    with mlflow.start_run(run_name=stage, tags={**base_tags, **(tags or {})}) as run:
+        handle = StageRun(mlflow, run)
+        if params:
+            handle.log_params(params)
+        yield handle
+
+
+@contextmanager
+def pipeline_run(name: str, *, tags: Mapping[str, Any] | None = None) -> Iterator[StageRun]:
+    """The parent run of one flow execution; exports its id for the stage processes."""
+    mlflow = _mlflow()
+    with mlflow.start_run(run_name=name, tags={"pfp.stage": "pipeline", "git_commit": git_commit(), **(tags or {})}) as run:
+        previous = os.environ.get(PARENT_RUN_ENV)
+        os.environ[PARENT_RUN_ENV] = run.info.run_id
+        try:
+            yield StageRun(mlflow, run)
+        finally:
+            if previous is None:
+                os.environ.pop(PARENT_RUN_ENV, None)
+            else:
+                os.environ[PARENT_RUN_ENV] = previous

@@ -1,0 +1,118 @@
+"""``pfp.plots``: every figure is a valid, non-empty PNG written atomically."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pfp import metrics as M
+from pfp import plots as P
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _assert_png_alone(path: Path, expected: Path) -> None:
+    assert Path(path) == expected
+    data = expected.read_bytes()
+    assert len(data) > 1000
+    assert data[:8] == PNG_SIGNATURE
+    # nothing else (e.g. temp files) left in the folder
+    assert sorted(p.name for p in expected.parent.iterdir()) == [expected.name]
+
+
+def _toy_probs(rng: np.random.Generator, n: int = 200, c: int = 10):
+    logits = rng.normal(0, 2, (n, c))
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    labels = rng.integers(0, c, n)
+    return probs, labels
+
+
+def test_reliability_diagram(tmp_path):
+    rng = np.random.default_rng(0)
+    p1, y1 = _toy_probs(rng)
+    p2, y2 = _toy_probs(rng)
+    bins = {"svi": M.reliability_bins(p1, y1), "pfp": M.reliability_bins(p2, y2)}
+    out = tmp_path / "rel.png"
+    _assert_png_alone(P.reliability_diagram(bins, out, "Reliability"), out)
+
+
+def test_roc_curves(tmp_path):
+    rng = np.random.default_rng(1)
+    s_in, s_out = rng.normal(0, 1, 100), rng.normal(1, 1, 80)
+    fpr, tpr = M.roc_curve_points(s_in, s_out)
+    curves = {
+        "svi MI": (fpr, tpr, M.auroc(s_in, s_out)),
+        "pfp MI": (fpr, tpr * 0.9, 0.7),
+    }
+    out = tmp_path / "roc.png"
+    _assert_png_alone(P.roc_curves(curves, out, "OOD ROC"), out)
+
+
+@pytest.mark.parametrize("log_y", [False, True])
+def test_uncertainty_histograms(tmp_path, log_y):
+    rng = np.random.default_rng(2)
+    values = {
+        "svi": {
+            "mnist": rng.exponential(0.02, 300),
+            "ambiguous": rng.exponential(0.1, 300),
+            "fashion": rng.exponential(0.4, 300),
+        },
+        "pfp": {"mnist": np.zeros(50), "fashion": np.array([])},  # constant + empty
+    }
+    out = tmp_path / "mi.png"
+    _assert_png_alone(
+        P.uncertainty_histograms(values, out, "MI", "mutual information", log_y=log_y),
+        out,
+    )
+
+
+def test_uncertainty_histograms_all_constant(tmp_path):
+    out = tmp_path / "const.png"
+    _assert_png_alone(
+        P.uncertainty_histograms({"svi": {"mnist": np.zeros(10)}}, out, "t", "x"), out
+    )
+
+
+def test_loss_curve(tmp_path):
+    losses = list(
+        1000 * np.exp(-np.arange(200) / 50) + np.random.default_rng(3).normal(0, 5, 200)
+    )
+    out = tmp_path / "loss.png"
+    _assert_png_alone(P.loss_curve(losses, out, "ELBO loss"), out)
+    # missing folders are created; a single value works
+    out2 = tmp_path / "sub" / "loss1.png"
+    assert P.loss_curve([3.0], out2, "one", log_y=True) == out2
+    assert out2.read_bytes()[:8] == PNG_SIGNATURE
+
+
+def test_overwrite_existing(tmp_path):
+    out = tmp_path / "loss.png"
+    out.write_bytes(b"old")
+    P.loss_curve([3.0, 2.0, float("nan"), 1.0], out, "x")
+    _assert_png_alone(out, out)
+
+
+def test_failed_save_leaves_nothing(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    def boom(self, *args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(Figure, "savefig", boom)
+    with pytest.raises(RuntimeError, match="disk full"):
+        P.loss_curve([1.0, 2.0], tmp_path / "loss.png", "x")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_empty_inputs_raise(tmp_path):
+    with pytest.raises(ValueError):
+        P.reliability_diagram({}, tmp_path / "a.png", "t")
+    with pytest.raises(ValueError):
+        P.roc_curves({}, tmp_path / "b.png", "t")
+    with pytest.raises(ValueError):
+        P.uncertainty_histograms({}, tmp_path / "c.png", "t", "x")
+    with pytest.raises(ValueError):
+        P.loss_curve([], tmp_path / "d.png", "t")
+    assert list(tmp_path.iterdir()) == []
