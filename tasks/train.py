@@ -28,7 +28,7 @@ def main(params, argv):
         run.log_metric_series("elbo_loss", losses)
         run.log_metrics(summary)
         if losses:
-            run.log_artifact(plots.loss_curve(losses, PLOTS_DIR / f"{model}_loss.png", title=f"{model}: ELBO loss per example"))
+            run.log_artifact(plots.loss_curve(losses, PLOTS_DIR / model / "train" / "loss.png", title=f"{model}: ELBO loss per example"))
         run.log_artifact(posterior_path(model))
 
 

@@ -152,10 +152,10 @@ def write_plots(plot_dir: Path, model_name: str, predictions: dict[Method, dict[
         return {m.value: {s.value: getattr(p[s], field) for s in EvalSet} for m, p in predictions.items() if m is not Method.DET}
 
     return [
-        plots.reliability_diagram(bins, plot_dir / f"{model_name}_reliability.png", title=f"{model_name}: reliability (MNIST test)"),
-        plots.roc_curves(curves, plot_dir / f"{model_name}_roc.png", title=f"{model_name}: OOD ROC, MNIST vs Fashion-MNIST"),
-        plots.uncertainty_histograms(per_set_values("mutual_information"), plot_dir / f"{model_name}_mi_hist.png",
+        plots.reliability_diagram(bins, plot_dir / "reliability.png", title=f"{model_name}: reliability (MNIST test)"),
+        plots.roc_curves(curves, plot_dir / "roc.png", title=f"{model_name}: OOD ROC, MNIST vs Fashion-MNIST"),
+        plots.uncertainty_histograms(per_set_values("mutual_information"), plot_dir / "mi_hist.png",
                                      title=f"{model_name}: mutual information", xlabel="MI (nats)", log_y=True),
-        plots.uncertainty_histograms(per_set_values("softmax_entropy"), plot_dir / f"{model_name}_sme_hist.png",
+        plots.uncertainty_histograms(per_set_values("softmax_entropy"), plot_dir / "sme_hist.png",
                                      title=f"{model_name}: softmax entropy", xlabel="SME (nats)"),
     ]

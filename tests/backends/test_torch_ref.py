@@ -39,6 +39,16 @@ from pfp.spec import Dense, Flatten, ModelSpec, ReLU, build_spec
 N_SIGMA = 5.0  # each check is a 5-standard-error bound (false alarm ~6e-7 per element)
 
 
+@pytest.fixture(autouse=True)
+def _single_thread():
+    """Run single-threaded: on the 2 shared cores of CI machines, intra-op threads that
+    spin-wait against other jobs made the MC oracles 50x slower; one thread is predictable."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 # --------------------------------------------------------------------------- MC machinery
 
 @dataclass
@@ -199,7 +209,7 @@ def _sample_conv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, stride: int,
     out_w = (width + 2 * padding - k) // stride + 1
     cols = F.unfold(xs.flatten(0, 1), k, padding=padding, stride=stride)  # (n*B, C*k*k, L)
     cols = cols.unflatten(0, (n, batch))
-    y = torch.einsum("nbpl,nop->nbol", cols, w.flatten(2)) + b[:, None, :, None]
+    y = torch.matmul(w.flatten(2)[:, None], cols) + b[:, None, :, None]  # (n, B, O, L)
     y = y.unflatten(-1, (out_h, out_w))
     ref = F.conv2d(xs[0], w[0], b[0], stride=stride, padding=padding)
     torch.testing.assert_close(y[0], ref)  # the oracle itself uses the plain torch op's semantics
@@ -399,10 +409,9 @@ def test_flatten_matches_torch_order():
     mean_in, var_in = random_activation((3, 2, 4, 5), g)
     mean, var = flatten(mean_in, var_in)
     assert mean.shape == var.shape == (3, 40)
+    # C, H, W order: the order the dense weights after a Flatten layer were trained with
     assert torch.equal(mean, mean_in.reshape(3, -1)) and torch.equal(var, var_in.reshape(3, -1))
-    # flatten commutes with sampling: MC of flattened samples = flattened moments
-    samples = sample_gaussian(mean_in, var_in, 4, g)
-    assert torch.equal(samples.flatten(2)[:, 1], samples[:, 1].reshape(4, -1))
+    assert mean[1, 1 * 20 + 2 * 5 + 3] == mean_in[1, 1, 2, 3]
 
 
 # --------------------------------------------------------------------------- whole network
