@@ -45,6 +45,11 @@ def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def _key(name: str) -> str:
+    # MLflow keys allow [A-Za-z0-9_-. :/]; stage names carry DVC's "@".
+    return name.replace("@", ":")
+
+
 def _mlflow():
     import mlflow  # slow import: only where tracking happens
 
@@ -72,7 +77,7 @@ class StageRun:
             self._mlflow.log_params(dict(items[start : start + 100]))
 
     def log_metrics(self, values: Mapping[str, Any], step: int | None = None) -> None:
-        numeric = {k.replace("@", "_"): float(v) for k, v in flatten(values).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        numeric = {_key(k): float(v) for k, v in flatten(values).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         if numeric:
             self._mlflow.log_metrics(numeric, step=step)
 
@@ -88,7 +93,7 @@ class StageRun:
             self._mlflow.log_artifact(str(path), artifact_path=artifact_path)
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
-        self._mlflow.set_tags({k: str(v) for k, v in tags.items()})
+        self._mlflow.set_tags({_key(k): str(v) for k, v in tags.items()})
 
 
 @contextmanager

@@ -10,11 +10,11 @@ expose float32 cancellation, a float64 quadrature oracle is used instead.
 
 from __future__ import annotations
 
+import itertools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -179,7 +179,7 @@ def test_dense_variance_accurate_when_tiny_next_to_means():
     x_mean = 100 + torch.rand(2, 8, generator=g)
     x_var = torch.full((2, 8), 1e-6)
     _, var = dense(x_mean, x_var, p)
-    d = {k: v.double() for k, v in dict(mx=x_mean, vx=x_var, mw=w_mean, vw=p.weight_var).items()}
+    d = {k: v.double() for k, v in {"mx": x_mean, "vx": x_var, "mw": w_mean, "vw": p.weight_var}.items()}
     want = (d["vx"] @ (d["vw"] + d["mw"] ** 2).T + d["mx"] ** 2 @ d["vw"].T)
     torch.testing.assert_close(var.double(), want, rtol=1e-5, atol=0)
     # The textbook difference in float32 is useless here (documents why we don't use it).
@@ -202,7 +202,7 @@ def _sample_conv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, stride: int,
     Draw k convolves with its own filters: unfold the input patches once and contract them
     with every draw's filters in one batched matmul; checked against F.conv2d for draw 0.
     """
-    n, out_ch, _, k, _ = w.shape
+    n, _, _, k, _ = w.shape
     xs = x.expand(n, *x.shape) if x.dim() == 4 else x
     batch, _, height, width = xs.shape[1:]
     out_h = (height + 2 * padding - k) // stride + 1
@@ -279,7 +279,7 @@ def test_relu_matches_quadrature():
     for i, (mu, s2) in enumerate(RELU_CASES.double().tolist()):
         s = math.sqrt(s2)
         want_mean = _gauss_expect(lambda z: max(z, 0.0), mu, s)
-        want_var = _gauss_expect(lambda z: (max(z, 0.0) - want_mean) ** 2, mu, s)
+        want_var = _gauss_expect(lambda z, m=want_mean: (max(z, 0.0) - m) ** 2, mu, s)
         assert mean[i].item() == pytest.approx(want_mean, rel=1e-5, abs=1e-12), (mu, s2)
         assert var[i].item() == pytest.approx(want_var, rel=1e-4, abs=1e-12), (mu, s2)
 
@@ -379,7 +379,7 @@ def test_maxpool2x2_is_pairwise_clark_horizontal_then_vertical():
     assert mean.shape == (2, 3, 3, 4)
     for i in range(3):
         for j in range(4):
-            def at(t, di, dj):
+            def at(t, di, dj, i=i, j=j):
                 return t[..., 2 * i + di, 2 * j + dj]
             top = max2(at(mean_in, 0, 0), at(var_in, 0, 0), at(mean_in, 0, 1), at(var_in, 0, 1))
             bottom = max2(at(mean_in, 1, 0), at(var_in, 1, 0), at(mean_in, 1, 1), at(var_in, 1, 1))
@@ -473,7 +473,7 @@ def test_pfp_forward_rejects_wrong_input_shape():
 def _tiny_spec(hidden: tuple[int, ...]) -> ModelSpec:
     sizes = (4, *hidden, 3)
     layers = [Flatten()]
-    for k, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+    for k, (fan_in, fan_out) in enumerate(itertools.pairwise(sizes)):
         layers += [Dense(f"fc{k + 1}", fan_in, fan_out), ReLU()]
     return ModelSpec(name="tiny", input_shape=(1, 2, 2), layers=tuple(layers[:-1]))
 

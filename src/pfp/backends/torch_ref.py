@@ -27,17 +27,17 @@ __all__ = [
     "CLARK_EPS",
     "RELU_VAR_EPS",
     "GaussianLayerParams",
-    "scale_variance",
-    "dense_first",
-    "dense",
-    "conv2d_first",
     "conv2d",
-    "relu",
+    "conv2d_first",
+    "dense",
+    "dense_first",
+    "deterministic_forward",
+    "flatten",
     "max2",
     "maxpool2x2",
-    "flatten",
     "pfp_forward",
-    "deterministic_forward",
+    "relu",
+    "scale_variance",
 ]
 
 #: Added to var1 + var2 in Clark's max so t > 0 even when both inputs are deterministic.
@@ -64,7 +64,7 @@ class GaussianLayerParams:
 
     @classmethod
     def from_mean_var(cls, weight_mean: Tensor, weight_var: Tensor,
-                      bias_mean: Tensor, bias_var: Tensor) -> "GaussianLayerParams":
+                      bias_mean: Tensor, bias_var: Tensor) -> GaussianLayerParams:
         """Build the parameters from means and variances, precomputing E[w^2]."""
         weight_mean, weight_var, bias_mean, bias_var = (
             torch.as_tensor(t, dtype=torch.float32) for t in (weight_mean, weight_var, bias_mean, bias_var))

@@ -1,0 +1,149 @@
+"""Prefect flow: run the pipeline by driving its DVC stages in order.
+
+Each stage is one Prefect task that calls ``dvc repro --single-item STAGE``, so DVC decides
+what changed and skips the rest. The flow opens a parent MLflow run; the stage processes
+nest their runs under it. Without ``PREFECT_API_URL`` Prefect starts a temporary local
+server by itself.
+
+    python -m flows.pipeline                                  # params.yaml, in this repo
+    python -m flows.pipeline --workdir runs/embedded --params configs/embedded.yaml
+    python -m flows.pipeline --serve "0 3 * * 0"              # scheduled retraining
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+# The embedded server needs more than Prefect's default 20 s to start on a busy 2-core box;
+# telemetry would only fail on these offline machines.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+from prefect import flow, get_run_logger, task  # noqa: E402
+
+from pfp import tracking  # noqa: E402
+from pfp.config import load_params  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# What a separate DVC workspace needs from the repo: the stage code and the stage graph.
+WORKSPACE_CODE = ("src/pfp", "tasks", "dvc.yaml")
+DATA_PATH_KEYS = ("mnist_dir", "ood_dir", "ambiguous_dir", "download_dir")
+PER_MODEL_STAGES = ("train", "convert", "calibrate", "evaluate")
+
+
+def stage_order(models: list[str]) -> list[str]:
+    stages = ["prepare"]
+    for stage in PER_MODEL_STAGES:
+        stages += [f"{stage}@{model}" for model in models]
+    return stages + ["report"]
+
+
+def _stage_env() -> dict[str, str]:
+    env = dict(os.environ)
+    # dvc.yaml says `python`: make it this interpreter, whatever PATH the caller had.
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.setdefault("DVC_NO_ANALYTICS", "1")
+    env.setdefault(tracking.GIT_COMMIT_ENV, tracking.git_commit(REPO_ROOT))
+    return env
+
+
+def prepare_workspace(workdir: Path, params_file: Path | None) -> Path:
+    """Make ``workdir`` a DVC workspace: the repo itself, or a copy of the stage code + params."""
+    workdir = workdir.resolve()
+    if workdir == REPO_ROOT:
+        if params_file is not None and params_file.resolve() != (REPO_ROOT / "params.yaml"):
+            raise ValueError("--params: the repo workspace always uses params.yaml; give --workdir for another params file")
+        return workdir
+    workdir.mkdir(parents=True, exist_ok=True)
+    for relative in WORKSPACE_CODE:
+        source, target = REPO_ROOT / relative, workdir / relative
+        if source.is_dir():
+            shutil.copytree(source, target, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target)
+    params_file = (params_file or REPO_ROOT / "params.yaml").resolve()
+    # Write every key with its default filled in: DVC refuses a stage whose params are absent.
+    resolved = load_params(params_file).model_dump(mode="json")
+    for key in DATA_PATH_KEYS:  # relative data paths are relative to where the command runs
+        if resolved["data"].get(key) is not None:
+            resolved["data"][key] = str(Path(resolved["data"][key]).resolve())
+    new_text = yaml.safe_dump(resolved, sort_keys=False)
+    target = workdir / "params.yaml"
+    if not target.exists() or target.read_text() != new_text:
+        target.write_text(new_text)
+    if not (workdir / ".dvc").is_dir():
+        subprocess.run(["dvc", "init", "--no-scm", "-q"], cwd=workdir, env=_stage_env(), check=True)
+    return workdir
+
+
+@task(name="dvc-stage")
+def run_dvc_stage(stage: str, workdir: str) -> str:
+    """Reproduce one stage; returns "ran" or "skipped" (DVC found nothing changed)."""
+    logger = get_run_logger()
+    env = _stage_env()
+    status = subprocess.run(["dvc", "status", "--json", stage], cwd=workdir, env=env, capture_output=True, text=True)
+    changed = status.returncode != 0 or json.loads(status.stdout or "{}") != {}
+    result = subprocess.run(["dvc", "repro", "--single-item", stage], cwd=workdir, env=env)
+    if result.returncode != 0:
+        raise RuntimeError(f"DVC stage {stage!r} failed (exit {result.returncode}); its error is printed above")
+    outcome = "ran" if changed else "skipped"
+    logger.info("stage %s: %s", stage, outcome)
+    return outcome
+
+
+@flow(name="pfp-pipeline")
+def pfp_pipeline(workdir: str = str(REPO_ROOT), params: str | None = None) -> dict:
+    """Run every stage in order in ``workdir``; returns the stage outcomes and final metrics."""
+    workspace = prepare_workspace(Path(workdir), Path(params) if params else None)
+    models = [m.value for m in load_params(workspace / "params.yaml").models]
+    outcomes = {}
+    previous_cwd = Path.cwd()
+    os.chdir(workspace)  # the default MLflow store lives in the workspace
+    try:
+        with tracking.pipeline_run("pipeline", tags={"pfp.workspace": str(workspace)}) as run:
+            env_parent = os.environ[tracking.PARENT_RUN_ENV]
+            for stage in stage_order(models):
+                os.environ[tracking.PARENT_RUN_ENV] = env_parent
+                outcomes[stage] = run_dvc_stage(stage, str(workspace))
+            metrics = json.loads((workspace / "metrics" / "evaluate.json").read_text())
+            run.log_metrics({model: {method: {k: v for k, v in values.items() if k != "sets"} for method, values in methods.items()}
+                             for model, methods in metrics.items()})
+            run.set_tags({f"stage.{stage}": outcome for stage, outcome in outcomes.items()})
+    finally:
+        os.chdir(previous_cwd)
+    return {"workspace": str(workspace), "stages": outcomes, "metrics": metrics}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", default=str(REPO_ROOT), help="DVC workspace (default: this repo)")
+    parser.add_argument("--params", default=None, help="params file for a separate workdir (default: params.yaml)")
+    parser.add_argument("--serve", metavar="CRON", default=None, help="serve the flow on this cron schedule instead of running once")
+    args = parser.parse_args(argv)
+    if args.serve:
+        pfp_pipeline.serve(name="pfp-retraining", cron=args.serve, parameters={"workdir": args.workdir, "params": args.params})
+        return 0
+    try:
+        result = pfp_pipeline(workdir=args.workdir, params=args.params)
+    except Exception as error:  # the stage's own error is already printed above
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(json.dumps({"workspace": result["workspace"], "stages": result["stages"]}, indent=2))
+    for model, methods in result["metrics"].items():
+        for method, values in methods.items():
+            print(f"{model:6s} {method:4s} accuracy={values['accuracy']:.4f} nll={values['nll']:.4f} ece={values['ece']:.4f} "
+                  f"auroc_mi={values['auroc_mi']:.4f} auroc_sme={values['auroc_sme']:.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
