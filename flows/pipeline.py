@@ -31,6 +31,7 @@ from prefect import flow, get_run_logger, task  # noqa: E402
 
 from pfp import tracking  # noqa: E402
 from pfp.config import load_params  # noqa: E402
+from pfp.io import atomic_write_json  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # What a separate DVC workspace needs from the repo: the stage code and the stage graph.
@@ -127,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default=str(REPO_ROOT), help="DVC workspace (default: this repo)")
     parser.add_argument("--params", default=None, help="params file for a separate workdir (default: params.yaml)")
+    parser.add_argument("--summary", metavar="PATH", default=None, help="also write the stage outcomes and metrics as JSON here")
     parser.add_argument("--serve", metavar="CRON", default=None, help="serve the flow on this cron schedule instead of running once")
     args = parser.parse_args(argv)
     if args.serve:
@@ -137,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as error:  # the stage's own error is already printed above
         print(f"error: {error}", file=sys.stderr)
         return 1
+    if args.summary:
+        atomic_write_json(args.summary, result)
     print(json.dumps({"workspace": result["workspace"], "stages": result["stages"]}, indent=2))
     for model, methods in result["metrics"].items():
         for method, values in methods.items():

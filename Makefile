@@ -1,0 +1,38 @@
+# Two commands for a newcomer on a fresh clone:
+#   make run    set up .venv and run the whole pipeline on the embedded sample data
+#   make test   set up .venv and run the quick test suite (what CI runs)
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+export DVC_NO_ANALYTICS := 1
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+
+.PHONY: setup run run-full test test-slow lint
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# torch first, pinned to the local CPU build: any looser spec makes pip fetch a multi-GB CUDA build.
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+run: setup
+	$(BIN)/python -m flows.pipeline --workdir runs/embedded --params configs/embedded.yaml
+
+# The recorded full run: params.yaml on ../shared/data, in this repo's DVC workspace.
+run-full: setup
+	$(BIN)/python -m flows.pipeline
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-slow: setup
+	$(BIN)/python -m pytest -q -m slow
+
+lint: setup
+	$(BIN)/ruff check src tasks flows tests

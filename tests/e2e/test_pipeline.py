@@ -1,0 +1,139 @@
+"""End to end: the Prefect flow drives real DVC stages on tiny data in a temp dir and
+logs to a real MLflow tracking server on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+STAGES = ["prepare"] + [f"{s}@{m}" for s in ("train", "convert", "calibrate", "evaluate") for m in ("mlp", "lenet")] + ["report"]
+METRIC_KEYS = {"accuracy", "nll", "ece", "brier", "auroc_mi", "auroc_sme", "auroc_var", "mi_id", "mi_ood", "sme_id", "sme_ood"}
+
+TINY_PARAMS = {
+    "seed": 0,
+    "models": ["mlp", "lenet"],
+    "data": {"mnist_dir": str(REPO / "data/embedded/mnist"), "ood_dir": str(REPO / "data/embedded/fashion-mnist"),
+             "val_size": 200, "train_size": 600, "test_size": 200, "ood_size": 200},
+    "ambiguous": {"train_images": 30, "val_images": 20, "test_images": 30, "labels_per_image": 5, "min_entropy": 0.05, "max_mi": 0.5,
+                  "vae": {"epochs": 1, "hidden": [64], "latent_dim": 8}, "ensemble": {"members": 2, "epochs": 1}},
+    "train": {"mlp": {"epochs": 1, "max_steps": 5}, "lenet": {"epochs": 1, "max_steps": 5}},
+    "calibrate": {"variance_scales": [0.5, 1.0], "logit_samples": 20},
+    "evaluate": {"svi_samples": 4, "logit_samples": 20, "moment_samples": 10, "moment_images": 50},
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mlflow")
+    port = _free_port()
+    log = open(root / "server.log", "w")
+    process = subprocess.Popen(
+        [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--default-artifact-root", str(root / "artifacts")],
+        stdout=log, stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                if response.status == 200:
+                    break
+        except OSError:
+            pass
+        if process.poll() is not None or time.time() > deadline:
+            process.kill()
+            pytest.fail(f"MLflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
+        time.sleep(1)
+    yield url
+    process.terminate()
+    process.wait(timeout=30)
+    log.close()
+
+
+def _run_flow(workdir: Path, params_file: Path, summary: Path, tracking_uri: str, prefect_home: Path) -> dict:
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "PREFECT_HOME": str(prefect_home), "DVC_NO_ANALYTICS": "1",
+           "PFP_MLFLOW_EXPERIMENT": "pfp-e2e", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "flows.pipeline", "--workdir", str(workdir), "--params", str(params_file),
+                             "--summary", str(summary)], cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return json.loads(summary.read_text())
+
+
+def test_pipeline_end_to_end(tmp_path, mlflow_server):
+    from mlflow.tracking import MlflowClient
+
+    params_file = tmp_path / "tiny.yaml"
+    params_file.write_text(yaml.safe_dump(TINY_PARAMS))
+    workdir = tmp_path / "workspace"
+    first = _run_flow(workdir, params_file, tmp_path / "first.json", mlflow_server, tmp_path / "prefect")
+
+    # Every stage ran once, in order, and the metrics file has the promised shape.
+    assert first["stages"] == {stage: "ran" for stage in STAGES}
+    metrics = json.loads((workdir / "metrics/evaluate.json").read_text())
+    assert set(metrics) == {"mlp", "lenet"}
+    for model in metrics.values():
+        assert set(model) == {"svi", "pfp", "det"}
+        for values in model.values():
+            assert METRIC_KEYS <= set(values)
+            assert 0.0 <= values["accuracy"] <= 1.0 and values["nll"] > 0 and 0.0 <= values["auroc_mi"] <= 1.0
+    for path in ("data/prepared/manifest.json", "models/mlp/posterior.npz", "models/lenet/pfp.npz", "models/mlp/calibration.json",
+                 "plots/mlp/evaluate/roc.png", "plots/lenet/train/loss.png"):
+        assert (workdir / path).is_file(), path
+    lock = yaml.safe_load((workdir / "dvc.lock").read_text())
+    assert set(lock["stages"]) == set(STAGES)
+
+    # DVC's own views of the results work.
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
+    shown = subprocess.run([str(BIN / "dvc"), "metrics", "show", "--json"], cwd=workdir, env=env, capture_output=True, text=True)
+    assert shown.returncode == 0, shown.stderr
+    assert "evaluate.json" in shown.stdout and "auroc_mi" in shown.stdout
+    plotted = subprocess.run([str(BIN / "dvc"), "plots", "show", "-o", str(tmp_path / "dvc_plots")], cwd=workdir, env=env,
+                             capture_output=True, text=True)
+    assert plotted.returncode == 0, plotted.stderr
+    assert (tmp_path / "dvc_plots" / "index.html").is_file()
+
+    # MLflow: one pipeline run with every stage nested under it, params, metrics and artifacts.
+    client = MlflowClient(tracking_uri=mlflow_server)
+    experiment = client.get_experiment_by_name("pfp-e2e")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("pfp.stage") == "pipeline"]
+    assert len(parents) == 1
+    parent_id = parents[0].info.run_id
+    children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent_id}
+    assert set(children) == set(STAGES)
+    train = children["train@mlp"]
+    assert train.data.params["prior_scale"] == "1.0" and "elbo_loss" in train.data.metrics
+    assert train.data.tags["git_commit"] != ""
+    assert children["prepare"].data.tags["data_hash"] == json.loads((workdir / "data/prepared/manifest.json").read_text())["data_hash"]
+    artifacts = {a.path for a in client.list_artifacts(train.info.run_id)}
+    assert "posterior.npz" in artifacts
+    assert parents[0].data.metrics["mlp.pfp.accuracy"] == pytest.approx(metrics["mlp"]["pfp"]["accuracy"])
+
+    # Nothing changed: DVC skips every stage.
+    second = _run_flow(workdir, params_file, tmp_path / "second.json", mlflow_server, tmp_path / "prefect")
+    assert second["stages"] == {stage: "skipped" for stage in STAGES}
+
+    # One evaluate parameter changed: only the evaluation and the report rerun.
+    TINY = {**TINY_PARAMS, "evaluate": {**TINY_PARAMS["evaluate"], "logit_samples": 30}}
+    params_file.write_text(yaml.safe_dump(TINY))
+    third = _run_flow(workdir, params_file, tmp_path / "third.json", mlflow_server, tmp_path / "prefect")
+    rerun = {stage for stage, outcome in third["stages"].items() if outcome == "ran"}
+    assert rerun == {"evaluate@mlp", "evaluate@lenet", "report"}
