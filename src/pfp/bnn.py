@@ -14,6 +14,7 @@ Example::
 from __future__ import annotations
 
 import math
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -21,6 +22,7 @@ from typing import Callable, Optional
 import numpy as np
 import pyro
 import pyro.distributions as dist
+from pyro import poutine
 import torch
 from pyro.infer import SVI, TraceMeanField_ELBO
 from pyro.infer.autoguide import AutoNormal
@@ -43,15 +45,16 @@ def site_names(layer_name: str) -> tuple[str, str]:
 
 
 def make_model(spec: ModelSpec, prior_scale: float) -> Callable:
-    """Pyro model ``model(x, y=None, num_data=None)`` for a spec (x normalised, NCHW)."""
+    """Pyro model ``model(x, y=None, num_data=None, kl_weight=1.0)`` for a spec (x normalised, NCHW)."""
 
-    def model(x: torch.Tensor, y: Optional[torch.Tensor] = None, num_data: Optional[int] = None):
+    def model(x: torch.Tensor, y: Optional[torch.Tensor] = None, num_data: Optional[int] = None, kl_weight: float = 1.0):
         weights = {}
-        for layer in spec.parametric_layers():
-            weight_site, bias_site = site_names(layer.name)
-            weight = pyro.sample(weight_site, dist.Normal(0.0, prior_scale).expand(layer.weight_shape).to_event(len(layer.weight_shape)))
-            bias = pyro.sample(bias_site, dist.Normal(0.0, prior_scale).expand(layer.bias_shape).to_event(1))
-            weights[layer.name] = (weight, bias)
+        with poutine.scale(scale=kl_weight):  # KL warm-up; 1.0 is the exact ELBO
+            for layer in spec.parametric_layers():
+                weight_site, bias_site = site_names(layer.name)
+                weight = pyro.sample(weight_site, dist.Normal(0.0, prior_scale).expand(layer.weight_shape).to_event(len(layer.weight_shape)))
+                bias = pyro.sample(bias_site, dist.Normal(0.0, prior_scale).expand(layer.bias_shape).to_event(1))
+                weights[layer.name] = (weight, bias)
         logits = deterministic_forward(spec, weights, x)
         size = num_data if num_data is not None else x.shape[0]
         # subsample= makes Pyro scale the likelihood by size / batch: the unbiased full-data ELBO.
@@ -96,7 +99,7 @@ class Posterior:
             with np.load(path, allow_pickle=False) as archive:
                 spec = ModelSpec.from_json(str(archive["spec"]))
                 arrays = {key: archive[key] for key in archive.files if key != "spec"}
-        except (OSError, ValueError, KeyError) as error:
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
             raise PosteriorError(f"{path}: not a readable posterior file ({error})") from None
         loc, scale = {}, {}
         for layer in spec.parametric_layers():
@@ -159,11 +162,21 @@ def train_svi(
     model = make_model(spec, config.prior_scale)
     guide = AutoNormal(model, init_loc_fn=_init_loc, init_scale=float(config.init_scale))
     elbo = TraceMeanField_ELBO(num_particles=config.num_particles, vectorize_particles=config.num_particles > 1)
-    svi = SVI(model, guide, pyro.optim.ClippedAdam({"lr": config.lr}), loss=elbo)
+
+    def scaled_guide(x, y=None, num_data=None, kl_weight=1.0):
+        # TraceMeanField_ELBO scales each analytic KL term by the guide site's scale.
+        with poutine.scale(scale=kl_weight):
+            return guide(x, y, num_data, kl_weight)
+
+    warmup_steps = config.kl_warmup_epochs * math.ceil(num_data / config.batch_size)
     steps_per_epoch = math.ceil(num_data / config.batch_size)
     total_steps = config.epochs * steps_per_epoch
     if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps)
+    # Exponential decay to lr * lr_final_factor at the last step: SVI's noisy gradients need it to settle.
+    lr_decay = config.lr_final_factor ** (1.0 / max(total_steps, 1))
+    optimiser = pyro.optim.ClippedAdam({"lr": config.lr, "lrd": lr_decay})
+    svi = SVI(model, scaled_guide, optimiser, loss=elbo)
     losses: list[float] = []
     step = 0
     bar = tqdm(total=total_steps, desc=f"SVI {spec.name}", unit="step", disable=not progress)
@@ -174,7 +187,8 @@ def train_svi(
             if step >= total_steps:
                 break
             index = order[start : start + config.batch_size]
-            loss = svi.step(x_train[index], y_train[index], num_data)
+            kl_weight = min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
+            loss = svi.step(x_train[index], y_train[index], num_data, kl_weight)
             if not math.isfinite(loss):
                 raise FloatingPointError(f"SVI {spec.name}: loss became {loss} at step {step}; lower train.{spec.name}.lr")
             epoch_loss += loss

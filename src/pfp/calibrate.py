@@ -85,7 +85,8 @@ def fit_calibration(model: PFPModel, sets: list[ValidationSet], config: Calibrat
         else:
             temperature, value = 1.0, nll_at(logit_mean, logit_var, 1.0)
         grid.append({"variance_scale": scale, "temperature": temperature, "nll": value})
-        if scale in config.variance_scales and (best is None or value < best[2]):
+        # 1.0 (no rescaling) is always a candidate, so calibration never makes validation NLL worse.
+        if best is None or value < best[2]:
             best = (scale, temperature, value, (logit_mean, logit_var))
     scale, temperature, value, (logit_mean, logit_var) = best
     after = evaluate(logit_mean, logit_var, temperature)

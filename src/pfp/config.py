@@ -77,9 +77,11 @@ class TrainConfig(_Section):
     epochs: int = Field(10, ge=0)
     batch_size: int = Field(128, ge=1)
     lr: float = Field(1e-3, gt=0)
+    lr_final_factor: float = Field(0.1, gt=0, le=1)  # lr decays exponentially to lr * this at the last step
     prior_scale: float = Field(1.0, gt=0)
     init_scale: float = Field(1e-3, gt=0)  # initial posterior std of every weight
     num_particles: int = Field(1, ge=1)
+    kl_warmup_epochs: int = Field(0, ge=0)  # KL weight ramps 0 -> 1 over these epochs, then the exact ELBO
     max_steps: Optional[int] = Field(None, ge=1)  # cap on optimisation steps (smoke runs)
 
 

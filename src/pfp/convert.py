@@ -7,6 +7,7 @@ precomputed here once, so no backend recomputes it per inference.
 
 from __future__ import annotations
 
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,17 +45,22 @@ class PFPModel:
             with np.load(path, allow_pickle=False) as archive:
                 spec = ModelSpec.from_json(str(archive["spec"]))
                 arrays = {key: archive[key] for key in archive.files if key != "spec"}
-        except (OSError, ValueError, KeyError) as error:
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
             raise PosteriorError(f"{path}: not a readable PFP parameter file ({error})") from None
         params = {}
         for layer in spec.parametric_layers():
             values = {}
             for field in _FIELDS:
                 key = f"{layer.name}.{field}"
+                expected = layer.bias_shape if field.startswith("bias") else layer.weight_shape
                 if key not in arrays:
                     raise PosteriorError(f"{path}: missing array {key!r}")
+                if tuple(arrays[key].shape) != tuple(expected):
+                    raise PosteriorError(f"{path}: {key} has shape {arrays[key].shape}, spec says {expected}")
                 if not np.all(np.isfinite(arrays[key])):
                     raise PosteriorError(f"{path}: {key} contains NaN or infinite values")
+                if field in ("weight_var", "weight_m2", "bias_var") and np.any(arrays[key] < 0):
+                    raise PosteriorError(f"{path}: {key} has negative values; variances must be >= 0")
                 values[field] = torch.from_numpy(arrays[key])
             params[layer.name] = GaussianLayerParams(**values)
         return cls(spec=spec, params=params)

@@ -137,7 +137,10 @@ class ModelSpec:
             kind = entry.get("kind")
             if kind not in _LAYER_TYPES:
                 raise ValueError(f"unknown layer kind {kind!r} in model spec")
-            layers.append(_LAYER_TYPES[kind](**entry))
+            try:
+                layers.append(_LAYER_TYPES[kind](**entry))
+            except TypeError as error:
+                raise ValueError(f"invalid {kind} layer {entry} in model spec: {error}") from None
         return cls(name=raw["name"], input_shape=tuple(raw["input_shape"]), layers=tuple(layers))
 
 

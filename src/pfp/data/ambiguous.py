@@ -200,10 +200,19 @@ def load_original(folder: str | Path, config: AmbiguousConfig, *, seed: int) -> 
         raise DataError(f"{paths[0]}: expected shape (N, 1, 28, 28), got {tuple(samples.shape)}")
     if targets.ndim != 2 or targets.shape[0] != samples.shape[0]:
         raise DataError(f"{paths[1]}: expected shape ({samples.shape[0]}, L), got {tuple(targets.shape)}")
+    if samples.shape[0] <= ORIGINAL_TRAIN_IMAGES:
+        raise DataError(f"{paths[0]}: expected more than {ORIGINAL_TRAIN_IMAGES} images (the first {ORIGINAL_TRAIN_IMAGES} "
+                        f"are the training pool, the rest the test pool), got {samples.shape[0]}")
     if targets.min() < 0 or targets.max() > 9:
         raise DataError(f"{paths[1]}: labels must lie in [0, 9]")
     images = (samples[:, 0].clamp(0, 1) * 255).round().to(torch.uint8).numpy()
     labels = targets.long().numpy()
+    available_test = images.shape[0] - ORIGINAL_TRAIN_IMAGES
+    if config.train_images + config.val_images > ORIGINAL_TRAIN_IMAGES or config.test_images > available_test:
+        raise DataError(
+            f"ambiguous: {folder} holds {ORIGINAL_TRAIN_IMAGES} training and {available_test} test images; "
+            f"ambiguous.train_images + val_images = {config.train_images + config.val_images}, test_images = {config.test_images}"
+        )
     order = np.random.default_rng(seed).permutation(ORIGINAL_TRAIN_IMAGES)
     train_pool, test_index = order, np.arange(ORIGINAL_TRAIN_IMAGES, images.shape[0])
     val_index = train_pool[: config.val_images]
