@@ -173,7 +173,9 @@ def test_mi_hand_partial():
     # H[mean] = -(.7 ln .7 + .3 ln .3) = 0.610864
     # mean H  = (0.325083 + 0.693147) / 2 = 0.509115 -> MI = 0.101749
     sp = np.array([[[0.9, 0.1]], [[0.5, 0.5]]])
-    h = lambda p: -sum(x * math.log(x) for x in p)
+    def h(p):
+        return -sum(x * math.log(x) for x in p)
+
     expected = h([0.7, 0.3]) - (h([0.9, 0.1]) + h([0.5, 0.5])) / 2
     assert expected == pytest.approx(0.101749, abs=1e-6)
     np.testing.assert_allclose(M.mutual_information(sp), [expected])

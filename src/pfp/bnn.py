@@ -15,15 +15,16 @@ from __future__ import annotations
 
 import math
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 import pyro
 import pyro.distributions as dist
-from pyro import poutine
 import torch
+from pyro import poutine
 from pyro.infer import SVI, TraceMeanField_ELBO
 from pyro.infer.autoguide import AutoNormal
 from tqdm.auto import tqdm

@@ -78,7 +78,7 @@ def fit_calibration(model: PFPModel, sets: list[ValidationSet], config: Calibrat
         if scale == 1.0:
             before = evaluate(logit_mean, logit_var, 1.0)
         if config.fit_temperature:
-            search = minimize_scalar(lambda log_t: nll_at(logit_mean, logit_var, math.exp(log_t)),
+            search = minimize_scalar(lambda log_t, m=logit_mean, v=logit_var: nll_at(m, v, math.exp(log_t)),
                                      bounds=tuple(math.log(b) for b in TEMPERATURE_BOUNDS), method="bounded",
                                      options={"xatol": 1e-3})
             temperature, value = math.exp(search.x), float(search.fun)

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import os
 import subprocess
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 EXPERIMENT = os.environ.get("PFP_MLFLOW_EXPERIMENT", "pfp-pipeline")
 PARENT_RUN_ENV = "PFP_MLFLOW_PARENT_RUN_ID"
