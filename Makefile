@@ -29,6 +29,7 @@ run-full: setup
 	$(BIN)/python -m flows.pipeline
 
 test: setup
+	$(BIN)/ruff check src tasks flows tests
 	$(BIN)/python -m pytest -q
 
 test-slow: setup

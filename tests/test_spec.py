@@ -98,3 +98,9 @@ def test_maxpool_on_odd_size_is_rejected():
     spec = ModelSpec("bad", INPUT_SHAPE, (Conv2d("conv1", 1, 2, 4), ReLU(), MaxPool2d()))  # 28 - 4 + 1 = 25
     with pytest.raises(ValueError, match="even height/width"):
         spec.output_shapes()
+
+
+def test_from_json_rejects_unknown_layer_fields():
+    text = build_spec("mlp").to_json().replace('"in_features"', '"in_feature"', 1)
+    with pytest.raises(ValueError, match="invalid dense layer"):
+        ModelSpec.from_json(text)

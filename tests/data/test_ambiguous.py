@@ -206,3 +206,16 @@ def test_load_original_corrupt_file(tmp_path):
     torch.save(torch.zeros(1, 10, dtype=torch.long), folder / ORIGINAL_FILES[1])
     with pytest.raises(DataError, match="cannot read Ambiguous-MNIST files"):
         load_original(folder, ORIGINAL_CONFIG, seed=0)
+
+
+def test_load_original_refuses_more_images_than_the_files_hold(tmp_path):
+    samples = torch.rand(ORIGINAL_TRAIN_IMAGES + 5, 1, 28, 28)
+    labels = torch.randint(0, 10, (ORIGINAL_TRAIN_IMAGES + 5, 10))
+    torch.save(samples, tmp_path / "amnist_samples.pt")
+    torch.save(labels, tmp_path / "amnist_labels.pt")
+    too_many_test = AmbiguousConfig(train_images=10, val_images=5, test_images=6)
+    with pytest.raises(DataError, match="test_images = 6"):
+        load_original(tmp_path, too_many_test, seed=0)
+    too_many_train = AmbiguousConfig(train_images=ORIGINAL_TRAIN_IMAGES, val_images=1, test_images=5)
+    with pytest.raises(DataError, match="train_images"):
+        load_original(tmp_path, too_many_train, seed=0)
