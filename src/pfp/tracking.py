@@ -8,6 +8,7 @@ Prefect flow drives the stages it opens a pipeline run and passes its id in
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from collections.abc import Iterator, Mapping
@@ -103,6 +104,9 @@ def stage_run(stage: str, *, params: Mapping[str, Any] | None = None, tags: Mapp
     mlflow = _mlflow()
     parent = os.environ.get(PARENT_RUN_ENV) or None
     base_tags = {"pfp.stage": stage, "git_commit": git_commit()}
+    manifest = Path("data/prepared/manifest.json")  # written by the prepare stage
+    if manifest.is_file():
+        base_tags["data_hash"] = json.loads(manifest.read_text()).get("data_hash", "unknown")
     if parent:
         base_tags["mlflow.parentRunId"] = parent
     with mlflow.start_run(run_name=stage, tags={**base_tags, **(tags or {})}) as run:

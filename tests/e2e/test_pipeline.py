@@ -50,7 +50,7 @@ def mlflow_server(tmp_path_factory):
         stdout=log, stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
+    deadline = time.time() + 300
     while True:
         try:
             with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
