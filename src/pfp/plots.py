@@ -11,12 +11,13 @@ final :class:`pathlib.Path`.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from pfp.io import atomic_path
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
@@ -50,23 +51,10 @@ def _new_figure(
 
 
 def _save_atomic(fig: Figure, path: str | os.PathLike[str]) -> Path:
-    """Render ``fig`` to PNG at ``path`` via a temp file in the same folder + ``os.replace``."""
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(
-        prefix=f".{out.name}.", suffix=".tmp.png", dir=out.parent
-    )
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fig.savefig(fh, format="png", bbox_inches="tight")
-        os.replace(tmp, out)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return out
+    """Render ``fig`` to PNG at ``path`` via a temp file in the same folder + rename."""
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png", bbox_inches="tight")
+    return Path(path)
 
 
 def _require_nonempty(mapping: Mapping[str, Any], name: str) -> None:
