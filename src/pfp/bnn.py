@@ -30,7 +30,7 @@ from pyro.infer.autoguide import AutoNormal
 from tqdm.auto import tqdm
 
 from pfp.backends.torch_ref import deterministic_forward
-from pfp.config import TrainConfig
+from pfp.config import PriorScaling, TrainConfig
 from pfp.data.idx import DataError
 from pfp.io import atomic_savez
 from pfp.spec import ModelSpec
@@ -45,16 +45,31 @@ def site_names(layer_name: str) -> tuple[str, str]:
     return f"{layer_name}_weight", f"{layer_name}_bias"
 
 
-def make_model(spec: ModelSpec, prior_scale: float) -> Callable:
+def prior_scales(spec: ModelSpec, prior_scale: float, scaling: PriorScaling = PriorScaling.FIXED) -> dict[str, float]:
+    """Prior standard deviation per sample site."""
+    scales = {}
+    for layer in spec.parametric_layers():
+        weight_site, bias_site = site_names(layer.name)
+        fan_in = math.prod(layer.weight_shape[1:])
+        # fan-in scaling keeps the prior's pre-activation variance independent of layer width
+        scales[weight_site] = prior_scale / math.sqrt(fan_in) if scaling is PriorScaling.FAN_IN else prior_scale
+        scales[bias_site] = prior_scale
+    return scales
+
+
+def make_model(spec: ModelSpec, prior_scale: float, scaling: PriorScaling = PriorScaling.FIXED) -> Callable:
     """Pyro model ``model(x, y=None, num_data=None, kl_weight=1.0)`` for a spec (x normalised, NCHW)."""
+
+    scales = prior_scales(spec, prior_scale, scaling)
 
     def model(x: torch.Tensor, y: Optional[torch.Tensor] = None, num_data: Optional[int] = None, kl_weight: float = 1.0):
         weights = {}
         with poutine.scale(scale=kl_weight):  # KL warm-up; 1.0 is the exact ELBO
             for layer in spec.parametric_layers():
                 weight_site, bias_site = site_names(layer.name)
-                weight = pyro.sample(weight_site, dist.Normal(0.0, prior_scale).expand(layer.weight_shape).to_event(len(layer.weight_shape)))
-                bias = pyro.sample(bias_site, dist.Normal(0.0, prior_scale).expand(layer.bias_shape).to_event(1))
+                weight_prior = dist.Normal(0.0, scales[weight_site]).expand(layer.weight_shape).to_event(len(layer.weight_shape))
+                weight = pyro.sample(weight_site, weight_prior)
+                bias = pyro.sample(bias_site, dist.Normal(0.0, scales[bias_site]).expand(layer.bias_shape).to_event(1))
                 weights[layer.name] = (weight, bias)
         logits = deterministic_forward(spec, weights, x)
         size = num_data if num_data is not None else x.shape[0]
@@ -160,7 +175,7 @@ def train_svi(
     pyro.set_rng_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     num_data = x_train.shape[0]
-    model = make_model(spec, config.prior_scale)
+    model = make_model(spec, config.prior_scale, config.prior_scaling)
     guide = AutoNormal(model, init_loc_fn=_init_loc, init_scale=float(config.init_scale))
     elbo = TraceMeanField_ELBO(num_particles=config.num_particles, vectorize_particles=config.num_particles > 1)
 

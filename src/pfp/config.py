@@ -6,6 +6,7 @@ the offending key named (``train.mlp.epochs: must be >= 0``), never deep inside 
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 from typing import Any, Optional
 
@@ -73,12 +74,18 @@ class AmbiguousConfig(_Section):
         return self
 
 
+class PriorScaling(str, Enum):
+    FIXED = "fixed"  # every weight ~ N(0, prior_scale^2)
+    FAN_IN = "fan_in"  # weights ~ N(0, prior_scale^2 / fan_in), biases ~ N(0, prior_scale^2)
+
+
 class TrainConfig(_Section):
     epochs: int = Field(10, ge=0)
     batch_size: int = Field(128, ge=1)
     lr: float = Field(1e-3, gt=0)
     lr_final_factor: float = Field(0.1, gt=0, le=1)  # lr decays exponentially to lr * this at the last step
     prior_scale: float = Field(1.0, gt=0)
+    prior_scaling: PriorScaling = PriorScaling.FIXED
     init_scale: float = Field(1e-3, gt=0)  # initial posterior std of every weight
     num_particles: int = Field(1, ge=1)
     kl_warmup_epochs: int = Field(0, ge=0)  # KL weight ramps 0 -> 1 over these epochs, then the exact ELBO

@@ -516,3 +516,13 @@ def test_pfp_forward_deeper_net_roughly_matches_mc():
     std = mc.var.sqrt()
     assert ((mean.double() - mc.mean).abs() <= 0.25 * std + N_SIGMA * mc.se_mean).all(), (mean, mc.mean)
     assert ((var.double() / mc.var).log().abs() <= math.log(2.0)).all(), (var, mc.var)
+
+
+def test_relu_moments_stay_accurate_in_the_lower_tail():
+    # ndtr's (1 + erf) / 2 loses the lower tail in float32 (ndtr(-6) == 0); the erfc form does not.
+    mean = torch.tensor([-5.0, -4.0, -3.0, -1.0, 2.0])
+    var = torch.ones(5)
+    relu_mean, _ = relu(mean, var)
+    a = mean.double()
+    exact = a * stats.norm.cdf(a.numpy()) + stats.norm.pdf(a.numpy())
+    assert torch.allclose(relu_mean.double(), torch.as_tensor(exact), rtol=1e-4, atol=0)

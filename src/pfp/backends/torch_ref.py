@@ -85,6 +85,14 @@ def scale_variance(p: GaussianLayerParams, factor: float) -> GaussianLayerParams
 
 # --------------------------------------------------------------------------- helpers
 
+_INV_SQRT2 = 1.0 / math.sqrt(2.0)
+
+
+def _cdf(a: Tensor) -> Tensor:
+    """Standard normal CDF via erfc: accurate in the lower tail, where ndtr's (1 + erf) / 2 is not."""
+    return 0.5 * torch.special.erfc(-a * _INV_SQRT2)
+
+
 def _phi(a: Tensor) -> Tensor:
     """Standard normal pdf."""
     return torch.exp(-0.5 * a * a) * _INV_SQRT_2PI
@@ -149,7 +157,7 @@ def relu(mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:
     var = var.clamp_min(0.0)
     std = torch.sqrt(var.clamp_min(RELU_VAR_EPS))  # clamp: no 0/0 where var == 0
     a = (mean / std).clamp(-_MAX_STD_ARG, _MAX_STD_ARG)
-    cdf, cdf_neg, pdf = torch.special.ndtr(a), torch.special.ndtr(-a), _phi(a)
+    cdf, cdf_neg, pdf = _cdf(a), _cdf(-a), _phi(a)
     out_mean = mean * cdf + std * pdf
     # ReLU(X) = max(X, 0): Clark's variance with var2 = 0, i.e. var * (Phi(a) + h(a)). This
     # equals E[relu^2] - E[relu]^2 but stays accurate when mean^2 >> var (e.g. a confident
@@ -169,7 +177,7 @@ def max2(mean1: Tensor, var1: Tensor, mean2: Tensor, var2: Tensor) -> tuple[Tens
     t2 = var1 + var2 + CLARK_EPS
     t = torch.sqrt(t2)
     a = ((mean1 - mean2) / t).clamp(-_MAX_STD_ARG, _MAX_STD_ARG)
-    cdf, cdf_neg, pdf = torch.special.ndtr(a), torch.special.ndtr(-a), _phi(a)
+    cdf, cdf_neg, pdf = _cdf(a), _cdf(-a), _phi(a)
     out_mean = mean1 * cdf + mean2 * cdf_neg + t * pdf
     # Algebraically identical to E2 - mu^2 of the notes, without the cancellation (see _clark_h).
     out_var = (var1 * cdf + var2 * cdf_neg + t2 * _clark_h(a, cdf, cdf_neg, pdf)).clamp_min(0.0)
