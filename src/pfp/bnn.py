@@ -24,16 +24,17 @@ import numpy as np
 import pyro
 import pyro.distributions as dist
 import torch
+import torch.nn.functional as F
 from pyro import poutine
 from pyro.infer import SVI, TraceMeanField_ELBO
 from pyro.infer.autoguide import AutoNormal
 from tqdm.auto import tqdm
 
 from pfp.backends.torch_ref import deterministic_forward
-from pfp.config import PriorScaling, TrainConfig
+from pfp.config import GradientEstimator, PriorScaling, TrainConfig
 from pfp.data.idx import DataError
 from pfp.io import atomic_savez
-from pfp.spec import ModelSpec
+from pfp.spec import Conv2d, Dense, Flatten, MaxPool2d, ModelSpec, ReLU
 
 
 class PosteriorError(DataError):
@@ -161,6 +162,55 @@ def posterior_from_guide(spec: ModelSpec, guide: AutoNormal) -> Posterior:
     return Posterior(spec=spec, loc=loc, scale=scale)
 
 
+def local_reparameterization_elbo(spec: ModelSpec, guide: AutoNormal, priors: dict[str, float], num_particles: int = 1) -> Callable:
+    """Negative ELBO of the same model and AutoNormal guide, estimated with the local
+    reparameterization trick: analytic KL plus a likelihood term where each dense layer's
+    pre-activations are drawn from their exact Gaussian given the layer input (independent
+    per example, so far less gradient noise than one weight draw shared by the minibatch).
+    Conv layers draw their weights once per minibatch (pre-activations there are correlated).
+    Returns a callable ``loss(model, guide, x, y, num_data, kl_weight)`` for ``pyro.infer.SVI``.
+    """
+
+    def loss(_model, _guide, x, y, num_data, kl_weight=1.0):
+        kl = x.new_zeros(())
+        moments = {}
+        for layer in spec.parametric_layers():
+            pair = []
+            for site in site_names(layer.name):
+                loc, scale = guide._get_loc_and_scale(site)
+                kl = kl + torch.distributions.kl_divergence(dist.Normal(loc, scale), dist.Normal(0.0, priors[site])).sum()
+                pair.append((loc, scale))
+            moments[layer.name] = pair
+        nll = x.new_zeros(())
+        for _ in range(num_particles):
+            nll = nll + F.cross_entropy(_sampled_forward(spec, moments, x), y, reduction="sum")
+        return nll * (num_data / x.shape[0]) / num_particles + kl_weight * kl
+
+    return loss
+
+
+def _sampled_forward(spec: ModelSpec, moments: dict, x: torch.Tensor) -> torch.Tensor:
+    h = x
+    for layer in spec.layers:
+        if isinstance(layer, Flatten):
+            h = h.flatten(1)
+        elif isinstance(layer, Dense):
+            (w_loc, w_scale), (b_loc, b_scale) = moments[layer.name]
+            mean = F.linear(h, w_loc, b_loc)
+            var = F.linear(h * h, w_scale * w_scale, b_scale * b_scale)
+            h = mean + var.clamp_min(1e-16).sqrt() * torch.randn_like(mean)
+        elif isinstance(layer, Conv2d):
+            (w_loc, w_scale), (b_loc, b_scale) = moments[layer.name]
+            weight = w_loc + w_scale * torch.randn_like(w_loc)
+            bias = b_loc + b_scale * torch.randn_like(b_loc)
+            h = F.conv2d(h, weight, bias, stride=layer.stride, padding=layer.padding)
+        elif isinstance(layer, ReLU):
+            h = torch.relu(h)
+        elif isinstance(layer, MaxPool2d):
+            h = F.max_pool2d(h, 2)
+    return h
+
+
 def train_svi(
     spec: ModelSpec,
     config: TrainConfig,
@@ -177,22 +227,42 @@ def train_svi(
     num_data = x_train.shape[0]
     model = make_model(spec, config.prior_scale, config.prior_scaling)
     guide = AutoNormal(model, init_loc_fn=_init_loc, init_scale=float(config.init_scale))
-    elbo = TraceMeanField_ELBO(num_particles=config.num_particles, vectorize_particles=config.num_particles > 1)
 
     def scaled_guide(x, y=None, num_data=None, kl_weight=1.0):
         # TraceMeanField_ELBO scales each analytic KL term by the guide site's scale.
         with poutine.scale(scale=kl_weight):
             return guide(x, y, num_data, kl_weight)
 
-    warmup_steps = config.kl_warmup_epochs * math.ceil(num_data / config.batch_size)
     steps_per_epoch = math.ceil(num_data / config.batch_size)
+    warmup_steps = config.kl_warmup_epochs * steps_per_epoch
     total_steps = config.epochs * steps_per_epoch
     if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps)
     # Exponential decay to lr * lr_final_factor at the last step: SVI's noisy gradients need it to settle.
     lr_decay = config.lr_final_factor ** (1.0 / max(total_steps, 1))
-    optimiser = pyro.optim.ClippedAdam({"lr": config.lr, "lrd": lr_decay})
-    svi = SVI(model, scaled_guide, optimiser, loss=elbo)
+    if config.estimator is GradientEstimator.LOCAL_REPARAMETERIZATION:
+        guide(x_train[:1], y_train[:1], num_data)  # create the guide's parameters
+        elbo = local_reparameterization_elbo(spec, guide, prior_scales(spec, config.prior_scale, config.prior_scaling), config.num_particles)
+        parameters = list(guide.parameters())  # the unconstrained locs and scales
+        optimiser = torch.optim.Adam(parameters, lr=config.lr)
+        schedule = torch.optim.lr_scheduler.ExponentialLR(optimiser, gamma=lr_decay)
+
+        def step_fn(x, y, kl_weight):
+            optimiser.zero_grad()
+            loss = elbo(model, guide, x, y, num_data, kl_weight)
+            loss.backward()
+            for parameter in parameters:  # same per-tensor clipping as pyro's ClippedAdam
+                torch.nn.utils.clip_grad_norm_(parameter, 10.0)
+            optimiser.step()
+            schedule.step()
+            return float(loss.detach())
+    else:
+        elbo = TraceMeanField_ELBO(num_particles=config.num_particles)
+        svi = SVI(model, scaled_guide, pyro.optim.ClippedAdam({"lr": config.lr, "lrd": lr_decay}), loss=elbo)
+
+        def step_fn(x, y, kl_weight):
+            return svi.step(x, y, num_data, kl_weight)
+
     losses: list[float] = []
     step = 0
     bar = tqdm(total=total_steps, desc=f"SVI {spec.name}", unit="step", disable=not progress)
@@ -204,7 +274,7 @@ def train_svi(
                 break
             index = order[start : start + config.batch_size]
             kl_weight = min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
-            loss = svi.step(x_train[index], y_train[index], num_data, kl_weight)
+            loss = step_fn(x_train[index], y_train[index], kl_weight)
             if not math.isfinite(loss):
                 raise FloatingPointError(f"SVI {spec.name}: loss became {loss} at step {step}; lower train.{spec.name}.lr")
             epoch_loss += loss
