@@ -20,10 +20,10 @@ from pfp.bnn import (
     PosteriorError,
     local_reparameterization_elbo,
     make_model,
-    prior_scales,
     posterior_from_guide,
     predict_deterministic,
     predict_svi,
+    prior_scales,
     site_names,
     train_svi,
 )
