@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: setup run run-full test test-slow lint
+.PHONY: setup system-deps run run-full test test-slow lint
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,12 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	touch $@
 
 setup: $(VENV)/.installed
+
+# Debian packages: the aarch64 cross-linker for Raspberry Pi libraries (needs root or sudo).
+system-deps:
+	@command -v aarch64-linux-gnu-gcc >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq gcc-aarch64-linux-gnu; }
 
 run: setup
 	$(BIN)/python -m flows.pipeline --workdir runs/embedded --params configs/embedded.yaml
