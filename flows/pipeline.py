@@ -44,7 +44,7 @@ def stage_order(models: list[str]) -> list[str]:
     stages = ["prepare"]
     for stage in PER_MODEL_STAGES:
         stages += [f"{stage}@{model}" for model in models]
-    return stages + ["report"]
+    return stages + ["report", "benchmark"]
 
 
 def _stage_env() -> dict[str, str]:

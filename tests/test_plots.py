@@ -116,3 +116,12 @@ def test_empty_inputs_raise(tmp_path):
     with pytest.raises(ValueError):
         P.loss_curve([], tmp_path / "d.png", "t")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_latency_vs_batch_writes_png(tmp_path):
+    from pfp.plots import latency_vs_batch
+
+    path = latency_vs_batch({"pfp_tvm_ms": {1: 0.1, 10: 0.5, 100: 4.0}, "svi_pyro_ms": {1: 150.0, 10: 160.0, 100: 190.0}},
+                            tmp_path / "latency.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latency.png"]

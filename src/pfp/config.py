@@ -122,6 +122,21 @@ class EvaluateConfig(_Section):
     batch_size: int = Field(1000, ge=1)
 
 
+class BenchmarkConfig(_Section):
+    batch_sizes: list[int] = Field(default_factory=lambda: [1, 10, 100])
+    svi_samples: int = Field(30, ge=1)
+    repeat: int = Field(10, ge=1)  # Python-level baselines: median of this many timed calls
+    tvm_number: int = Field(20, ge=1)  # time_evaluator: calls per measurement
+    tvm_repeat: int = Field(5, ge=1)  # time_evaluator: measurements
+
+    @field_validator("batch_sizes")
+    @classmethod
+    def _positive_batches(cls, sizes: list[int]) -> list[int]:
+        if not sizes or any(b < 1 for b in sizes):
+            raise ValueError("must be a non-empty list of positive batch sizes")
+        return sizes
+
+
 class PipelineParams(_Section):
     seed: int = 0
     models: list[Architecture] = [Architecture.MLP, Architecture.LENET]
@@ -130,6 +145,7 @@ class PipelineParams(_Section):
     train: dict[Architecture, TrainConfig] = {}
     calibrate: CalibrateConfig = CalibrateConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    benchmark: BenchmarkConfig = BenchmarkConfig()
 
     @model_validator(mode="after")
     def _every_model_has_train_section(self) -> "PipelineParams":

@@ -314,3 +314,24 @@ def loss_curve(
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize="small")
     return _save_atomic(fig, path)
+
+
+def latency_vs_batch(
+    latencies: Mapping[str, Mapping[int, float]],
+    path: str | os.PathLike[str],
+    title: str = "Latency per batch",
+) -> Path:
+    """Log-log latency (ms per batch) against batch size, one line per predictor."""
+    _require_nonempty(latencies, "latencies")
+    fig, (ax,) = _new_figure(1, panel_size=(6.5, 4.5))
+    for name, by_batch in latencies.items():
+        batches = sorted(by_batch)
+        ax.plot(batches, [by_batch[b] for b in batches], marker="o", label=name)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("ms per batch")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize="small")
+    return _save_atomic(fig, path)

@@ -17,7 +17,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
-STAGES = ["prepare"] + [f"{s}@{m}" for s in ("train", "convert", "calibrate", "evaluate") for m in ("mlp", "lenet")] + ["report"]
+STAGES = ["prepare"] + [f"{s}@{m}" for s in ("train", "convert", "calibrate", "evaluate") for m in ("mlp", "lenet")] + ["report", "benchmark"]
 METRIC_KEYS = {"accuracy", "nll", "ece", "brier", "auroc_mi", "auroc_sme", "auroc_var", "mi_id", "mi_ood", "sme_id", "sme_ood"}
 
 TINY_PARAMS = {
@@ -30,6 +30,7 @@ TINY_PARAMS = {
     "train": {"mlp": {"epochs": 1, "max_steps": 5}, "lenet": {"epochs": 1, "max_steps": 5}},
     "calibrate": {"variance_scales": [0.5, 1.0], "logit_samples": 20},
     "evaluate": {"svi_samples": 4, "logit_samples": 20, "moment_samples": 10, "moment_images": 50},
+    "benchmark": {"batch_sizes": [1, 2], "svi_samples": 3, "repeat": 1, "tvm_number": 1, "tvm_repeat": 1},
 }
 
 
@@ -97,6 +98,10 @@ def test_pipeline_end_to_end(tmp_path, mlflow_server):
     for path in ("data/prepared/manifest.json", "models/mlp/posterior.npz", "models/lenet/pfp.npz", "models/mlp/calibration.json",
                  "plots/mlp/evaluate/roc.png", "plots/lenet/train/loss.png"):
         assert (workdir / path).is_file(), path
+    latency = json.loads((workdir / "metrics/latency.json").read_text())
+    assert set(latency) == {"mlp", "lenet"} and set(latency["lenet"]) == {"batch_1", "batch_2"}
+    assert latency["mlp"]["batch_1"]["pfp_tvm_untuned_ms"] > 0 and latency["mlp"]["batch_1"]["svi_pyro_ms"] > 0
+    assert (workdir / "plots/lenet/benchmark/latency.png").is_file()
     lock = yaml.safe_load((workdir / "dvc.lock").read_text())
     assert set(lock["stages"]) == set(STAGES)
 

@@ -1,0 +1,498 @@
+"""Meta Scheduler tuning of PFP Relax modules (TVM 0.27, ``tvm.s_tir.meta_schedule``).
+
+Example::
+
+    >>> from pfp.backends.tvm.build import build_pfp_module
+    >>> from pfp.backends.tvm.tune import TuneConfig, tune_module, compile_best
+    >>> mod = build_pfp_module(spec, params, batch_size=1)
+    >>> config = TuneConfig(work_dir="tuning/mlp_host", trials_per_task=64, max_trials_global=512)
+    >>> database = tune_module(mod, config=config)              # resumable: same work_dir
+    >>> choice = compile_best(mod, database, config=config)     # tuned unless it is slower
+    >>> choice.kept, choice.tuned_ms, choice.untuned_ms
+
+Measurements run locally by default; with ``rpc_tracker="host:port"`` and ``rpc_key`` they
+run on the board registered at that tracker (see ``infra/rpc/README.md``). For aarch64
+targets the candidates are linked with ``aarch64-linux-gnu-gcc`` by the builder
+(:func:`export_aarch64_so`), so the board needs no compiler.
+
+Resuming: the JSON database (``work_dir/database_workload.json`` and
+``database_tuning_record.json``) is never deleted. Tasks already finished (recorded in
+``work_dir/pfp_tune_state.json``, or with at least ``trials_per_task`` records) are skipped;
+unfinished tasks are tuned again with the records already measured as the search's warm start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import logging
+import os
+import platform
+import shutil
+import socket
+import tempfile
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tvm
+import tvm_ffi
+from tvm import relax
+from tvm.s_tir import meta_schedule as ms
+
+from pfp.backends.tvm.build import ARM_CROSS_COMPILER, TargetName, make_target
+
+__all__ = [
+    "BestModule",
+    "TrackerError",
+    "TuneConfig",
+    "TuneReport",
+    "check_tracker",
+    "compile_best",
+    "compile_tuned",
+    "compile_untuned",
+    "count_records",
+    "export_aarch64_so",
+    "lean_build",
+    "open_database",
+    "parse_tracker",
+    "tune_module",
+]
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "pfp_tune_state.json"
+_STATE_FORMAT = 1
+
+
+class TrackerError(RuntimeError):
+    """The RPC tracker is unreachable or has no server under the requested key."""
+
+
+@dataclass
+class TuneConfig:
+    """Settings of one tuning run.
+
+    ``rpc_tracker`` ("host:port") and ``rpc_key`` together select the RPC runner; with both
+    unset the candidates run on this machine. ``builder_timeout_sec`` must cover a builder
+    worker's start: the default build function imports ``tvm.s_tir.tensor_intrin`` (~60 s on
+    2 cores); ``lean_builder=True`` (default) uses :func:`lean_build`, which does not.
+    """
+
+    trials_per_task: int = 64
+    max_trials_global: int = 512
+    num_trials_per_iter: int = 64
+    target: str | Mapping | Any = TargetName.HOST.value
+    work_dir: str | os.PathLike = "tuning"
+    builder_timeout_sec: float = 300.0
+    builder_workers: int | None = None  # None: one per logical CPU
+    lean_builder: bool = True
+    runner_timeout_sec: float = 60.0
+    rpc_tracker: str | None = None
+    rpc_key: str | None = None
+    session_timeout_sec: float = 60.0
+    number: int = 3  # measurements of each candidate: number x repeat, at least min_repeat_ms each
+    repeat: int = 1
+    min_repeat_ms: int = 100
+    seed: int | None = 0
+    population_size: int = 512  # evolutionary search; smaller = faster candidate generation
+    genetic_num_iters: int = 4
+    init_min_unmeasured: int = 50
+    num_threads: int | str = "physical"  # threads of the search (cost model, evolution)
+    cross_compiler: str | None = None  # None: aarch64-linux-gnu-gcc for aarch64 targets
+
+    def __post_init__(self) -> None:
+        for name in ("trials_per_task", "max_trials_global", "num_trials_per_iter"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"TuneConfig.{name} must be a positive int, got {value!r}")
+        if (self.rpc_tracker is None) != (self.rpc_key is None):
+            raise ValueError("set both rpc_tracker ('host:port') and rpc_key for the RPC runner, or neither "
+                             f"(got rpc_tracker={self.rpc_tracker!r}, rpc_key={self.rpc_key!r})")
+        if self.rpc_tracker is not None:
+            parse_tracker(self.rpc_tracker)
+
+    @property
+    def uses_rpc(self) -> bool:
+        return self.rpc_tracker is not None
+
+    @property
+    def work_path(self) -> Path:
+        return Path(self.work_dir)
+
+
+@dataclass
+class TuneReport:
+    """What :func:`tune_module` did: tasks tuned or skipped, records before and after, seconds."""
+
+    tasks: list[str] = field(default_factory=list)
+    tuned: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    untunable: list[str] = field(default_factory=list)
+    records_before: int = 0
+    records_after: int = 0
+    seconds: float = 0.0
+
+    @property
+    def new_records(self) -> int:
+        return self.records_after - self.records_before
+
+
+# --------------------------------------------------------------------------- builder hooks
+
+def lean_build(mod: tvm.IRModule, target: tvm.target.Target, _params=None) -> tvm.runtime.Module:
+    """``default_build`` without importing ``tvm.s_tir.tensor_intrin`` (~60 s per builder worker here).
+
+    Valid for schedules that use no tensor intrinsics (no tensorize), i.e. the llvm CPU
+    targets PFP tunes for.
+    """
+    from tvm.driver import build as tvm_build
+    from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
+
+    mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod)
+    return tvm_build(mod, target=target)
+
+
+def export_aarch64_so(mod: tvm.runtime.Module, cc: str = ARM_CROSS_COMPILER) -> str:
+    """Builder ``f_export`` for ARM boards: a cross-linked ``.so`` (the board needs no compiler)."""
+    path = os.path.join(tempfile.mkdtemp(prefix="pfp_ms_"), "candidate.so")
+    mod.export_library(path, cc=cc)
+    return path
+
+
+def _target_arch(target: tvm.target.Target) -> str:
+    mtriple = target.attrs.get("mtriple")
+    return str(mtriple).split("-")[0] if mtriple else platform.machine()
+
+
+def _f_export(target: tvm.target.Target, config: TuneConfig):
+    arch = _target_arch(target)
+    if arch == platform.machine():
+        return None  # default: tar archive, linked by the (host) RPC server or the local runner
+    if arch != "aarch64":
+        raise ValueError(f"no cross compiler known for {arch} targets")
+    compiler = config.cross_compiler or shutil.which(ARM_CROSS_COMPILER)
+    if compiler is None:
+        raise RuntimeError(f"tuning for {arch} exports candidates linked with {ARM_CROSS_COMPILER}; install it "
+                           "(Debian/Ubuntu: apt-get install gcc-aarch64-linux-gnu) or set TuneConfig.cross_compiler")
+    if not config.uses_rpc:
+        raise ValueError(f"candidates for {arch} cannot run on this {platform.machine()} machine: "
+                         "set rpc_tracker and rpc_key to measure them on the board")
+    return functools.partial(export_aarch64_so, cc=compiler)
+
+
+def make_builder(target: tvm.target.Target, config: TuneConfig) -> ms.builder.LocalBuilder:
+    return ms.builder.LocalBuilder(max_workers=config.builder_workers, timeout_sec=config.builder_timeout_sec,
+                                   f_build=lean_build if config.lean_builder else None,
+                                   f_export=_f_export(target, config))
+
+
+# --------------------------------------------------------------------------- RPC
+
+def parse_tracker(address: str) -> tuple[str, int]:
+    """``"host:port"`` -> ``(host, port)``."""
+    host, sep, port = str(address).rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"rpc_tracker must be 'host:port', got {address!r}")
+    return host, int(port)
+
+
+def check_tracker(address: str, key: str, timeout_sec: float = 5.0) -> dict:
+    """Check the tracker answers and has a server under ``key``; returns the tracker summary.
+
+    Raises :class:`TrackerError` naming the address and key otherwise.
+    """
+    host, port = parse_tracker(address)
+    hint = f"check it with: python -m tvm.exec.query_rpc_tracker --host {host} --port {port}"
+    try:
+        with socket.create_connection((host, port), timeout=timeout_sec):
+            pass
+    except OSError as error:
+        raise TrackerError(f"RPC tracker {host}:{port} (key {key!r}) is unreachable: {error}; is it running? "
+                           f"(infra/rpc/start-tracker.sh); {hint}") from error
+    try:
+        tracker = tvm.rpc.connect_tracker(host, port)
+        summary = tracker.summary()
+        tracker.close()
+    except Exception as error:  # a port that is not a tracker
+        raise TrackerError(f"RPC tracker {host}:{port} (key {key!r}) did not answer as a TVM tracker: "
+                           f"{error}; {hint}") from error
+    keys = sorted(str(k) for k in summary.get("queue_info", {}))
+    servers = [str(item.get("key", "")).split(":", 1)[-1] for item in summary.get("server_info", [])]
+    if key not in keys and key not in servers:
+        raise TrackerError(f"RPC tracker {host}:{port} has no server registered under key {key!r} "
+                           f"(keys: {sorted(set(keys + servers)) or 'none'}); start one with "
+                           f"infra/rpc/start-server.sh or check the key; {hint}")
+    return summary
+
+
+def make_runner(config: TuneConfig) -> ms.runner.Runner:
+    evaluator = ms.runner.EvaluatorConfig(number=config.number, repeat=config.repeat,
+                                          min_repeat_ms=config.min_repeat_ms, enable_cpu_cache_flush=False)
+    if not config.uses_rpc:
+        return ms.runner.LocalRunner(timeout_sec=config.runner_timeout_sec, evaluator_config=evaluator)
+    check_tracker(config.rpc_tracker, config.rpc_key)
+    host, port = parse_tracker(config.rpc_tracker)
+    rpc_config = ms.runner.RPCConfig(tracker_host=host, tracker_port=port, tracker_key=config.rpc_key,
+                                     session_timeout_sec=int(config.session_timeout_sec))
+    return ms.runner.RPCRunner(rpc_config=rpc_config, evaluator_config=evaluator, max_workers=1)
+
+
+# --------------------------------------------------------------------------- database
+
+def open_database(work_dir: str | os.PathLike) -> ms.database.JSONDatabase:
+    """The JSON database of ``work_dir`` (created if missing; existing records are kept)."""
+    work_dir = Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    return ms.database.JSONDatabase(work_dir=str(work_dir), module_equality="structural")
+
+
+def count_records(database: ms.database.Database, mod: tvm.IRModule | None = None) -> int:
+    """Tuning records in ``database`` (of the workload ``mod`` if given)."""
+    records = database.get_all_tuning_records()
+    if mod is None:
+        return len(records)
+    return sum(1 for record in records if tvm_ffi.structural_equal(record.workload.mod, mod))
+
+
+def _task_key(task, target: tvm.target.Target) -> str:
+    return f"{task.task_name}:{tvm_ffi.structural_hash(task.dispatched[0]):x}:{target}"
+
+
+def _load_state(work_dir: Path) -> dict:
+    path = work_dir / STATE_FILE
+    if not path.is_file():
+        return {"format": _STATE_FORMAT, "finished": {}}
+    try:
+        state = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        logger.warning("%s is corrupt; resuming from the database records only", path)
+        return {"format": _STATE_FORMAT, "finished": {}}
+    if state.get("format") != _STATE_FORMAT:
+        return {"format": _STATE_FORMAT, "finished": {}}
+    return state
+
+
+def _save_state(work_dir: Path, state: dict) -> None:
+    path = work_dir / STATE_FILE
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state, indent=1))
+    tmp.replace(path)
+
+
+# --------------------------------------------------------------------------- tuning
+
+def tune_module(mod: tvm.IRModule, target=None, config: TuneConfig | None = None,
+                *, report: TuneReport | None = None) -> ms.database.JSONDatabase:
+    """Meta Scheduler tuning of every task (fused TIR function) of the Relax module ``mod``.
+
+    ``target`` defaults to ``make_target(config.target)``. Returns the JSON database of
+    ``config.work_dir``. Tasks finished by an earlier call with the same work_dir (and at least
+    the same ``trials_per_task``) are skipped; pass a :class:`TuneReport` to learn what ran.
+    """
+    config = config or TuneConfig()
+    target = make_target(config.target if target is None else target)
+    report = report if report is not None else TuneReport()
+    start = time.perf_counter()
+    work_dir = config.work_path
+    database = open_database(work_dir)
+    report.records_before = count_records(database)
+
+    tasks = ms.relax_integration.extract_tasks(mod, target, module_equality="structural")
+    tasks = [task for task in tasks if not task.mod.attrs.get("tirx.is_scheduled", False)]
+    if not tasks:
+        raise ValueError("the module has no TIR functions to tune")
+    state = _load_state(work_dir)
+    finished: dict[str, int] = state.setdefault("finished", {})
+    pending = []
+    for task in tasks:
+        key = _task_key(task, target)
+        report.tasks.append(task.task_name)
+        reason = _untunable(task)
+        if reason:
+            logger.warning("task %s cannot be tuned (%s); it keeps its default schedule", task.task_name, reason)
+            report.untunable.append(task.task_name)
+            continue
+        done = max(finished.get(key, 0), count_records(database, task.dispatched[0]))
+        if done >= config.trials_per_task or (key in finished and finished[key] >= config.trials_per_task):
+            logger.info("task %s: already tuned (%d trials recorded), skipped", task.task_name, done)
+            report.skipped.append(task.task_name)
+        else:
+            pending.append((key, task))
+    if not pending:
+        logger.info("nothing to tune: every tunable task is finished")
+    else:
+        runner = make_runner(config)  # first: a dead tracker fails before anything else starts
+        builder = make_builder(target, config)
+        budget = min(config.max_trials_global, config.trials_per_task * len(pending))
+        logger.info("tuning %d task(s) (%s) for %s: %d trials/task, %d in all, %s runner; work dir %s",
+                    len(pending), ", ".join(t.task_name for _, t in pending), target, config.trials_per_task,
+                    budget, f"RPC {config.rpc_tracker} key {config.rpc_key}" if config.uses_rpc else "local",
+                    work_dir)
+        with _unnamed_handlers_detached():
+            contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+                [task for _, task in pending], work_dir=str(work_dir), num_threads=config.num_threads,
+                seed=config.seed, strategy=ms.search_strategy.EvolutionarySearch(
+                    population_size=config.population_size, genetic_num_iters=config.genetic_num_iters,
+                    init_min_unmeasured=config.init_min_unmeasured))
+        ms.tune.tune_tasks(tasks=contexts, task_weights=weights, work_dir=str(work_dir),
+                           max_trials_global=budget, max_trials_per_task=config.trials_per_task,
+                           num_trials_per_iter=min(config.num_trials_per_iter, config.trials_per_task),
+                           builder=builder, runner=runner, database=database, module_equality="structural")
+        full_budget = budget >= config.trials_per_task * len(pending)
+        for key, task in pending:
+            # a task may end early (search space exhausted): it is finished when the budget covered
+            # it; with a smaller global budget only its measured records count
+            done = config.trials_per_task if full_budget else count_records(database, task.dispatched[0])
+            finished[key] = max(finished.get(key, 0), done)
+            report.tuned.append(task.task_name)
+        _save_state(work_dir, state)
+        _check_measured(database, [task for _, task in pending])
+    report.records_after = count_records(database)
+    report.seconds = time.perf_counter() - start
+    logger.info("tuning done in %.1f s: %d task(s) tuned, %d skipped, %d new record(s), %d in %s",
+                report.seconds, len(report.tuned), len(report.skipped), report.new_records,
+                report.records_after, work_dir)
+    return database
+
+
+@contextlib.contextmanager
+def _unnamed_handlers_detached():
+    """Work around the Meta Scheduler's logger setup failing on a second tuning run in a process.
+
+    ``ms.logging.create_loggers`` lists the handlers of the ``tvm.s_tir.meta_schedule`` logger
+    by name in a ``dictConfig``; an unnamed handler (pytest's log capture adds some) makes it
+    crash (``'NoneType' object has no attribute 'format'``). They are detached while the
+    loggers are created and attached again afterwards.
+    """
+    ms_logger = logging.getLogger("tvm.s_tir.meta_schedule")
+    unnamed = [handler for handler in ms_logger.handlers if handler.get_name() is None]
+    for handler in unnamed:
+        ms_logger.removeHandler(handler)
+    try:
+        yield
+    finally:
+        for handler in unnamed:
+            ms_logger.addHandler(handler)
+
+
+def _untunable(task) -> str | None:
+    """Why the Meta Scheduler cannot tune ``task``, or None.
+
+    The task scheduler estimates each task's FLOPs first, and that analysis has no rule for
+    ``tirx.Let`` expressions, which the Gaussian ReLU / max-pool operators use (scalars
+    computed once per element): it would abort the whole tuning run. Such tasks are
+    elementwise or pooling kernels that gain little from tuning; they keep the default
+    schedule in :func:`compile_tuned`.
+    """
+    from tvm.s_tir.analysis import estimate_tir_flops
+
+    try:
+        estimate_tir_flops(task.dispatched[0])
+    except Exception as error:  # tvm.error.InternalError: Do not have a default for prim.Let
+        return f"FLOP estimation fails: {str(error).strip().splitlines()[-1]}"
+    return None
+
+
+def _check_measured(database: ms.database.Database, tasks) -> None:
+    """Warn about tasks without any successful measurement (build or run errors for every trial)."""
+    for task in tasks:
+        mod = task.dispatched[0]
+        if not database.has_workload(mod) or not database.get_top_k(database.commit_workload(mod), 1):
+            logger.warning("task %s has no successful measurement; see the logs in the work dir "
+                           "(builder timeout? unreachable RPC server?)", task.task_name)
+
+
+# --------------------------------------------------------------------------- compilation
+
+def compile_tuned(mod: tvm.IRModule, target, database: ms.database.Database) -> tvm.runtime.Executable:
+    """Compile ``mod`` with the best schedules of ``database`` (untuned functions: default schedules)."""
+    target = make_target(target)
+    with target:
+        return ms.relax_integration.compile_relax(database, mod, target, params=None)
+
+
+def compile_untuned(mod: tvm.IRModule, target) -> tvm.runtime.Executable:
+    return tvm.compile(mod, target=make_target(target))
+
+
+@dataclass
+class BestModule:
+    """Result of :func:`compile_best`: the kept executable and why."""
+
+    executable: tvm.runtime.Executable
+    kept: str  # "tuned" or "untuned"
+    tuned_ms: float | None
+    untuned_ms: float | None
+
+    def as_dict(self) -> dict:
+        return {"kept": self.kept, "tuned_ms": self.tuned_ms, "untuned_ms": self.untuned_ms}
+
+
+def _zero_inputs(mod: tvm.IRModule, device) -> list:
+    arrays = []
+    for param in mod["main"].params:
+        ty = param.ty
+        shape = [int(d) for d in ty.shape]
+        arrays.append(tvm.runtime.tensor(np.zeros(shape, dtype=str(ty.dtype)), device))
+    return arrays
+
+
+def _time_local(executable, mod, number: int, repeat: int) -> float:
+    device = tvm.cpu()
+    vm = relax.VirtualMachine(executable, device)
+    vm.set_input("main", *_zero_inputs(mod, device))
+    vm.invoke_stateful("main")  # warm-up
+    result = vm.time_evaluator("invoke_stateful", device, number=number, repeat=repeat)("main")
+    return float(np.median(result.results)) * 1e3
+
+
+def _time_remote(executable, mod, target, config: TuneConfig, number: int, repeat: int) -> float:
+    host, port = parse_tracker(config.rpc_tracker)
+    check_tracker(config.rpc_tracker, config.rpc_key)
+    remote = tvm.rpc.connect_tracker(host, port).request(config.rpc_key,
+                                                         session_timeout=config.session_timeout_sec)
+    with tempfile.TemporaryDirectory(prefix="pfp_tune_") as tmp:
+        path = os.path.join(tmp, "module.so")
+        kwargs = {}
+        if _target_arch(target) != platform.machine():
+            kwargs["cc"] = config.cross_compiler or shutil.which(ARM_CROSS_COMPILER) or ARM_CROSS_COMPILER
+        executable.export_library(path, **kwargs)
+        remote.upload(path)
+    rexec = remote.load_module("module.so")
+    device = remote.cpu()
+    vm = relax.VirtualMachine(rexec, device)
+    vm.set_input("main", *_zero_inputs(mod, device))
+    vm.invoke_stateful("main")
+    result = vm.time_evaluator("invoke_stateful", device, number=number, repeat=repeat)("main")
+    return float(np.median(result.results)) * 1e3
+
+
+def compile_best(mod: tvm.IRModule, database: ms.database.Database, target=None, *,
+                 config: TuneConfig | None = None, number: int = 20, repeat: int = 5) -> BestModule:
+    """Compile ``mod`` tuned and untuned, time both (zero inputs) and keep the faster.
+
+    Timing runs on this machine when the target is the host, else on the RPC server of
+    ``config`` (required then). Tuning a tiny model can lose to the untuned build (thread-pool
+    overhead), which is why the untuned build is the fallback.
+    """
+    config = config or TuneConfig()
+    target = make_target(config.target if target is None else target)
+    tuned = compile_tuned(mod, target, database)
+    untuned = compile_untuned(mod, target)
+    if _target_arch(target) == platform.machine() and not config.uses_rpc:
+        tuned_ms = _time_local(tuned, mod, number, repeat)
+        untuned_ms = _time_local(untuned, mod, number, repeat)
+    elif config.uses_rpc:
+        tuned_ms = _time_remote(tuned, mod, target, config, number, repeat)
+        untuned_ms = _time_remote(untuned, mod, target, config, number, repeat)
+    else:
+        raise ValueError(f"cannot time a {_target_arch(target)} module on this {platform.machine()} machine: "
+                         "set rpc_tracker and rpc_key in the config")
+    kept = "tuned" if tuned_ms <= untuned_ms else "untuned"
+    logger.info("tuned %.4f ms vs untuned %.4f ms: keeping the %s module", tuned_ms, untuned_ms, kept)
+    return BestModule(tuned if kept == "tuned" else untuned, kept, tuned_ms, untuned_ms)

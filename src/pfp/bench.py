@@ -1,0 +1,109 @@
+"""Latency of every way to get a BNN prediction, measured side by side in one process.
+
+Figures are milliseconds per batch; ratios between them are the point (the machine is shared
+and noisy, so no absolute number is asserted anywhere). Compiled code is timed with TVM's
+``time_evaluator``; Python-level baselines with a warm-up and the median of repeats.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import pyro
+import torch
+import torch.nn.functional as F
+from pyro.infer import Predictive
+from pyro.infer.autoguide import AutoNormal
+
+from pfp.bnn import Posterior, make_model, site_names
+from pfp.convert import PFPModel
+from pfp.spec import Conv2d, Dense, Flatten, MaxPool2d, ModelSpec, ReLU
+
+
+def time_call(fn: Callable[[], object], *, warmup: int = 2, repeat: int = 10) -> float:
+    """Median wall-clock milliseconds of ``fn()`` after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(samples)
+
+
+def guide_from_posterior(posterior: Posterior, model: Callable, x: torch.Tensor) -> AutoNormal:
+    """An AutoNormal guide holding the trained posterior, as a user would have after training."""
+    pyro.clear_param_store()
+    guide = AutoNormal(model)
+    guide(x, torch.zeros(x.shape[0], dtype=torch.long))  # create the parameters (labels only fix the obs site), then load the trained values
+    with torch.no_grad():
+        for site in posterior.loc:
+            loc, scale = guide._get_loc_and_scale(site)
+            loc.copy_(posterior.loc[site])
+            getattr(guide.scales, f"{site}_unconstrained").copy_(torch.log(torch.expm1(posterior.scale[site].double())).float())
+    return guide
+
+
+def ensemble_forward(spec: ModelSpec, weights: dict[str, tuple[torch.Tensor, torch.Tensor]], x: torch.Tensor) -> torch.Tensor:
+    """S weight draws in one batched pass: weights have a leading sample dim; returns (S, B, C)."""
+    samples = next(iter(weights.values()))[0].shape[0]
+    batch = x.shape[0]
+    h = x.unsqueeze(0).expand(samples, *x.shape)  # (S, B, ...)
+    for layer in spec.layers:
+        if isinstance(layer, Flatten):
+            h = h.flatten(2)
+        elif isinstance(layer, Dense):
+            weight, bias = weights[layer.name]
+            h = torch.baddbmm(bias.unsqueeze(1), h.flatten(2), weight.transpose(1, 2))
+        elif isinstance(layer, Conv2d):
+            weight, bias = weights[layer.name]
+            # grouped convolution: sample s sees only its own weights
+            grouped = h.transpose(0, 1).reshape(batch, samples * h.shape[2], *h.shape[3:])
+            out = F.conv2d(grouped, weight.flatten(0, 1), bias.flatten(), stride=layer.stride, padding=layer.padding, groups=samples)
+            h = out.reshape(batch, samples, layer.out_channels, *out.shape[2:]).transpose(0, 1)
+        elif isinstance(layer, ReLU):
+            h = torch.relu(h)
+        elif isinstance(layer, MaxPool2d):
+            h = F.max_pool2d(h.flatten(0, 1), 2).unflatten(0, (samples, batch))
+    return h
+
+
+def sample_stacked_weights(posterior: Posterior, samples: int, generator: torch.Generator | None = None) -> dict:
+    weights = {}
+    for layer in posterior.spec.parametric_layers():
+        pair = []
+        for site in site_names(layer.name):
+            loc, scale = posterior.loc[site], posterior.scale[site]
+            pair.append(loc + scale * torch.randn((samples, *loc.shape), generator=generator))
+        weights[layer.name] = tuple(pair)
+    return weights
+
+
+def benchmark_model(posterior: Posterior, pfp_model: PFPModel, batch_size: int, *, svi_samples: int = 30,
+                    repeat: int = 10, tvm_number: int = 20, tvm_repeat: int = 5) -> dict[str, float]:
+    """Latency (ms per batch) of each predictor that exists for this model at ``batch_size``."""
+    from pfp.backends.torch_ref import pfp_forward
+    from pfp.backends.tvm.build import compile_deterministic, compile_pfp
+
+    spec = posterior.spec
+    x = torch.randn(batch_size, *spec.input_shape)
+    results: dict[str, float] = {}
+    torch_model = make_model(spec, prior_scale=1.0)
+    guide = guide_from_posterior(posterior, torch_model, x)
+    predictive = Predictive(torch_model, guide=guide, num_samples=svi_samples, return_sites=("_RETURN",))
+    with torch.no_grad():
+        results["svi_pyro_ms"] = time_call(lambda: predictive(x), repeat=repeat)
+        results["svi_torch_ms"] = time_call(
+            lambda: torch.softmax(ensemble_forward(spec, sample_stacked_weights(posterior, svi_samples), x), -1).mean(0), repeat=repeat)
+        results["pfp_torch_ms"] = time_call(lambda: pfp_forward(spec, pfp_model.params, x), repeat=repeat)
+    for name, joint in (("pfp_tvm_untuned_ms", True), ("pfp_tvm_separate_untuned_ms", False)):
+        compiled = compile_pfp(spec, pfp_model.params, batch_size=batch_size, joint=joint)
+        results[name] = compiled.benchmark(number=tvm_number, repeat=tvm_repeat)["median_ms"]
+    twin = compile_deterministic(spec, posterior.mean_weights(), batch_size=batch_size)
+    results["det_tvm_untuned_ms"] = twin.benchmark(number=tvm_number, repeat=tvm_repeat)["median_ms"]
+    results["svi_pyro_over_pfp_tvm_untuned"] = results["svi_pyro_ms"] / results["pfp_tvm_untuned_ms"]
+    results["pfp_over_det_tvm_untuned"] = results["pfp_tvm_untuned_ms"] / results["det_tvm_untuned_ms"]
+    return results

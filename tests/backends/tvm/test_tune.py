@@ -1,0 +1,290 @@
+"""Meta Scheduler tuning of a tiny PFP network: local runner, resume, RPC runner and RPC inference.
+
+Real components throughout (Meta Scheduler, builder workers, RPC tracker and server
+subprocesses started through infra/rpc/*.sh). The first tuning in the process pays the
+one-time ``tvm.s_tir.tensor_intrin`` import (~60 s on 2 cores); budgets are a few trials.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("tvm")
+
+import tvm  # noqa: E402
+from tvm import relax  # noqa: E402
+
+from pfp.backends import torch_ref as ref  # noqa: E402
+from pfp.backends.tvm import build as tb  # noqa: E402
+from pfp.backends.tvm import tune  # noqa: E402
+from pfp.spec import Dense, Flatten, ModelSpec, ReLU  # noqa: E402
+
+from .helpers import assert_close, random_params  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[3]
+RPC_DIR = REPO / "infra" / "rpc"
+TRIALS = 4
+SPEC = ModelSpec("tiny", (1, 4, 4), (Flatten(), Dense("fc1", 16, 8), ReLU(), Dense("fc2", 8, 3)))
+TARGET = {"kind": "llvm", "num-cores": 1}
+
+
+def fast_config(work_dir, **overrides) -> tune.TuneConfig:
+    """A few trials, a small evolutionary population and short measurements: seconds per task."""
+    settings = dict(trials_per_task=TRIALS, max_trials_global=3 * TRIALS, num_trials_per_iter=TRIALS,
+                    target=TARGET, work_dir=str(work_dir), builder_workers=1, number=2, repeat=1,
+                    min_repeat_ms=1, population_size=32, genetic_num_iters=1, init_min_unmeasured=8,
+                    seed=0, session_timeout_sec=60)
+    settings.update(overrides)
+    return tune.TuneConfig(**settings)
+
+
+def run_local(executable, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    vm = relax.VirtualMachine(executable, tvm.cpu())
+    mean, var = vm["main"](tvm.runtime.tensor(x))
+    return mean.numpy(), var.numpy()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def case():
+    params = random_params(SPEC, seed=0)
+    x = torch.randn(1, *SPEC.input_shape, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref_mean, ref_var = ref.pfp_forward(SPEC, params, x)
+    mod = tb.build_pfp_module(SPEC, params, batch_size=1)
+    return mod, x.numpy(), ref_mean, ref_var
+
+
+@pytest.fixture(scope="module")
+def local_tuning(case, tmp_path_factory):
+    mod = case[0]
+    config = fast_config(tmp_path_factory.mktemp("tune_local"))
+    report = tune.TuneReport()
+    database = tune.tune_module(mod, config=config, report=report)
+    return config, database, report
+
+
+# --------------------------------------------------------------------------- local runner
+
+def test_local_tuning_writes_database(local_tuning):
+    config, database, report = local_tuning
+    work_dir = Path(config.work_dir)
+    assert (work_dir / "database_workload.json").stat().st_size > 0
+    assert (work_dir / "database_tuning_record.json").stat().st_size > 0
+    assert sorted(report.tuned) == ["fc1_dense_joint_first", "fc2_dense_joint"]
+    # the Gaussian ReLU uses tirx.Let, which the task scheduler's FLOP estimate rejects
+    assert report.untunable == ["relu_gaussian2"]
+    assert report.new_records == tune.count_records(database) > 0
+    assert len(database.get_all_tuning_records()) == report.records_after
+    successful = [r for r in database.get_all_tuning_records() if r.run_secs is not None and len(r.run_secs)]
+    assert successful, "no candidate was measured successfully"
+
+
+def test_tuned_module_matches_untuned_and_reference(case, local_tuning):
+    mod, x, ref_mean, ref_var = case
+    config, database, _ = local_tuning
+    tuned_mean, tuned_var = run_local(tune.compile_tuned(mod, TARGET, database), x)
+    untuned_mean, untuned_var = run_local(tune.compile_untuned(mod, TARGET), x)
+    np.testing.assert_allclose(tuned_mean, untuned_mean, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(tuned_var, untuned_var, rtol=1e-4, atol=1e-8)
+    assert_close(tuned_mean, ref_mean, what="tuned mean")
+    assert_close(tuned_var, ref_var, what="tuned var")
+
+
+def test_compile_best_keeps_the_faster_module(case, local_tuning):
+    mod, x, ref_mean, ref_var = case
+    config, database, _ = local_tuning
+    best = tune.compile_best(mod, database, config=config, number=5, repeat=3)
+    assert best.kept in ("tuned", "untuned")
+    assert best.tuned_ms > 0 and best.untuned_ms > 0
+    assert (best.kept == "tuned") == (best.tuned_ms <= best.untuned_ms)
+    mean, var = run_local(best.executable, x)
+    assert_close(mean, ref_mean, what="best mean")
+    assert_close(var, ref_var, what="best var")
+
+
+def test_second_call_reuses_the_database(case, local_tuning):
+    mod = case[0]
+    config, database, first = local_tuning
+    before = tune.count_records(database)
+    report = tune.TuneReport()
+    again = tune.tune_module(mod, config=config, report=report)
+    assert report.tuned == [] and sorted(report.skipped) == sorted(first.tuned)
+    assert report.new_records == 0
+    assert tune.count_records(again) == before  # reloaded from the JSON files, nothing dropped
+
+
+def test_resume_from_records_without_state_file(case, local_tuning, tmp_path):
+    """An interrupted run leaves records but no state entry: tasks with enough records are skipped."""
+    mod = case[0]
+    config, database, first = local_tuning
+    copy = tmp_path / "copy"
+    shutil.copytree(config.work_dir, copy)
+    (copy / tune.STATE_FILE).unlink()
+    from tvm.s_tir import meta_schedule as ms
+
+    tasks = ms.relax_integration.extract_tasks(mod, tb.make_target(TARGET))
+    records = {t.task_name: tune.count_records(database, t.dispatched[0]) for t in tasks if t.task_name in first.tuned}
+    assert sum(records.values()) == tune.count_records(database)
+    report = tune.TuneReport()
+    tune.tune_module(mod, config=fast_config(copy), report=report)
+    assert report.records_before == tune.count_records(database)
+    assert report.records_after >= report.records_before  # records are never dropped
+    # tasks with trials_per_task records are finished and not measured again
+    assert sorted(report.skipped) == sorted(name for name, count in records.items() if count >= TRIALS)
+    if not report.tuned:
+        assert report.new_records == 0
+
+
+# --------------------------------------------------------------------------- RPC
+
+def _start(script: str, env: dict, log: Path) -> subprocess.Popen:
+    return subprocess.Popen(["nice", "-n", "19", "bash", str(RPC_DIR / script)], env=env,
+                            stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _stop(process: subprocess.Popen) -> None:
+    """Terminate the process group started for ``process`` (the RPC server's session workers too)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(process.pid, sig)  # start_new_session: the group id is the pid
+        except ProcessLookupError:
+            break
+        try:
+            process.wait(timeout=10)
+            time.sleep(0.5)  # let the group's other members handle SIGTERM
+        except subprocess.TimeoutExpired:
+            continue
+    try:
+        os.killpg(process.pid, signal.SIGKILL)  # stragglers (orphaned session workers)
+    except ProcessLookupError:
+        pass
+    process.wait()
+
+
+@pytest.fixture(scope="module")
+def rpc_tracker(tmp_path_factory):
+    """A real tracker and server (infra/rpc scripts) on 127.0.0.1; yields (address, key)."""
+    logs = tmp_path_factory.mktemp("rpc_logs")
+    port, server_port = free_port(), free_port()
+    key = "pfp-test-cpu"
+    env = dict(os.environ, PYTHON=sys.executable, TRACKER_HOST="127.0.0.1", TRACKER_PORT=str(port),
+               TRACKER_PORT_END=str(port + 1), TRACKER=f"127.0.0.1:{port}", RPC_KEY=key,
+               SERVER_HOST="127.0.0.1", SERVER_PORT=str(server_port), SERVER_PORT_END=str(server_port + 1),
+               TVM_NUM_THREADS="1")
+    processes = [_start("start-tracker.sh", env, logs / "tracker.log")]
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or processes[0].poll() is not None:
+                    pytest.fail(f"tracker did not start: {(logs / 'tracker.log').read_text()}")
+                time.sleep(0.3)
+        processes.append(_start("start-server.sh", env, logs / "server.log"))
+        deadline = time.monotonic() + 60
+        while key not in tvm.rpc.connect_tracker("127.0.0.1", port).text_summary():
+            if time.monotonic() > deadline or processes[1].poll() is not None:
+                pytest.fail(f"server did not register: {(logs / 'server.log').read_text()}")
+            time.sleep(0.5)
+        yield f"127.0.0.1:{port}", key
+    finally:
+        for process in reversed(processes):
+            _stop(process)
+
+
+def test_rpc_tuning_and_inference(case, local_tuning, rpc_tracker, tmp_path):
+    mod, x, ref_mean, ref_var = case
+    address, key = rpc_tracker
+    config = fast_config(tmp_path / "tune_rpc", rpc_tracker=address, rpc_key=key, trials_per_task=2,
+                         num_trials_per_iter=2, max_trials_global=4)
+    report = tune.TuneReport()
+    database = tune.tune_module(mod, config=config, report=report)
+    assert sorted(report.tuned) == ["fc1_dense_joint_first", "fc2_dense_joint"]
+    measured = [r for r in database.get_all_tuning_records() if r.run_secs is not None and len(r.run_secs)
+                and all(float(s) < 1e9 for s in r.run_secs)]
+    assert measured, "no candidate ran successfully on the RPC server"
+
+    executable = tune.compile_tuned(mod, TARGET, database)
+    local_mean, local_var = run_local(executable, x)
+    path = tmp_path / "tuned.so"
+    executable.export_library(str(path))
+    host, port = tune.parse_tracker(address)
+    remote = tvm.rpc.connect_tracker(host, port).request(key, session_timeout=60)
+    remote.upload(str(path))
+    rexec = remote.load_module("tuned.so")
+    device = remote.cpu()
+    vm = relax.VirtualMachine(rexec, device)
+    vm.set_input("main", tvm.runtime.tensor(x, device))
+    vm.invoke_stateful("main")
+    mean, var = (out.numpy() for out in vm.get_outputs("main"))
+    np.testing.assert_allclose(mean, local_mean, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(var, local_var, rtol=1e-4, atol=1e-8)
+    assert_close(mean, ref_mean, what="remote mean")
+
+
+def test_unknown_key_is_a_clear_error(case, rpc_tracker, tmp_path):
+    address, _ = rpc_tracker
+    config = fast_config(tmp_path, rpc_tracker=address, rpc_key="no-such-board")
+    with pytest.raises(tune.TrackerError, match=rf"{address}.*no server registered under key 'no-such-board'"):
+        tune.tune_module(case[0], config=config)
+
+
+def test_unreachable_tracker_is_a_clear_error(case, tmp_path):
+    address = f"127.0.0.1:{free_port()}"  # nothing listens there
+    config = fast_config(tmp_path, rpc_tracker=address, rpc_key="rasp4b")
+    start = time.monotonic()
+    with pytest.raises(tune.TrackerError, match=rf"RPC tracker {address} \(key 'rasp4b'\) is unreachable"):
+        tune.tune_module(case[0], config=config)
+    assert time.monotonic() - start < 30
+
+
+# --------------------------------------------------------------------------- config / ARM
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="set both rpc_tracker"):
+        tune.TuneConfig(rpc_tracker="127.0.0.1:9190")
+    with pytest.raises(ValueError, match="host:port"):
+        tune.TuneConfig(rpc_tracker="localhost", rpc_key="x")
+    with pytest.raises(ValueError, match="trials_per_task"):
+        tune.TuneConfig(trials_per_task=0)
+    assert tune.parse_tracker("10.0.0.2:9190") == ("10.0.0.2", 9190)
+
+
+def test_arm_target_needs_rpc(tmp_path):
+    target = tb.make_target("rasp4b")
+    if shutil.which(tb.ARM_CROSS_COMPILER) is None:
+        with pytest.raises(RuntimeError, match="aarch64-linux-gnu-gcc"):
+            tune.make_builder(target, fast_config(tmp_path))
+    else:
+        with pytest.raises(ValueError, match="rpc_tracker"):
+            tune.make_builder(target, fast_config(tmp_path))
+
+
+@pytest.mark.skipif(shutil.which(tb.ARM_CROSS_COMPILER) is None, reason="needs aarch64-linux-gnu-gcc")
+def test_arm_export_hook_cross_links():
+    a = tvm.te.placeholder((8,), name="a")
+    b = tvm.te.compute((8,), lambda i: a[i] * 2.0, name="b")
+    mod = tvm.IRModule({"main": tvm.te.create_prim_func([a, b])})
+    rt_mod = tune.lean_build(mod, tb.make_target("rasp4b"))
+    path = tune.export_aarch64_so(rt_mod, cc=shutil.which(tb.ARM_CROSS_COMPILER))
+    header = Path(path).read_bytes()[:20]
+    assert header[:4] == b"\x7fELF" and int.from_bytes(header[18:20], "little") == 183  # EM_AARCH64

@@ -1,0 +1,63 @@
+"""Benchmark helpers: the vectorized SVI-30 baseline and the Pyro guide rebuilt from a posterior
+must compute the same thing as the per-sample reference, or the timings compare different work."""
+
+from __future__ import annotations
+
+import pyro
+import pytest
+import torch
+
+from pfp.backends.torch_ref import deterministic_forward
+from pfp.bench import benchmark_model, ensemble_forward, guide_from_posterior, sample_stacked_weights, time_call
+from pfp.bnn import Posterior, make_model, site_names
+from pfp.convert import convert_posterior
+from pfp.spec import build_spec
+
+
+def random_posterior(model: str, seed: int = 0) -> Posterior:
+    spec = build_spec(model)
+    g = torch.Generator().manual_seed(seed)
+    loc, scale = {}, {}
+    for layer in spec.parametric_layers():
+        for site, shape in zip(site_names(layer.name), (layer.weight_shape, layer.bias_shape)):
+            loc[site] = 0.1 * torch.randn(shape, generator=g)
+            scale[site] = 0.01 + 0.02 * torch.rand(shape, generator=g)
+    return Posterior(spec=spec, loc=loc, scale=scale)
+
+
+@pytest.mark.parametrize("model", ["mlp", "lenet"])
+def test_ensemble_forward_matches_per_sample_networks(model):
+    posterior = random_posterior(model)
+    weights = sample_stacked_weights(posterior, 4, torch.Generator().manual_seed(1))
+    x = torch.randn(3, 1, 28, 28)
+    batched = ensemble_forward(posterior.spec, weights, x)
+    assert batched.shape == (4, 3, 10)
+    for s in range(4):
+        single = deterministic_forward(posterior.spec, {k: (w[s], b[s]) for k, (w, b) in weights.items()}, x)
+        torch.testing.assert_close(batched[s], single, rtol=1e-5, atol=1e-5)
+
+
+def test_guide_from_posterior_holds_the_trained_values():
+    posterior = random_posterior("mlp")
+    model = make_model(posterior.spec, prior_scale=1.0)
+    guide = guide_from_posterior(posterior, model, torch.randn(2, 1, 28, 28))
+    for site in posterior.loc:
+        loc, scale = guide._get_loc_and_scale(site)
+        torch.testing.assert_close(loc.detach(), posterior.loc[site])
+        torch.testing.assert_close(scale.detach(), posterior.scale[site], rtol=1e-4, atol=1e-7)
+    pyro.clear_param_store()
+
+
+def test_time_call_counts_repeats():
+    calls = []
+    assert time_call(lambda: calls.append(1), warmup=2, repeat=5) >= 0
+    assert len(calls) == 7
+
+
+def test_benchmark_model_reports_every_predictor():
+    posterior = random_posterior("mlp")
+    results = benchmark_model(posterior, convert_posterior(posterior), batch_size=2, svi_samples=3, repeat=1, tvm_number=1, tvm_repeat=1)
+    expected = {"svi_pyro_ms", "svi_torch_ms", "pfp_torch_ms", "pfp_tvm_untuned_ms", "pfp_tvm_separate_untuned_ms", "det_tvm_untuned_ms"}
+    assert expected <= set(results)
+    assert all(results[key] > 0 for key in expected)
+    assert results["svi_pyro_over_pfp_tvm_untuned"] == pytest.approx(results["svi_pyro_ms"] / results["pfp_tvm_untuned_ms"])
