@@ -150,11 +150,10 @@ def lean_build(mod: tvm.IRModule, target: tvm.target.Target, _params=None) -> tv
     Valid for schedules that use no tensor intrinsics (no tensorize), i.e. the llvm CPU
     targets PFP tunes for.
     """
-    from tvm.driver import build as tvm_build
     from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
 
     mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod)
-    return tvm_build(mod, target=target)
+    return tvm.tirx.build(mod, target=target)  # what the deprecated tvm.driver.build calls
 
 
 def export_aarch64_so(mod: tvm.runtime.Module, cc: str = ARM_CROSS_COMPILER) -> str:
