@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: setup system-deps run run-full test test-slow lint
+.PHONY: setup system-deps run run-full repro test test-slow lint
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ run: setup
 # The recorded full run: params.yaml on ../shared/data, in this repo's DVC workspace.
 run-full: setup
 	$(BIN)/python -m flows.pipeline
+
+# DVC alone on params.yaml (stage commands say `python`: the venv's must come first on PATH).
+repro: setup
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 
 test: setup
 	$(BIN)/ruff check src tasks flows tests
