@@ -19,10 +19,10 @@ def main(params, argv):
         calibration = CalibrationResult(**json.loads(calibration_path(model).read_text()))
         results = evaluate_model(Posterior.load(posterior_path(model)), PFPModel.load(pfp_params_path(model)),
                                  calibration, load_prepared(PREPARED_DIR), params.evaluate, seed=params.seed, plot_dir=plot_dir)
-        results["pfp"]["backend"] = "torch"
+        results["pfp"]["backend"] = params.evaluate.pfp_backend.value
         atomic_write_json(METRICS_DIR / "evaluate" / f"{model}.json", results)
         run.log_metrics(results)
-        run.set_tags({"pfp.backend": "torch"})
+        run.set_tags({"pfp.backend": params.evaluate.pfp_backend.value})
         run.log_artifact(plot_dir, artifact_path="plots")
 
 

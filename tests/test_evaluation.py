@@ -175,3 +175,26 @@ def test_moment_errors_shrink_with_more_samples(arrays):
 def test_evalset_arrays_are_all_used():
     assert {s.value for s in EvalSet} == {"mnist", "ambiguous", "fashion"}
     assert {m.value for m in Method} == {"svi", "pfp", "det"}
+
+
+@pytest.mark.parametrize("model", ["mlp", "lenet"])
+def test_compiled_tvm_backend_matches_torch_reference(model):
+    from pfp.config import PFPBackend
+    from pfp.evaluation import pfp_logit_moments
+
+    post = posterior(0.05)
+    if model == "lenet":
+        spec = build_spec("lenet")
+        g = torch.Generator().manual_seed(3)
+        loc = {s: 0.1 * torch.randn(shape, generator=g) for l in spec.parametric_layers()
+               for s, shape in zip(site_names(l.name), (l.weight_shape, l.bias_shape))}
+        post = Posterior(spec=spec, loc=loc, scale={s: 0.02 + 0.0 * v for s, v in loc.items()})
+    pfp_model = convert_posterior(post)
+    x = torch.randn(9, 1, 28, 28, generator=torch.Generator().manual_seed(4))
+    tvm_config = CONFIG.model_copy(update={"pfp_backend": PFPBackend.TVM})
+    torch_config = CONFIG.model_copy(update={"pfp_backend": PFPBackend.TORCH})
+    tvm_mean, tvm_var = pfp_logit_moments(pfp_model, x, variance_scale=0.7, config=tvm_config)
+    ref_mean, ref_var = pfp_logit_moments(pfp_model, x, variance_scale=0.7, config=torch_config)
+    assert tvm_mean.shape == (9, 10)
+    torch.testing.assert_close(tvm_var, ref_var, rtol=1e-4, atol=0)
+    torch.testing.assert_close(tvm_mean, ref_mean, rtol=1e-4, atol=1e-6 * float(ref_mean.abs().max()))

@@ -113,6 +113,11 @@ class CalibrateConfig(_Section):
         return scales
 
 
+class PFPBackend(str, Enum):
+    TORCH = "torch"  # the PyTorch reference
+    TVM = "tvm"  # the compiled TVM module (host CPU)
+
+
 class EvaluateConfig(_Section):
     svi_samples: int = Field(30, ge=2)
     logit_samples: int = Field(100, ge=2)  # Monte-Carlo draws over PFP's Gaussian logits (no network passes)
@@ -120,6 +125,7 @@ class EvaluateConfig(_Section):
     moment_images: int = Field(1000, ge=1)
     ece_bins: int = Field(15, ge=1)
     batch_size: int = Field(1000, ge=1)
+    pfp_backend: PFPBackend = PFPBackend.TVM
 
 
 class BenchmarkConfig(_Section):

@@ -20,7 +20,7 @@ import torch
 from pfp import metrics, plots
 from pfp.bnn import Posterior, predict_deterministic, predict_svi
 from pfp.calibrate import CalibrationResult
-from pfp.config import EvaluateConfig
+from pfp.config import EvaluateConfig, PFPBackend
 from pfp.convert import PFPModel, predict_pfp
 from pfp.data.dirty_mnist import normalise
 from pfp.predictive import gaussian_logit_softmax_samples, softmax_samples
@@ -56,13 +56,29 @@ def _from_sample_probs(sample_probs: np.ndarray, logit_variance: np.ndarray) -> 
     return Prediction(probs, metrics.mutual_information(sample_probs), metrics.softmax_entropy(probs), logit_variance)
 
 
+def pfp_logit_moments(pfp_model: PFPModel, x: torch.Tensor, *, variance_scale: float,
+                      config: EvaluateConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """PFP logit mean and variance from the configured backend (compiled TVM or the torch reference)."""
+    if config.pfp_backend is PFPBackend.TORCH:
+        return predict_pfp(pfp_model, x, variance_scale=variance_scale, batch_size=config.batch_size)
+    batch_size = min(config.batch_size, x.shape[0])
+    cache = pfp_model.__dict__.setdefault("_compiled", {})  # one compilation per model, scale and batch size
+    key = (variance_scale, batch_size)
+    if key not in cache:
+        from pfp.backends.tvm.build import compile_pfp  # imports TVM: only when asked for
+
+        cache[key] = compile_pfp(pfp_model.spec, pfp_model.params, batch_size=batch_size, variance_scale=variance_scale)
+    mean, var = cache[key].predict(x.numpy())
+    return torch.from_numpy(mean), torch.from_numpy(var)
+
+
 def predict(method: Method, posterior: Posterior, pfp_model: PFPModel, calibration: CalibrationResult,
             x: torch.Tensor, config: EvaluateConfig, *, seed: int) -> Prediction:
     if method is Method.SVI:
         logits = predict_svi(posterior, x, num_samples=config.svi_samples, seed=seed, batch_size=config.batch_size)
         return _from_sample_probs(softmax_samples(logits), logits.var(0).mean(-1).numpy())
     if method is Method.PFP:
-        logit_mean, logit_var = predict_pfp(pfp_model, x, variance_scale=calibration.variance_scale, batch_size=config.batch_size)
+        logit_mean, logit_var = pfp_logit_moments(pfp_model, x, variance_scale=calibration.variance_scale, config=config)
         sample_probs = gaussian_logit_softmax_samples(logit_mean, logit_var, num_samples=config.logit_samples,
                                                       temperature=calibration.temperature, seed=seed)
         return _from_sample_probs(sample_probs, logit_var.mean(-1).numpy())
