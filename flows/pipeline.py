@@ -32,6 +32,7 @@ from prefect import flow, get_run_logger, task  # noqa: E402
 from pfp import tracking  # noqa: E402
 from pfp.config import load_params  # noqa: E402
 from pfp.io import atomic_write_json  # noqa: E402
+from tasks.report import headline_metrics  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # What a separate DVC workspace needs from the repo: the stage code and the stage graph.
@@ -111,13 +112,10 @@ def pfp_pipeline(workdir: str = str(REPO_ROOT), params: str | None = None) -> di
     os.chdir(workspace)  # the default MLflow store lives in the workspace
     try:
         with tracking.pipeline_run("pipeline", tags={"pfp.workspace": str(workspace)}) as run:
-            env_parent = os.environ[tracking.PARENT_RUN_ENV]
             for stage in stage_order(models):
-                os.environ[tracking.PARENT_RUN_ENV] = env_parent
                 outcomes[stage] = run_dvc_stage(stage, str(workspace))
             metrics = json.loads((workspace / "metrics" / "evaluate.json").read_text())
-            run.log_metrics({model: {method: {k: v for k, v in values.items() if k != "sets"} for method, values in methods.items()}
-                             for model, methods in metrics.items()})
+            run.log_metrics(headline_metrics(metrics))
             run.set_tags({f"stage.{stage}": outcome for stage, outcome in outcomes.items()})
     finally:
         os.chdir(previous_cwd)

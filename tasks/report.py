@@ -8,6 +8,12 @@ from pfp.io import atomic_write_json
 from pfp.stage import METRICS_DIR, run_stage
 
 
+def headline_metrics(merged: dict) -> dict:
+    """model -> method -> metrics, without the per-set breakdown (what MLflow runs show)."""
+    return {model: {method: {k: v for k, v in values.items() if k != "sets"} for method, values in methods.items()}
+            for model, methods in merged.items()}
+
+
 def main(params, argv):
     merged = {}
     for model in (m.value for m in params.models):
@@ -17,8 +23,7 @@ def main(params, argv):
         merged[model] = json.loads(path.read_text())
     atomic_write_json(METRICS_DIR / "evaluate.json", merged)
     with tracking.stage_run("report") as run:
-        run.log_metrics({model: {method: {k: v for k, v in values.items() if k != "sets"} for method, values in methods.items()}
-                         for model, methods in merged.items()})
+        run.log_metrics(headline_metrics(merged))
         run.log_artifact(METRICS_DIR / "evaluate.json")
 
 
