@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: setup system-deps run run-full repro test test-slow lint
+.PHONY: setup system-deps emulated-pi run run-full repro test test-slow lint
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,11 +21,20 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 
 setup: $(VENV)/.installed
 
-# Debian packages: the aarch64 cross-linker for Raspberry Pi libraries (needs root or sudo).
+# Debian packages (needs root or sudo): the aarch64 cross-linker for Raspberry Pi libraries; for the
+# emulated Pi (infra/rpc/emulated-pi.sh) qemu-user-static and dpkg's arm64 architecture, whose package
+# lists let apt-get download Debian's arm64 python3.11.
 system-deps:
-	@command -v aarch64-linux-gnu-gcc >/dev/null || { \
+	@{ command -v aarch64-linux-gnu-gcc && command -v qemu-aarch64-static \
+	   && dpkg --print-foreign-architectures | grep -qx arm64 && apt-cache show python3.11:arm64; } >/dev/null 2>&1 || { \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq gcc-aarch64-linux-gnu; }
+	  $$SUDO dpkg --add-architecture arm64 && \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq gcc-aarch64-linux-gnu qemu-user-static; }
+
+# The emulated Raspberry Pi's runtime folder (cached in ~/.cache/pfp/emulated-pi) and its smoke check;
+# start it with infra/rpc/emulated-pi.sh start (see infra/rpc/README.md).
+emulated-pi: setup system-deps
+	HOST_PYTHON=$(BIN)/python infra/rpc/emulated-pi.sh check
 
 run: setup
 	$(BIN)/python -m flows.pipeline --workdir runs/embedded --params configs/embedded.yaml

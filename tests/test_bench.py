@@ -8,10 +8,12 @@ import pytest
 import torch
 
 from pfp.backends.torch_ref import deterministic_forward
-from pfp.bench import benchmark_model, ensemble_forward, guide_from_posterior, sample_stacked_weights, time_call
+from pfp.bench import TUNED_KEYS, benchmark_model, ensemble_forward, guide_from_posterior, time_call
 from pfp.bnn import Posterior, make_model, site_names
+from pfp.config import Variant
 from pfp.convert import convert_posterior
 from pfp.spec import build_spec
+from pfp.tuning import sample_stacked_weights
 
 
 def random_posterior(model: str, seed: int = 0) -> Posterior:
@@ -57,7 +59,22 @@ def test_time_call_counts_repeats():
 def test_benchmark_model_reports_every_predictor():
     posterior = random_posterior("mlp")
     results = benchmark_model(posterior, convert_posterior(posterior), batch_size=2, svi_samples=3, repeat=1, tvm_number=1, tvm_repeat=1)
-    expected = {"svi_pyro_ms", "svi_torch_ms", "pfp_torch_ms", "pfp_tvm_untuned_ms", "pfp_tvm_separate_untuned_ms", "det_tvm_untuned_ms"}
+    expected = {"svi_pyro_ms", "svi_torch_ms", "svi_tvm_ms", "pfp_torch_ms", "pfp_tvm_untuned_ms", "pfp_tvm_separate_untuned_ms",
+                "det_tvm_untuned_ms", "pfp_tvm_hand_ms", "pfp_tvm_ms", "pfp_tvm_separate_ms", "det_tvm_ms"}
     assert expected <= set(results)
     assert all(results[key] > 0 for key in expected)
-    assert results["svi_pyro_over_pfp_tvm_untuned"] == pytest.approx(results["svi_pyro_ms"] / results["pfp_tvm_untuned_ms"])
+    assert results["svi_pyro_over_pfp_tvm"] == pytest.approx(results["svi_pyro_ms"] / results["pfp_tvm_ms"])
+    assert results["pfp_over_det_tvm"] == pytest.approx(results["pfp_tvm_ms"] / results["det_tvm_ms"])
+    # no tuned libraries given: every compiled variant was built here with the hand schedules
+    assert results["schedules"] == {variant.value: "hand" for variant in TUNED_KEYS}
+
+
+def test_benchmark_model_times_the_libraries_it_is_given():
+    from pfp.backends.tvm.build import compile_deterministic
+
+    posterior = random_posterior("mlp")
+    library = compile_deterministic(posterior.spec, posterior.mean_weights(), batch_size=2)
+    results = benchmark_model(posterior, convert_posterior(posterior), batch_size=2, svi_samples=3, repeat=1, tvm_number=1,
+                              tvm_repeat=1, libraries={Variant.DET: library})
+    assert results["schedules"]["det"] == "tuned" and results["schedules"]["pfp"] == "hand"
+    assert results["det_tvm_ms"] > 0

@@ -152,3 +152,32 @@ def test_params_are_frozen():
     params = parse_params({"models": ["mlp"], "train": {"mlp": {}}})
     with pytest.raises(ValidationError, match="frozen"):
         params.seed = 5
+
+
+TRAIN = {"mlp": {}, "lenet": {}}
+
+
+def test_tune_defaults_measure_locally_on_the_host():
+    tune = parse_params({"train": TRAIN}).tune
+    assert tune.target.value == "host" and tune.rpc.tracker is None and not tune.rpc.emulated
+    assert [v.value for v in tune.variants] == ["pfp", "pfp_separate", "det", "svi"]
+
+
+@pytest.mark.parametrize("tune, message", [
+    ({"target": "rasp4b"}, "target rasp4b runs on a board: set rpc.tracker and rpc.key"),
+    ({"rpc": {"tracker": "127.0.0.1:9190"}}, "set both tracker and key"),
+    ({"rpc": {"tracker": "localhost", "key": "k"}}, "tune.rpc.tracker: Value error, must be 'host:port'"),
+    ({"rpc": {"emulated": True}}, "rpc.emulated needs rpc.tracker and rpc.key"),
+    ({"batch_sizes": [1, 0]}, "tune.batch_sizes"),
+    ({"variants": ["pfp", "mc_dropout"]}, "tune.variants.1"),
+    ({"trials_per_task": -1}, "tune.trials_per_task"),
+])
+def test_invalid_tune_section_names_the_problem(tune, message):
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("(", r"\(")):
+        parse_params({"train": TRAIN, "tune": tune})
+
+
+def test_emulated_board_is_a_valid_tuning_runner():
+    tune = parse_params({"train": TRAIN, "tune": {"target": "rasp4b", "rpc": {
+        "tracker": "127.0.0.1:9190", "key": "rasp4b-emulated", "emulated": True}}}).tune
+    assert tune.rpc.key == "rasp4b-emulated" and tune.rpc.emulated

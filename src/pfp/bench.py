@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import pyro
 import torch
@@ -17,9 +17,11 @@ import torch.nn.functional as F
 from pyro.infer import Predictive
 from pyro.infer.autoguide import AutoNormal
 
-from pfp.bnn import Posterior, make_model, site_names
+from pfp.bnn import Posterior, make_model
+from pfp.config import Variant
 from pfp.convert import PFPModel
 from pfp.spec import Conv2d, Dense, Flatten, MaxPool2d, ModelSpec, ReLU
+from pfp.tuning import sample_stacked_weights
 
 
 def time_call(fn: Callable[[], object], *, warmup: int = 2, repeat: int = 10) -> float:
@@ -71,26 +73,28 @@ def ensemble_forward(spec: ModelSpec, weights: dict[str, tuple[torch.Tensor, tor
     return h
 
 
-def sample_stacked_weights(posterior: Posterior, samples: int, generator: torch.Generator | None = None) -> dict:
-    weights = {}
-    for layer in posterior.spec.parametric_layers():
-        pair = []
-        for site in site_names(layer.name):
-            loc, scale = posterior.loc[site], posterior.scale[site]
-            pair.append(loc + scale * torch.randn((samples, *loc.shape), generator=generator))
-        weights[layer.name] = tuple(pair)
-    return weights
+#: latency.json keys of the compiled predictors, per variant
+TUNED_KEYS = {Variant.PFP: "pfp_tvm_ms", Variant.PFP_SEPARATE: "pfp_tvm_separate_ms", Variant.DET: "det_tvm_ms",
+              Variant.SVI: "svi_tvm_ms"}
 
 
 def benchmark_model(posterior: Posterior, pfp_model: PFPModel, batch_size: int, *, svi_samples: int = 30,
-                    repeat: int = 10, tvm_number: int = 20, tvm_repeat: int = 5) -> dict[str, float]:
-    """Latency (ms per batch) of each predictor that exists for this model at ``batch_size``."""
+                    repeat: int = 10, tvm_number: int = 20, tvm_repeat: int = 5, libraries: Mapping | None = None,
+                    variance_scale: float = 1.0, seed: int = 0) -> dict:
+    """Latency (ms per batch) of each predictor of this model at ``batch_size``, side by side.
+
+    ``libraries`` maps a :class:`~pfp.config.Variant` to its tuned compiled module (the tune
+    stage's libraries); a variant without one is compiled here with the hand schedules, and
+    ``schedules`` in the result says which. ``*_untuned_ms`` is TVM's default lowering.
+    """
     from pfp.backends.torch_ref import pfp_forward
-    from pfp.backends.tvm.build import compile_deterministic, compile_pfp
+    from pfp.backends.tvm.build import CompiledDeterministic, CompiledEnsemble, CompiledPFP, Schedule, compile_module
+    from pfp.tuning import build_variant_module
 
     spec = posterior.spec
+    libraries = dict(libraries or {})
     x = torch.randn(batch_size, *spec.input_shape)
-    results: dict[str, float] = {}
+    results: dict = {}
     torch_model = make_model(spec, prior_scale=1.0)
     guide = guide_from_posterior(posterior, torch_model, x)
     predictive = Predictive(torch_model, guide=guide, num_samples=svi_samples, return_sites=("_RETURN",))
@@ -99,11 +103,31 @@ def benchmark_model(posterior: Posterior, pfp_model: PFPModel, batch_size: int, 
         results["svi_torch_ms"] = time_call(
             lambda: torch.softmax(ensemble_forward(spec, sample_stacked_weights(posterior, svi_samples), x), -1).mean(0), repeat=repeat)
         results["pfp_torch_ms"] = time_call(lambda: pfp_forward(spec, pfp_model.params, x), repeat=repeat)
-    for name, joint in (("pfp_tvm_untuned_ms", True), ("pfp_tvm_separate_untuned_ms", False)):
-        compiled = compile_pfp(spec, pfp_model.params, batch_size=batch_size, joint=joint)
-        results[name] = compiled.benchmark(number=tvm_number, repeat=tvm_repeat)["median_ms"]
-    twin = compile_deterministic(spec, posterior.mean_weights(), batch_size=batch_size)
-    results["det_tvm_untuned_ms"] = twin.benchmark(number=tvm_number, repeat=tvm_repeat)["median_ms"]
-    results["svi_pyro_over_pfp_tvm_untuned"] = results["svi_pyro_ms"] / results["pfp_tvm_untuned_ms"]
-    results["pfp_over_det_tvm_untuned"] = results["pfp_tvm_untuned_ms"] / results["det_tvm_untuned_ms"]
+
+    classes = {Variant.PFP: CompiledPFP, Variant.PFP_SEPARATE: CompiledPFP, Variant.DET: CompiledDeterministic,
+               Variant.SVI: CompiledEnsemble}
+
+    def compiled(variant: Variant, schedule: Schedule):
+        mod = build_variant_module(variant, posterior, pfp_model, batch_size=batch_size, variance_scale=variance_scale,
+                                   svi_samples=svi_samples, seed=seed)
+        return classes[variant](compile_module(mod, "host", schedule), (batch_size, *spec.input_shape))
+
+    def timed(model) -> float:
+        return model.benchmark(number=tvm_number, repeat=tvm_repeat)["median_ms"]
+
+    for variant, name in ((Variant.PFP, "pfp_tvm_untuned_ms"), (Variant.PFP_SEPARATE, "pfp_tvm_separate_untuned_ms"),
+                          (Variant.DET, "det_tvm_untuned_ms")):
+        results[name] = timed(compiled(variant, Schedule.DEFAULT))
+    results["pfp_tvm_hand_ms"] = timed(compiled(Variant.PFP, Schedule.HAND))
+    schedules = {}
+    for variant, name in TUNED_KEYS.items():
+        library = libraries.get(variant)
+        schedules[variant.value] = "tuned" if library is not None else "hand"
+        results[name] = timed(library if library is not None else compiled(variant, Schedule.HAND))
+    results["svi_pyro_over_pfp_tvm"] = results["svi_pyro_ms"] / results["pfp_tvm_ms"]
+    results["svi_tvm_over_pfp_tvm"] = results["svi_tvm_ms"] / results["pfp_tvm_ms"]
+    results["pfp_over_det_tvm"] = results["pfp_tvm_ms"] / results["det_tvm_ms"]
+    results["separate_over_joint_tvm"] = results["pfp_tvm_separate_ms"] / results["pfp_tvm_ms"]
+    results["untuned_over_tuned_pfp_tvm"] = results["pfp_tvm_untuned_ms"] / results["pfp_tvm_ms"]
+    results["schedules"] = schedules
     return results

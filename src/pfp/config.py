@@ -143,6 +143,79 @@ class BenchmarkConfig(_Section):
         return sizes
 
 
+class CompileTarget(str, Enum):
+    """Where the compiled modules run (see pfp.backends.tvm.build.make_target)."""
+
+    HOST = "host"  # this machine's CPU
+    RASP4B = "rasp4b"  # Raspberry Pi 4 (Cortex-A72), cross-compiled
+    RASP5 = "rasp5"  # Raspberry Pi 5 (Cortex-A76), cross-compiled
+
+
+class Variant(str, Enum):
+    """The compiled predictors of one model."""
+
+    PFP = "pfp"  # probabilistic forward pass, joint mean/variance operators
+    PFP_SEPARATE = "pfp_separate"  # the same with separate mean and variance operators (ablation)
+    DET = "det"  # deterministic twin (mean weights): the cost floor
+    SVI = "svi"  # SVI with pre-drawn weight samples, all members in one batched pass
+
+
+class RPCConfig(_Section):
+    tracker: Optional[str] = None  # "host:port" of a TVM RPC tracker; None: measure locally
+    key: Optional[str] = None  # the device key the boards registered under (e.g. rasp4b, rasp4b-emulated)
+    emulated: bool = False  # the board is an emulator: its timings are recorded as emulated
+
+    @field_validator("tracker")
+    @classmethod
+    def _host_port(cls, tracker: Optional[str]) -> Optional[str]:
+        if tracker is not None:
+            host, sep, port = tracker.rpartition(":")
+            if not sep or not host or not port.isdigit():
+                raise ValueError("must be 'host:port'")
+        return tracker
+
+    @model_validator(mode="after")
+    def _both_or_neither(self) -> "RPCConfig":
+        if (self.tracker is None) != (self.key is None):
+            raise ValueError("set both tracker and key (RPC runner) or neither (local runner)")
+        return self
+
+
+class TuneParams(_Section):
+    target: CompileTarget = CompileTarget.HOST
+    batch_sizes: list[int] = Field(default_factory=lambda: [1, 10, 100])
+    variants: list[Variant] = Field(default_factory=lambda: list(Variant))
+    trials_per_task: int = Field(16, ge=0)  # Meta Scheduler trials per task; 0: hand schedules only (measured)
+    svi_samples: int = Field(30, ge=1)  # members of the compiled SVI ensemble
+    number: int = Field(3, ge=1)  # runs per measurement of a candidate
+    min_repeat_ms: int = Field(50, ge=0)  # each measurement lasts at least this long
+    population_size: int = Field(64, ge=4)  # evolutionary search population
+    rpc: RPCConfig = RPCConfig()
+
+    @field_validator("batch_sizes")
+    @classmethod
+    def _positive_batches(cls, sizes: list[int]) -> list[int]:
+        if not sizes or any(b < 1 for b in sizes):
+            raise ValueError("must be a non-empty list of positive batch sizes")
+        return sizes
+
+    @field_validator("variants")
+    @classmethod
+    def _some_variant(cls, variants: list[Variant]) -> list[Variant]:
+        if not variants:
+            raise ValueError("must name at least one variant")
+        return variants
+
+    @model_validator(mode="after")
+    def _board_needs_rpc(self) -> "TuneParams":
+        if self.target is not CompileTarget.HOST and self.rpc.tracker is None:
+            raise ValueError(f"target {self.target.value} runs on a board: set rpc.tracker and rpc.key "
+                             "(candidates cannot be measured on this machine)")
+        if self.rpc.emulated and self.rpc.tracker is None:
+            raise ValueError("rpc.emulated needs rpc.tracker and rpc.key")
+        return self
+
+
 class PipelineParams(_Section):
     seed: int = 0
     models: list[Architecture] = [Architecture.MLP, Architecture.LENET]
@@ -151,6 +224,7 @@ class PipelineParams(_Section):
     train: dict[Architecture, TrainConfig] = {}
     calibrate: CalibrateConfig = CalibrateConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    tune: TuneParams = TuneParams()
     benchmark: BenchmarkConfig = BenchmarkConfig()
 
     @model_validator(mode="after")

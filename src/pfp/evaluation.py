@@ -57,10 +57,17 @@ def _from_sample_probs(sample_probs: np.ndarray, logit_variance: np.ndarray) -> 
 
 
 def pfp_logit_moments(pfp_model: PFPModel, x: torch.Tensor, *, variance_scale: float,
-                      config: EvaluateConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """PFP logit mean and variance from the configured backend (compiled TVM or the torch reference)."""
+                      config: EvaluateConfig, library=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """PFP logit mean and variance from the configured backend (compiled TVM or the torch reference).
+
+    ``library`` is a compiled PFP module to use (e.g. the tune stage's library); without it
+    the module is compiled here with the hand schedules.
+    """
     if config.pfp_backend is PFPBackend.TORCH:
         return predict_pfp(pfp_model, x, variance_scale=variance_scale, batch_size=config.batch_size)
+    if library is not None:
+        mean, var = library.predict(x.numpy())
+        return torch.from_numpy(mean), torch.from_numpy(var)
     batch_size = min(config.batch_size, x.shape[0])
     cache = pfp_model.__dict__.setdefault("_compiled", {})  # one compilation per model, scale and batch size
     key = (variance_scale, batch_size)
@@ -73,12 +80,13 @@ def pfp_logit_moments(pfp_model: PFPModel, x: torch.Tensor, *, variance_scale: f
 
 
 def predict(method: Method, posterior: Posterior, pfp_model: PFPModel, calibration: CalibrationResult,
-            x: torch.Tensor, config: EvaluateConfig, *, seed: int) -> Prediction:
+            x: torch.Tensor, config: EvaluateConfig, *, seed: int, pfp_library=None) -> Prediction:
     if method is Method.SVI:
         logits = predict_svi(posterior, x, num_samples=config.svi_samples, seed=seed, batch_size=config.batch_size)
         return _from_sample_probs(softmax_samples(logits), logits.var(0).mean(-1).numpy())
     if method is Method.PFP:
-        logit_mean, logit_var = pfp_logit_moments(pfp_model, x, variance_scale=calibration.variance_scale, config=config)
+        logit_mean, logit_var = pfp_logit_moments(pfp_model, x, variance_scale=calibration.variance_scale, config=config,
+                                                  library=pfp_library)
         sample_probs = gaussian_logit_softmax_samples(logit_mean, logit_var, num_samples=config.logit_samples,
                                                       temperature=calibration.temperature, seed=seed)
         return _from_sample_probs(sample_probs, logit_var.mean(-1).numpy())
@@ -122,14 +130,18 @@ def moment_errors(posterior: Posterior, pfp_model: PFPModel, x: torch.Tensor, *,
 
 def evaluate_model(posterior: Posterior, pfp_model: PFPModel, calibration: CalibrationResult,
                    arrays: dict[str, np.ndarray], config: EvaluateConfig, *, seed: int,
-                   plot_dir: str | Path | None = None) -> dict[str, dict]:
-    """Metrics per method (see module docstring); writes plots to ``plot_dir`` when given."""
+                   plot_dir: str | Path | None = None, pfp_library=None) -> dict[str, dict]:
+    """Metrics per method (see module docstring); writes plots to ``plot_dir`` when given.
+
+    ``pfp_library``: the compiled PFP module the pfp metrics come from (TVM backend).
+    """
     inputs = {s: normalise(arrays[f"{SET_ARRAYS[s]}_x"]) for s in EvalSet}
     labels = {s: arrays[f"{SET_ARRAYS[s]}_y"] for s in EvalSet}
     results: dict[str, dict] = {}
     predictions: dict[Method, dict[EvalSet, Prediction]] = {}
     for method in Method:
-        predictions[method] = {s: predict(method, posterior, pfp_model, calibration, inputs[s], config, seed=seed) for s in EvalSet}
+        predictions[method] = {s: predict(method, posterior, pfp_model, calibration, inputs[s], config, seed=seed,
+                                          pfp_library=pfp_library) for s in EvalSet}
         per_set = {s.value: _set_metrics(predictions[method][s], labels[s], config.ece_bins) for s in EvalSet}
         ood = _auroc_scores(predictions[method][EvalSet.MNIST], predictions[method][EvalSet.FASHION])
         dirty = _concat(predictions[method][EvalSet.MNIST], predictions[method][EvalSet.AMBIGUOUS])

@@ -31,6 +31,11 @@ def calibration_path(model: str) -> Path:
     return MODELS_DIR / model / "calibration.json"
 
 
+def tvm_dir(model: str) -> Path:
+    """Compiled libraries and tuning databases of the tune stage."""
+    return MODELS_DIR / model / "tvm"
+
+
 def run_stage(main: Callable[[PipelineParams, list[str]], None], params_path: str = "params.yaml") -> None:
     """Load params, run ``main(params, argv)``; user errors print one clear line and exit 2."""
     try:

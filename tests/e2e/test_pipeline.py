@@ -17,7 +17,8 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
-STAGES = ["prepare"] + [f"{s}@{m}" for s in ("train", "convert", "calibrate", "evaluate") for m in ("mlp", "lenet")] + ["report", "benchmark"]
+STAGES = (["prepare"] + [f"{s}@{m}" for s in ("train", "convert", "calibrate", "tune", "evaluate") for m in ("mlp", "lenet")]
+          + ["report", "benchmark"])
 METRIC_KEYS = {"accuracy", "nll", "ece", "brier", "auroc_mi", "auroc_sme", "auroc_var", "mi_id", "mi_ood", "sme_id", "sme_ood"}
 
 TINY_PARAMS = {
@@ -30,6 +31,9 @@ TINY_PARAMS = {
     "train": {"mlp": {"epochs": 1, "max_steps": 5}, "lenet": {"epochs": 1, "max_steps": 5}},
     "calibrate": {"variance_scales": [0.5, 1.0], "logit_samples": 20},
     "evaluate": {"svi_samples": 4, "logit_samples": 20, "moment_samples": 10, "moment_images": 50},
+    # measured hand schedules only (the Meta Scheduler search is tested in tests/backends/tvm and tests/infra)
+    "tune": {"batch_sizes": [1, 2], "variants": ["pfp", "det", "svi"], "trials_per_task": 0, "svi_samples": 3,
+             "number": 1, "min_repeat_ms": 1},
     "benchmark": {"batch_sizes": [1, 2], "svi_samples": 3, "repeat": 1, "tvm_number": 1, "tvm_repeat": 1},
 }
 
@@ -101,7 +105,24 @@ def test_pipeline_end_to_end(tmp_path, mlflow_server):
     latency = json.loads((workdir / "metrics/latency.json").read_text())
     assert set(latency) == {"mlp", "lenet"} and set(latency["lenet"]) == {"batch_1", "batch_2"}
     assert latency["mlp"]["batch_1"]["pfp_tvm_untuned_ms"] > 0 and latency["mlp"]["batch_1"]["svi_pyro_ms"] > 0
+    # tuned libraries of the tune stage ran; pfp_separate was not built there, so the benchmark compiled it
+    assert latency["lenet"]["batch_2"]["schedules"] == {"pfp": "tuned", "pfp_separate": "hand", "det": "tuned", "svi": "tuned"}
+    assert latency["lenet"]["batch_2"]["svi_tvm_ms"] > latency["lenet"]["batch_2"]["det_tvm_ms"] > 0
     assert (workdir / "plots/lenet/benchmark/latency.png").is_file()
+    profile = json.loads((workdir / "metrics/profile.json").read_text())
+    lenet = profile["lenet"]["batch_1"]
+    assert lenet["memory"]["pfp"]["weight_bytes"] == 3 * lenet["memory"]["det"]["weight_bytes"]
+    assert {row["operator"] for row in lenet["pfp_operators"]} >= {"conv1_conv2d_joint_first", "fc3_dense_joint"}
+    # tune stage: a library + database per variant and batch size, and the per-task choice
+    tuned = json.loads((workdir / "metrics/tune_mlp.json").read_text())
+    assert tuned["target"] == "host" and tuned["runner"] == "local" and tuned["emulated"] is False
+    assert {(lib["variant"], lib["batch_size"]) for lib in tuned["libraries"]} == {
+        (v, b) for v in ("pfp", "det", "svi") for b in (1, 2)}
+    for lib in tuned["libraries"]:
+        assert (workdir / lib["library"]).is_file()
+        assert lib["tasks"] and all(row["kept"] == "hand" and row["hand_ms"] > 0 for row in lib["tasks"])
+    assert (workdir / "models/mlp/tvm/host/pfp_b2/database_tuning_record.json").stat().st_size > 0
+    assert metrics["mlp"]["pfp"]["library"] == "models/mlp/tvm/host/pfp_b2.so"
     lock = yaml.safe_load((workdir / "dvc.lock").read_text())
     assert set(lock["stages"]) == set(STAGES)
 
@@ -130,6 +151,10 @@ def test_pipeline_end_to_end(tmp_path, mlflow_server):
     assert children["prepare"].data.tags["data_hash"] == json.loads((workdir / "data/prepared/manifest.json").read_text())["data_hash"]
     artifacts = {a.path for a in client.list_artifacts(train.info.run_id)}
     assert "posterior.npz" in artifacts
+    tune_run = children["tune@lenet"]
+    assert tune_run.data.tags["tune.runner"] == "local" and "seconds" in tune_run.data.metrics
+    assert {a.path for a in client.list_artifacts(tune_run.info.run_id, "tvm/host")} >= {"tvm/host/pfp_b1.so",
+                                                                                          "tvm/host/pfp_b1"}
     assert parents[0].data.metrics["mlp.pfp.accuracy"] == pytest.approx(metrics["mlp"]["pfp"]["accuracy"])
 
     # Nothing changed: DVC skips every stage.

@@ -1,6 +1,13 @@
-"""Shared helpers of the TVM backend tests (tolerances, random posteriors)."""
+"""Shared helpers of the TVM backend tests (tolerances, random posteriors, RPC processes)."""
 
 from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -53,3 +60,69 @@ def layer_params(out_shape: tuple[int, ...], seed: int) -> GaussianLayerParams:
         1e-4 + (1e-2 - 1e-4) * torch.rand(out_shape, generator=generator),
         0.1 * torch.randn(out_shape[:1], generator=generator),
         1e-4 + (1e-2 - 1e-4) * torch.rand(out_shape[:1], generator=generator))
+
+
+# --------------------------------------------------------------------------- RPC processes
+
+RPC_DIR = Path(__file__).resolve().parents[3] / "infra" / "rpc"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_process_group(command: list[str], env: dict, log: Path) -> subprocess.Popen:
+    """``command`` under ``nice -n 19`` in a new session (its process group id is its pid), output to ``log``."""
+    with log.open("w") as out:
+        return subprocess.Popen(["nice", "-n", "19", *command], env=env, stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+
+
+def stop_process_group(process: subprocess.Popen) -> None:
+    """Terminate the process group started for ``process`` (the RPC server's session workers too)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(process.pid, sig)  # start_new_session: the group id is the pid
+        except ProcessLookupError:
+            break
+        try:
+            process.wait(timeout=10)
+            time.sleep(0.5)  # let the group's other members handle SIGTERM
+        except subprocess.TimeoutExpired:
+            continue
+    try:
+        os.killpg(process.pid, signal.SIGKILL)  # stragglers (orphaned session workers)
+    except ProcessLookupError:
+        pass
+    process.wait()
+
+
+def start_tracker(env: dict, port: int, log: Path, timeout: float = 60.0) -> subprocess.Popen:
+    """infra/rpc/start-tracker.sh on 127.0.0.1:``port``, returned once it accepts connections."""
+    env = dict(env, TRACKER_HOST="127.0.0.1", TRACKER_PORT=str(port), TRACKER_PORT_END=str(port + 1))
+    process = start_process_group(["bash", str(RPC_DIR / "start-tracker.sh")], env, log)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return process
+        except OSError:
+            if time.monotonic() > deadline or process.poll() is not None:
+                stop_process_group(process)
+                raise RuntimeError(f"tracker did not start: {log.read_text()}") from None
+            time.sleep(0.3)
+
+
+def wait_for_key(port: int, key: str, server: subprocess.Popen, log: Path, timeout: float = 60.0) -> float:
+    """Wait until a server is registered under ``key`` at the tracker on ``port``; returns the seconds waited."""
+    import tvm.rpc
+
+    start = time.monotonic()
+    while key not in tvm.rpc.connect_tracker("127.0.0.1", port).text_summary():
+        if time.monotonic() - start > timeout or server.poll() is not None:
+            raise RuntimeError(f"no server registered under key {key!r} after {time.monotonic() - start:.0f} s "
+                               f"(exit code {server.poll()}): {log.read_text()}")
+        time.sleep(0.5)
+    return time.monotonic() - start

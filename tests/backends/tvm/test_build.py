@@ -224,6 +224,73 @@ def test_benchmark(mlp_params_runner):
     assert timing["mean_ms"] > 0 and timing["repeat"] == 2
 
 
+def test_profile_lists_every_operator_of_the_network(mlp_params_runner):
+    rows = mlp_params_runner.profile(number=2)
+    names = {row["operator"] for row in rows}
+    assert {"fc1_dense_joint_first", "fc2_dense_joint", "fc3_dense_joint"} <= names
+    assert all(row["ms"] > 0 and row["calls"] >= 1 for row in rows)
+    assert [row["ms"] for row in rows] == sorted((row["ms"] for row in rows), reverse=True)
+    assert not any(name.startswith("vm.builtin") for name in names)
+    mlp_params_runner.benchmark(number=1, repeat=1)  # the instrument is removed afterwards
+
+
+def test_export_keeps_the_provenance_info(tmp_path, mlp_case):
+    spec, params, x = mlp_case
+    runner = tb.compile_pfp(spec, params, batch_size=BATCH)
+    runner.info = {"variant": "pfp", "variance_scale": 0.5}
+    loaded = tb.load_compiled(runner.export_library(tmp_path / "m.so"))
+    assert loaded.info == {"variant": "pfp", "variance_scale": 0.5}
+    assert not list(tmp_path.glob(".*tmp*")), "temp files left behind"
+
+
+# --------------------------------------------------------------------------- ensemble (SVI baseline) and memory
+
+@pytest.mark.parametrize("architecture", [Architecture.MLP, Architecture.LENET], ids=lambda a: a.value)
+def test_ensemble_matches_per_member_deterministic_networks(architecture):
+    spec = build_spec(architecture)
+    params = random_params(spec, seed=6)
+    generator = torch.Generator().manual_seed(7)
+    members = 4
+    stacked = {layer.name: (params[layer.name].weight_mean + 0.05 * torch.randn((members, *layer.weight_shape),
+                                                                              generator=generator),
+                            params[layer.name].bias_mean + 0.05 * torch.randn((members, *layer.bias_shape),
+                                                                            generator=generator))
+               for layer in spec.parametric_layers()}
+    x = torch.randn(BATCH, *spec.input_shape, generator=generator)
+    runner = tb.compile_ensemble(spec, stacked, batch_size=BATCH)
+    logits = runner(x.numpy())
+    assert logits.shape == (members, BATCH, spec.num_outputs)
+    for member in range(members):
+        with torch.no_grad():
+            expected = ref.deterministic_forward(spec, {k: (w[member], b[member]) for k, (w, b) in stacked.items()}, x)
+        assert_close(logits[member], expected, what=f"member {member}")
+
+
+def test_ensemble_rejects_inconsistent_members():
+    spec = build_spec("mlp")
+    params = random_params(spec)
+    stacked = {layer.name: (params[layer.name].weight_mean[None].repeat(2, *[1] * len(layer.weight_shape)),
+                            params[layer.name].bias_mean[None].repeat(3, 1)) for layer in spec.parametric_layers()}
+    with pytest.raises(ValueError, match="bias"):
+        tb.build_ensemble_module(spec, stacked)
+
+
+def test_memory_estimate_counts_weights_and_planned_activations():
+    spec = build_spec("lenet")
+    params = random_params(spec)
+    pfp = tb.memory_estimate(tb.build_pfp_module(spec, params, batch_size=4))
+    det = tb.memory_estimate(tb.build_deterministic_module(spec, params, batch_size=4))
+    floats = sum(int(np.prod(layer.weight_shape)) + int(np.prod(layer.bias_shape)) for layer in spec.parametric_layers())
+    assert det["weight_bytes"] == 4 * floats
+    # PFP stores mean, variance and E[w^2] of every weight (the bias has mean and variance; the
+    # first layer needs no E[w^2]): at most 3x the twin's weights
+    assert 2 * det["weight_bytes"] < pfp["weight_bytes"] <= 3 * det["weight_bytes"]
+    assert 0 < det["activation_bytes"] < pfp["activation_bytes"] <= 2 * det["activation_bytes"] + 1024
+    assert pfp["total_bytes"] == pfp["weight_bytes"] + pfp["activation_bytes"]
+    as_params = tb.memory_estimate(tb.build_pfp_module(spec, params, batch_size=4, weights_as_params=True))
+    assert as_params["weight_bytes"] == pfp["weight_bytes"]
+
+
 # --------------------------------------------------------------------------- targets
 
 def test_make_target_names():

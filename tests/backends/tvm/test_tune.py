@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,10 +27,17 @@ from pfp.backends.tvm import build as tb  # noqa: E402
 from pfp.backends.tvm import tune  # noqa: E402
 from pfp.spec import Dense, Flatten, ModelSpec, ReLU  # noqa: E402
 
-from .helpers import assert_close, random_params  # noqa: E402
+from .helpers import (  # noqa: E402
+    RPC_DIR,
+    assert_close,
+    free_port,
+    random_params,
+    start_process_group,
+    start_tracker,
+    stop_process_group,
+    wait_for_key,
+)
 
-REPO = Path(__file__).resolve().parents[3]
-RPC_DIR = REPO / "infra" / "rpc"
 TRIALS = 4
 SPEC = ModelSpec("tiny", (1, 4, 4), (Flatten(), Dense("fc1", 16, 8), ReLU(), Dense("fc2", 8, 3)))
 TARGET = {"kind": "llvm", "num-cores": 1}
@@ -53,12 +57,6 @@ def run_local(executable, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     vm = relax.VirtualMachine(executable, tvm.cpu())
     mean, var = vm["main"](tvm.runtime.tensor(x))
     return mean.numpy(), var.numpy()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -87,9 +85,17 @@ def test_local_tuning_writes_database(local_tuning):
     work_dir = Path(config.work_dir)
     assert (work_dir / "database_workload.json").stat().st_size > 0
     assert (work_dir / "database_tuning_record.json").stat().st_size > 0
-    assert sorted(report.tuned) == ["fc1_dense_joint_first", "fc2_dense_joint"]
+    # tasks are the fused functions (the flatten became a TIR `reshape`)
+    assert sorted(report.tuned) == ["fc1_dense_joint_first", "fc2_dense_joint", "reshape"]
     # the Gaussian ReLU uses tirx.Let, which the task scheduler's FLOP estimate rejects
-    assert report.untunable == ["relu_gaussian2"]
+    assert report.untunable == ["fused_relu_gaussian2"]
+    # every task's hand schedule was measured and recorded, tunable or not
+    assert sorted(report.hand_ms) == sorted(report.tasks) and all(v > 0 for v in report.hand_ms.values())
+    assert sorted(report.tuned_ms) == sorted(report.tuned)
+    kept = report.kept()
+    assert kept["fused_relu_gaussian2"] == "hand"
+    for name in report.tuned:
+        assert kept[name] == ("meta_schedule" if report.tuned_ms[name] < report.hand_ms[name] else "hand")
     assert report.new_records == tune.count_records(database) > 0
     assert len(database.get_all_tuning_records()) == report.records_after
     successful = [r for r in database.get_all_tuning_records() if r.run_secs is not None and len(r.run_secs)]
@@ -137,11 +143,11 @@ def test_resume_from_records_without_state_file(case, local_tuning, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(config.work_dir, copy)
     (copy / tune.STATE_FILE).unlink()
-    from tvm.s_tir import meta_schedule as ms
 
-    tasks = ms.relax_integration.extract_tasks(mod, tb.make_target(TARGET))
-    records = {t.task_name: tune.count_records(database, t.dispatched[0]) for t in tasks if t.task_name in first.tuned}
+    tasks = tune.extract_tuning_tasks(mod, TARGET)
+    records = {t.task_name: tune.count_records(database, t.dispatched[0]) for t in tasks}
     assert sum(records.values()) == tune.count_records(database)
+    records = {name: count for name, count in records.items() if name in first.tuned}
     report = tune.TuneReport()
     tune.tune_module(mod, config=fast_config(copy), report=report)
     assert report.records_before == tune.count_records(database)
@@ -154,61 +160,27 @@ def test_resume_from_records_without_state_file(case, local_tuning, tmp_path):
 
 # --------------------------------------------------------------------------- RPC
 
-def _start(script: str, env: dict, log: Path) -> subprocess.Popen:
-    return subprocess.Popen(["nice", "-n", "19", "bash", str(RPC_DIR / script)], env=env,
-                            stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def _stop(process: subprocess.Popen) -> None:
-    """Terminate the process group started for ``process`` (the RPC server's session workers too)."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(process.pid, sig)  # start_new_session: the group id is the pid
-        except ProcessLookupError:
-            break
-        try:
-            process.wait(timeout=10)
-            time.sleep(0.5)  # let the group's other members handle SIGTERM
-        except subprocess.TimeoutExpired:
-            continue
-    try:
-        os.killpg(process.pid, signal.SIGKILL)  # stragglers (orphaned session workers)
-    except ProcessLookupError:
-        pass
-    process.wait()
-
-
 @pytest.fixture(scope="module")
 def rpc_tracker(tmp_path_factory):
     """A real tracker and server (infra/rpc scripts) on 127.0.0.1; yields (address, key)."""
     logs = tmp_path_factory.mktemp("rpc_logs")
     port, server_port = free_port(), free_port()
     key = "pfp-test-cpu"
-    env = dict(os.environ, PYTHON=sys.executable, TRACKER_HOST="127.0.0.1", TRACKER_PORT=str(port),
-               TRACKER_PORT_END=str(port + 1), TRACKER=f"127.0.0.1:{port}", RPC_KEY=key,
+    env = dict(os.environ, PYTHON=sys.executable, TRACKER=f"127.0.0.1:{port}", RPC_KEY=key,
                SERVER_HOST="127.0.0.1", SERVER_PORT=str(server_port), SERVER_PORT_END=str(server_port + 1),
                TVM_NUM_THREADS="1")
-    processes = [_start("start-tracker.sh", env, logs / "tracker.log")]
+    processes = []
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or processes[0].poll() is not None:
-                    pytest.fail(f"tracker did not start: {(logs / 'tracker.log').read_text()}")
-                time.sleep(0.3)
-        processes.append(_start("start-server.sh", env, logs / "server.log"))
-        deadline = time.monotonic() + 60
-        while key not in tvm.rpc.connect_tracker("127.0.0.1", port).text_summary():
-            if time.monotonic() > deadline or processes[1].poll() is not None:
-                pytest.fail(f"server did not register: {(logs / 'server.log').read_text()}")
-            time.sleep(0.5)
+        try:
+            processes.append(start_tracker(env, port, logs / "tracker.log"))
+            processes.append(start_process_group(["bash", str(RPC_DIR / "start-server.sh")], env, logs / "server.log"))
+            wait_for_key(port, key, processes[1], logs / "server.log")
+        except RuntimeError as error:
+            pytest.fail(str(error))
         yield f"127.0.0.1:{port}", key
     finally:
         for process in reversed(processes):
-            _stop(process)
+            stop_process_group(process)
 
 
 def test_rpc_tuning_and_inference(case, local_tuning, rpc_tracker, tmp_path):
@@ -218,7 +190,7 @@ def test_rpc_tuning_and_inference(case, local_tuning, rpc_tracker, tmp_path):
                          num_trials_per_iter=2, max_trials_global=4)
     report = tune.TuneReport()
     database = tune.tune_module(mod, config=config, report=report)
-    assert sorted(report.tuned) == ["fc1_dense_joint_first", "fc2_dense_joint"]
+    assert sorted(report.tuned) == ["fc1_dense_joint_first", "fc2_dense_joint", "reshape"]
     measured = [r for r in database.get_all_tuning_records() if r.run_secs is not None and len(r.run_secs)
                 and all(float(s) < 1e9 for s in r.run_secs)]
     assert measured, "no candidate ran successfully on the RPC server"

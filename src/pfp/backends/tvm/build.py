@@ -37,17 +37,23 @@ from pfp.spec import Conv2d, Dense, Flatten, MaxPool2d, ModelSpec, ReLU
 __all__ = [
     "ARM_CROSS_COMPILER",
     "CompiledDeterministic",
+    "CompiledEnsemble",
     "CompiledModel",
     "CompiledPFP",
+    "Schedule",
     "TargetName",
     "build_deterministic_module",
+    "build_ensemble_module",
     "build_pfp_module",
     "compile_deterministic",
+    "compile_ensemble",
     "compile_module",
     "compile_pfp",
     "deterministic_weight_arrays",
+    "ensemble_weight_arrays",
     "load_compiled",
     "make_target",
+    "memory_estimate",
     "pfp_weight_arrays",
 ]
 
@@ -347,10 +353,132 @@ def build_deterministic_module(spec: ModelSpec, weights: Mapping, *, batch_size:
     return bb.get()
 
 
-def compile_module(mod: tvm.IRModule, target: TargetName | str | Mapping | tvm.target.Target = TargetName.HOST
-                   ) -> tvm.runtime.Executable:
-    """``tvm.compile`` with the default Relax/TIR pipelines for a named (or given) target."""
-    return tvm.compile(mod, target=make_target(target))
+def ensemble_weight_arrays(spec: ModelSpec, stacked: Mapping) -> dict[str, np.ndarray]:
+    """``<layer>_weight`` (S, *weight_shape) / ``<layer>_bias`` (S, *bias_shape): S weight draws."""
+    arrays: dict[str, np.ndarray] = {}
+    members = None
+    for layer in spec.parametric_layers():
+        weight, bias = _layer_entry(stacked, layer.name)
+        weight, bias = np.asarray(weight, dtype=np.float32), np.asarray(bias, dtype=np.float32)
+        members = weight.shape[0] if members is None else members
+        arrays[f"{layer.name}_weight"] = _array(weight, f"{layer.name} weight", (members, *layer.weight_shape))
+        arrays[f"{layer.name}_bias"] = _array(bias, f"{layer.name} bias", (members, *layer.bias_shape))
+    return arrays
+
+
+def build_ensemble_module(spec: ModelSpec, stacked: Mapping, *, batch_size: int = 1,
+                          weights_as_params: bool = False) -> tvm.IRModule:
+    """Relax IRModule of an S-member ensemble (S posterior draws): ``main(x) -> logits (S, B, C)``.
+
+    ``stacked[layer.name]`` is ``(weight, bias)`` with a leading member axis (e.g.
+    :func:`pfp.tuning.sample_stacked_weights`). All members run in one batched pass: the first
+    layer reads the shared input, later layers carry S*B rows (member-major).
+    """
+    arrays = ensemble_weight_arrays(spec, stacked)
+    members = next(iter(arrays.values())).shape[0]
+    table = _Weights(arrays, weights_as_params)
+    x = _input_var(spec, batch_size)
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x, *table.params]):
+        with bb.dataflow():
+            h: relax.Expr = x
+            rows = batch_size
+            for index, layer in enumerate(spec.layers):
+                if isinstance(layer, (Flatten, Dense)):
+                    h = _flatten(bb, h, rows)
+                if isinstance(layer, Dense):
+                    h = bb.emit_te(ops.dense_ensemble, h, table[f"{layer.name}_weight"], table[f"{layer.name}_bias"],
+                                   batch=batch_size, primfunc_name_hint=f"{layer.name}_dense_ensemble")
+                elif isinstance(layer, Conv2d):
+                    h = bb.emit_te(ops.conv2d_ensemble, h, table[f"{layer.name}_weight"], table[f"{layer.name}_bias"],
+                                   batch=batch_size, stride=layer.stride, padding=layer.padding,
+                                   primfunc_name_hint=f"{layer.name}_conv2d_ensemble")
+                elif isinstance(layer, ReLU):
+                    h = bb.emit_te(ops.relu, h, primfunc_name_hint=f"relu{index}")
+                elif isinstance(layer, MaxPool2d):
+                    h = bb.emit_te(ops.maxpool2x2, h, primfunc_name_hint=f"maxpool{index}")
+                elif not isinstance(layer, Flatten):
+                    raise TypeError(f"unsupported layer {layer!r}")
+                if isinstance(layer, (Dense, Conv2d)):
+                    rows = members * batch_size
+            output = bb.emit_output(bb.emit(relax.op.reshape(h, (members, batch_size, spec.num_outputs))))
+        bb.emit_func_output(output)
+    return bb.get()
+
+
+def memory_estimate(mod: tvm.IRModule, target=TargetName.HOST) -> dict[str, int]:
+    """Bytes a module needs: planned activation buffers (Relax static memory planning) + weights.
+
+    Activations come from ``relax.analysis.estimate_memory_usage`` after the same lowering
+    the compiler runs; weights are the bound constants and weight parameters of ``main``.
+    """
+    import re
+
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+
+    from pfp.backends.tvm.schedules import fuse_operators
+
+    target = make_target(target)
+    lowered = fuse_operators(mod, target)
+    with target:
+        lowered = tvm.transform.Sequential(cpu.dataflow_lower_passes(target)
+                                           + [relax.transform.StaticPlanBlockMemory()])(lowered)
+    text = str(relax.analysis.estimate_memory_usage(lowered))
+    match = re.search(r"With memory planning, there are \d+ constant-size memory allocation\(s\) with total size "
+                      r"([0-9.e+-]+) GB", text)
+    activations = int(round(float(match.group(1)) * 1e9)) if match else 0
+    weights = 0
+    for constant in _constants(mod["main"]):
+        value = constant.value  # a tvm.runtime.Tensor
+        weights += int(np.prod([int(d) for d in value.shape])) * np.dtype(str(value.dtype)).itemsize
+    for param in list(mod["main"].params)[1:]:
+        weights += int(np.prod([int(d) for d in param.ty.shape])) * np.dtype(str(param.ty.dtype)).itemsize
+    return {"activation_bytes": activations, "weight_bytes": weights, "total_bytes": activations + weights}
+
+
+def _constants(func: relax.Function) -> list:
+    found: list = []
+
+    def visit(node) -> None:
+        if (isinstance(node, tvm.ir.expr.Constant) and isinstance(getattr(node, "value", None), tvm.runtime.Tensor)
+                and not any(node.same_as(seen) for seen in found)):  # a constant used twice is stored once
+            found.append(node)
+
+    relax.analysis.post_order_visit(func, visit)
+    return found
+
+
+class Schedule(str, Enum):
+    """How the TIR functions of a module are scheduled when it is compiled."""
+
+    DEFAULT = "default"  # TVM's default lowering: naive serial loops (the 'untuned' baseline)
+    HAND = "hand"  # pfp.backends.tvm.schedules: parallel + SIMD rules per operator kind
+    TUNED = "tuned"  # the tuning database's best schedule per function, hand schedules elsewhere
+
+
+def compile_module(mod: tvm.IRModule, target: TargetName | str | Mapping | tvm.target.Target = TargetName.HOST,
+                   schedule: Schedule | str = Schedule.HAND, database=None) -> tvm.runtime.Executable:
+    """Compile a Relax module for a named (or given) target with the chosen :class:`Schedule`.
+
+    ``Schedule.TUNED`` needs ``database`` (a Meta Scheduler database or its work dir).
+    """
+    from pfp.backends.tvm.schedules import compile_scheduled
+
+    schedule = Schedule(schedule)
+    target = make_target(target)
+    if schedule is Schedule.DEFAULT:
+        return tvm.compile(mod, target=target)
+    if schedule is Schedule.HAND:
+        return compile_scheduled(mod, target)
+    if database is None:
+        raise ValueError("Schedule.TUNED needs the tuning database (or its work dir)")
+    if isinstance(database, (str, Path)):
+        from pfp.backends.tvm.tune import open_database
+
+        if not Path(database).is_dir():
+            raise FileNotFoundError(f"{database}: tuning database folder not found")
+        database = open_database(database)
+    return compile_scheduled(mod, target, database)
 
 
 # --------------------------------------------------------------------------- runners
@@ -366,8 +494,9 @@ class CompiledModel:
 
     def __init__(self, module: tvm.runtime.Executable | tvm.runtime.Module, input_shape, *,
                  target: tvm.target.Target | Mapping | str | None = None,
-                 weights: Mapping[str, np.ndarray] | None = None) -> None:
+                 weights: Mapping[str, np.ndarray] | None = None, info: Mapping | None = None) -> None:
         self.module = module
+        self.info = dict(info or {})  # free-form provenance (variant, schedule, variance scale, ...)
         self.input_shape = tuple(int(d) for d in input_shape)
         self.target = make_target(target) if target is not None else make_target(TargetName.HOST)
         self.weights = {name: np.ascontiguousarray(a, dtype=np.float32) for name, a in (weights or {}).items()}
@@ -442,6 +571,39 @@ class CompiledModel:
         return {"mean_ms": float(np.mean(results_ms)), "median_ms": float(np.median(results_ms)),
                 "std_ms": float(np.std(results_ms)), "number": number, "repeat": repeat}
 
+    def profile(self, number: int = 20, x=None) -> list[dict]:
+        """Per-operator latency: each TIR function the VM calls, timed ``number`` times in place.
+
+        Returns ``[{"operator", "calls", "ms"}]`` (ms per pass, all calls of that function),
+        slowest first. The VM's own builtins (allocation, shape checks) are not listed.
+        """
+        import collections
+        import time
+
+        vm = self._machine()
+        if x is None:
+            x = np.zeros(self.input_shape, np.float32)
+        samples: dict[str, list[float]] = collections.defaultdict(list)
+        calls: collections.Counter = collections.Counter()
+
+        def instrument(func, name, before_run, _ret, *args):
+            if before_run and not str(name).startswith("vm.builtin"):
+                func(*args)  # warm
+                start = time.perf_counter()
+                for _ in range(number):
+                    func(*args)
+                samples[str(name)].append((time.perf_counter() - start) / number * 1e3)
+                calls[str(name)] += 1
+            return 0
+
+        vm.set_instrument(tvm.runtime.convert(instrument))
+        try:
+            vm["main"](tvm.runtime.tensor(self._check_input(x)), *self._weight_args)
+        finally:
+            vm.set_instrument(tvm.runtime.convert(lambda *args: 0))
+        rows = [{"operator": name, "calls": calls[name], "ms": float(sum(values))} for name, values in samples.items()]
+        return sorted(rows, key=lambda row: -row["ms"])
+
     # -- export / load
 
     def export_library(self, path: str | Path) -> Path:
@@ -465,12 +627,15 @@ class CompiledModel:
                 raise RuntimeError(f"cross-linking for {arch} needs {ARM_CROSS_COMPILER} on PATH "
                                    "(Debian/Ubuntu: apt-get install gcc-aarch64-linux-gnu)")
             kwargs["cc"] = compiler
-        self.module.export_library(str(path), **kwargs)
+        from pfp.io import atomic_path, atomic_savez, atomic_write_json
+
+        with atomic_path(path) as tmp:  # no half-written library if linking fails
+            self.module.export_library(str(tmp), **kwargs)
         metadata = {"format": _METADATA_FORMAT, "kind": self.kind, "input_shape": list(self.input_shape),
-                    "target": str(self.target), "weights": list(self.weights)}
+                    "target": str(self.target), "weights": list(self.weights), "info": self.info}
         if self.weights:
-            np.savez(str(path) + ".weights.npz", **self.weights)
-        Path(str(path) + ".json").write_text(json.dumps(metadata, indent=1))
+            atomic_savez(str(path) + ".weights.npz", self.weights)
+        atomic_write_json(str(path) + ".json", metadata)
         return path
 
     @classmethod
@@ -486,7 +651,7 @@ class CompiledModel:
         if metadata.get("format") != _METADATA_FORMAT:
             raise ValueError(f"{meta_path}: unsupported metadata format {metadata.get('format')!r}")
         kind = metadata.get("kind")
-        subclass = {sub.kind: sub for sub in (CompiledPFP, CompiledDeterministic)}.get(kind)
+        subclass = {sub.kind: sub for sub in (CompiledPFP, CompiledDeterministic, CompiledEnsemble)}.get(kind)
         if subclass is None:
             raise ValueError(f"{meta_path}: unknown compiled model kind {kind!r}")
         if cls is not CompiledModel and subclass is not cls:
@@ -498,7 +663,8 @@ class CompiledModel:
         target = tvm.target.Target(json.loads(metadata["target"]))
         if not _runs_on_host(target):
             raise RuntimeError(f"{path} was compiled for {_target_arch(target)}; load it on that machine")
-        return subclass(tvm.runtime.load_module(str(path)), metadata["input_shape"], target=target, weights=weights)
+        return subclass(tvm.runtime.load_module(str(path)), metadata["input_shape"], target=target, weights=weights,
+                        info=metadata.get("info"))
 
 
 class CompiledPFP(CompiledModel):
@@ -527,28 +693,53 @@ class CompiledDeterministic(CompiledModel):
         return self.predict_outputs(x)[0]
 
 
+class CompiledEnsemble(CompiledModel):
+    """Compiled S-member ensemble (SVI with pre-drawn weights): ``runner(x) -> logits (S, B, C)``."""
+
+    kind = "ensemble"
+
+    def __call__(self, x) -> np.ndarray:
+        return self.run(x)[0]
+
+
 def load_compiled(path: str | Path) -> CompiledModel:
     """Load a :class:`CompiledPFP` or :class:`CompiledDeterministic` from its exported library."""
     return CompiledModel.load(path)
 
 
+def _compile(cls, spec: ModelSpec, mod: tvm.IRModule, batch_size: int, target, schedule, database,
+             weights: Mapping[str, np.ndarray] | None):
+    target = make_target(target)
+    return cls(compile_module(mod, target, schedule, database), (batch_size, *spec.input_shape), target=target,
+               weights=weights)
+
+
 def compile_pfp(spec: ModelSpec, params: Mapping, *, batch_size: int = 1,
                 target: TargetName | str | Mapping | tvm.target.Target = TargetName.HOST, joint: bool = True,
-                weights_as_params: bool = False, variance_scale: float = 1.0) -> CompiledPFP:
-    """Build and compile the PFP module; see :func:`build_pfp_module` for the options."""
+                weights_as_params: bool = False, variance_scale: float = 1.0,
+                schedule: Schedule | str = Schedule.HAND, database=None) -> CompiledPFP:
+    """Build and compile the PFP module; see :func:`build_pfp_module` and :func:`compile_module`."""
     mod = build_pfp_module(spec, params, batch_size=batch_size, joint=joint,
                            weights_as_params=weights_as_params, variance_scale=variance_scale)
-    target = make_target(target)
     weights = pfp_weight_arrays(spec, params, variance_scale=variance_scale) if weights_as_params else None
-    return CompiledPFP(compile_module(mod, target), (batch_size, *spec.input_shape), target=target, weights=weights)
+    return _compile(CompiledPFP, spec, mod, batch_size, target, schedule, database, weights)
 
 
 def compile_deterministic(spec: ModelSpec, weights: Mapping, *, batch_size: int = 1,
                           target: TargetName | str | Mapping | tvm.target.Target = TargetName.HOST,
-                          weights_as_params: bool = False) -> CompiledDeterministic:
+                          weights_as_params: bool = False, schedule: Schedule | str = Schedule.HAND,
+                          database=None) -> CompiledDeterministic:
     """Build and compile the deterministic twin; see :func:`build_deterministic_module`."""
     mod = build_deterministic_module(spec, weights, batch_size=batch_size, weights_as_params=weights_as_params)
-    target = make_target(target)
     arrays = deterministic_weight_arrays(spec, weights) if weights_as_params else None
-    return CompiledDeterministic(compile_module(mod, target), (batch_size, *spec.input_shape), target=target,
-                                 weights=arrays)
+    return _compile(CompiledDeterministic, spec, mod, batch_size, target, schedule, database, arrays)
+
+
+def compile_ensemble(spec: ModelSpec, stacked: Mapping, *, batch_size: int = 1,
+                     target: TargetName | str | Mapping | tvm.target.Target = TargetName.HOST,
+                     weights_as_params: bool = False, schedule: Schedule | str = Schedule.HAND,
+                     database=None) -> CompiledEnsemble:
+    """Build and compile the S-member ensemble; see :func:`build_ensemble_module`."""
+    mod = build_ensemble_module(spec, stacked, batch_size=batch_size, weights_as_params=weights_as_params)
+    arrays = ensemble_weight_arrays(spec, stacked) if weights_as_params else None
+    return _compile(CompiledEnsemble, spec, mod, batch_size, target, schedule, database, arrays)

@@ -44,12 +44,14 @@ __all__ = [
     "MAX_STD_ARG",
     "RELU_VAR_EPS",
     "conv2d",
+    "conv2d_ensemble",
     "conv2d_joint",
     "conv2d_joint_first",
     "conv2d_var",
     "conv2d_var_first",
     "conv_output_size",
     "dense",
+    "dense_ensemble",
     "dense_joint",
     "dense_joint_first",
     "dense_var",
@@ -117,6 +119,31 @@ def _clamp_std_arg(a: tirx.PrimExpr) -> tirx.PrimExpr:
     return tirx.max(tirx.min(a, _f(MAX_STD_ARG)), _f(-MAX_STD_ARG))
 
 
+# exp(x) = 2^n exp(r), n = round(x / ln 2), r = x - n ln 2 in [-ln2/2, ln2/2] (ln 2 split in two
+# for an exact product); exp(r) by Cephes' expf polynomial (relative error < 2e-7).
+_LN2_HI, _LN2_LO = 0.693359375, -2.12194440e-4
+_EXP_COEFFS = (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1,
+               5.0000001201e-1)
+_EXP_MAX, _EXP_MIN = 88.0, -87.0  # 2^n stays a normal float32 within [-87, 88]
+
+
+def _exp(x: tirx.PrimExpr) -> tirx.PrimExpr:
+    """exp(x) in plain arithmetic (float32, relative error < 3e-7; 0 below exp(-87)).
+
+    LLVM turns ``tirx.exp`` into one libm call per element even in a vectorised loop, which made
+    the Gaussian ReLU / max-pool kernels ~10x slower than their arithmetic; this form vectorises.
+    """
+    clamped = tirx.min(tirx.max(x, _f(_EXP_MIN)), _f(_EXP_MAX))
+    n = tirx.floor(clamped * _f(1.0 / math.log(2.0)) + _f(0.5))
+    r = clamped - n * _f(_LN2_HI) - n * _f(_LN2_LO)
+    poly = _f(_EXP_COEFFS[0])
+    for coeff in _EXP_COEFFS[1:]:
+        poly = poly * r + _f(coeff)
+    exp_r = poly * r * r + r + _f(1.0)
+    two_n = tirx.reinterpret(DTYPE, tirx.shift_left(tirx.Cast("int32", n) + 127, 23))
+    return tirx.Select(x < _f(_EXP_MIN), _f(0.0), exp_r * two_n)
+
+
 def _normal_stats(lets: _Lets, a: tirx.PrimExpr) -> tuple[tirx.Var, tirx.Var, tirx.Var]:
     """(Phi(a), Phi(-a), phi(a)) with relative accuracy in both tails (one erfc fit, two exps)."""
     half_a2 = lets("half_a2", _f(0.5) * a * a)
@@ -124,11 +151,11 @@ def _normal_stats(lets: _Lets, a: tirx.PrimExpr) -> tuple[tirx.Var, tirx.Var, ti
     poly = _f(_ERFC_COEFFS[-1])
     for coeff in reversed(_ERFC_COEFFS[:-1]):
         poly = _f(coeff) + t * poly
-    upper = lets("q", _f(0.5) * t * tirx.exp(poly - half_a2))  # Q(|a|) = Phi(-|a|)
+    upper = lets("q", _f(0.5) * t * _exp(poly - half_a2))  # Q(|a|) = Phi(-|a|)
     nonneg = a >= _f(0.0)
     cdf = lets("cdf", tirx.Select(nonneg, _f(1.0) - upper, upper))
     cdf_neg = lets("cdf_neg", tirx.Select(nonneg, upper, _f(1.0) - upper))
-    pdf = lets("pdf", tirx.exp(-half_a2) * _f(_INV_SQRT_2PI))
+    pdf = lets("pdf", _exp(-half_a2) * _f(_INV_SQRT_2PI))
     return cdf, cdf_neg, pdf
 
 
@@ -380,6 +407,52 @@ def conv2d_var(mean: te.Tensor, var: te.Tensor, weight_m2: te.Tensor, weight_var
 
     acc = te.compute(out_shape, fcompute, name="conv2d_var_acc")
     return _bias_epilogue([acc], [bias_var], ["conv2d_var"])[0]
+
+
+# --------------------------------------------------------------------------- ensembles (SVI baseline)
+
+def _member_rows(x: te.Tensor, members: int, batch: int, rows: int) -> Callable:
+    """Row ``n`` of member ``n // batch``: the shared input (batch rows) or the member's own rows."""
+    if rows == batch:
+        return lambda n: n % batch
+    _check(rows == members * batch, f"ensemble: input has {rows} rows, expected {batch} or {members * batch}")
+    return lambda n: n
+
+
+def dense_ensemble(x: te.Tensor, weight: te.Tensor, bias: te.Tensor, batch: int) -> te.Tensor:
+    """S weight draws in one pass: x (B or S*B, in), weight (S, out, in), bias (S, out) -> (S*B, out).
+
+    Row ``s*B + b`` is member ``s`` applied to example ``b``; a (B, in) input is shared by all
+    members (the first layer), so the batch is never copied S times.
+    """
+    members, out_features, in_features = _ints(weight.shape)
+    rows, x_in = _ints(x.shape)
+    _check(x_in == in_features, f"dense_ensemble: weight {_ints(weight.shape)} does not match input {_ints(x.shape)}")
+    _check(_ints(bias.shape) == (members, out_features), f"dense_ensemble: bias {_ints(bias.shape)} does not match weight")
+    row = _member_rows(x, members, batch, rows)
+    k = te.reduce_axis((0, in_features), name="k")
+    acc = te.compute((members * batch, out_features),
+                     lambda n, o: te.sum(x[row(n), k] * weight[n // batch, o, k], axis=k), name="dense_ensemble_acc")
+    return te.compute(acc.shape, lambda n, o: acc[n, o] + bias[n // batch, o], name="dense_ensemble")
+
+
+def conv2d_ensemble(x: te.Tensor, weight: te.Tensor, bias: te.Tensor, batch: int, stride: int = 1,
+                    padding: int = 0) -> te.Tensor:
+    """S weight draws of a conv2d (NCHW): x (B or S*B, C, H, W), weight (S, O, C, kh, kw) -> (S*B, O, oh, ow)."""
+    members = _ints(weight.shape)[0]
+    rows = _ints(x.shape)[0]
+    out_shape, reduce_shape = _conv_shapes(x, te.placeholder(_ints(weight.shape)[1:], DTYPE),
+                                           te.placeholder(_ints(bias.shape)[1:], DTYPE), stride, padding)
+    _check(_ints(bias.shape)[0] == members, f"conv2d_ensemble: bias {_ints(bias.shape)} does not match weight")
+    row = _member_rows(x, members, batch, rows)
+    xp = _pad(x, padding, "pad_x")
+    rc, ry, rx = _conv_axes(reduce_shape)
+    acc = te.compute(
+        (members * batch, *out_shape[1:]),
+        lambda n, o, i, j: te.sum(xp[row(n), rc, i * stride + ry, j * stride + rx] * weight[n // batch, o, rc, ry, rx],
+                                  axis=[rc, ry, rx]),
+        name="conv2d_ensemble_acc")
+    return te.compute(acc.shape, lambda n, o, i, j: acc[n, o, i, j] + bias[n // batch, o], name="conv2d_ensemble")
 
 
 # --------------------------------------------------------------------------- non-linearities

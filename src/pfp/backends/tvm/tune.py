@@ -41,10 +41,11 @@ from typing import Any
 import numpy as np
 import tvm
 import tvm_ffi
-from tvm import relax
+from tvm import relax, s_tir
 from tvm.s_tir import meta_schedule as ms
 
 from pfp.backends.tvm.build import ARM_CROSS_COMPILER, TargetName, make_target
+from pfp.backends.tvm.schedules import HAND_SCHEDULE_VERSION
 
 __all__ = [
     "BestModule",
@@ -57,7 +58,9 @@ __all__ = [
     "compile_untuned",
     "count_records",
     "export_aarch64_so",
+    "extract_tuning_tasks",
     "lean_build",
+    "measure_hand_schedules",
     "open_database",
     "parse_tracker",
     "tune_module",
@@ -104,6 +107,7 @@ class TuneConfig:
     init_min_unmeasured: int = 50
     num_threads: int | str = "physical"  # threads of the search (cost model, evolution)
     cross_compiler: str | None = None  # None: aarch64-linux-gnu-gcc for aarch64 targets
+    search: bool = True  # False: only measure and record the hand schedules (no Meta Scheduler search)
 
     def __post_init__(self) -> None:
         for name in ("trials_per_task", "max_trials_global", "num_trials_per_iter"):
@@ -136,6 +140,27 @@ class TuneReport:
     records_before: int = 0
     records_after: int = 0
     seconds: float = 0.0
+    #: per task: the hand schedule's and the best Meta Scheduler candidate's measured ms
+    hand_ms: dict[str, float] = field(default_factory=dict)
+    tuned_ms: dict[str, float] = field(default_factory=dict)
+
+    def kept(self) -> dict[str, str]:
+        """Per task, the schedule the compiled module uses: the faster measured one."""
+        choice = {}
+        for name in self.tasks:
+            hand, tuned = self.hand_ms.get(name), self.tuned_ms.get(name)
+            if tuned is not None and (hand is None or tuned < hand):
+                choice[name] = "meta_schedule"
+            elif hand is not None:
+                choice[name] = "hand"
+            else:
+                choice[name] = "default"
+        return choice
+
+    def table(self) -> list[dict]:
+        kept = self.kept()
+        return [{"task": name, "hand_ms": self.hand_ms.get(name), "meta_schedule_ms": self.tuned_ms.get(name),
+                 "kept": kept[name]} for name in self.tasks]
 
     @property
     def new_records(self) -> int:
@@ -285,6 +310,14 @@ def _save_state(work_dir: Path, state: dict) -> None:
 
 # --------------------------------------------------------------------------- tuning
 
+def extract_tuning_tasks(mod: tvm.IRModule, target) -> list:
+    """The Meta Scheduler tasks of ``mod``: the fused TIR functions :func:`compile_tuned` compiles."""
+    from pfp.backends.tvm.schedules import fuse_operators
+
+    target = make_target(target)
+    return list(ms.relax_integration.extract_tasks(fuse_operators(mod, target), target, module_equality="structural"))
+
+
 def tune_module(mod: tvm.IRModule, target=None, config: TuneConfig | None = None,
                 *, report: TuneReport | None = None) -> ms.database.JSONDatabase:
     """Meta Scheduler tuning of every task (fused TIR function) of the Relax module ``mod``.
@@ -301,7 +334,7 @@ def tune_module(mod: tvm.IRModule, target=None, config: TuneConfig | None = None
     database = open_database(work_dir)
     report.records_before = count_records(database)
 
-    tasks = ms.relax_integration.extract_tasks(mod, target, module_equality="structural")
+    tasks = extract_tuning_tasks(mod, target)
     tasks = [task for task in tasks if not task.mod.attrs.get("tirx.is_scheduled", False)]
     if not tasks:
         raise ValueError("the module has no TIR functions to tune")
@@ -312,8 +345,10 @@ def tune_module(mod: tvm.IRModule, target=None, config: TuneConfig | None = None
         key = _task_key(task, target)
         report.tasks.append(task.task_name)
         reason = _untunable(task)
+        if not config.search:
+            continue
         if reason:
-            logger.warning("task %s cannot be tuned (%s); it keeps its default schedule", task.task_name, reason)
+            logger.warning("task %s cannot be tuned by the Meta Scheduler (%s); it keeps its hand schedule", task.task_name, reason)
             report.untunable.append(task.task_name)
             continue
         done = max(finished.get(key, 0), count_records(database, task.dispatched[0]))
@@ -322,6 +357,23 @@ def tune_module(mod: tvm.IRModule, target=None, config: TuneConfig | None = None
             report.skipped.append(task.task_name)
         else:
             pending.append((key, task))
+    # the hand schedules are measured (and recorded) once per task, after the resume decision above
+    # keyed by the hand schedules' version too: changed rules are measured (and recorded) again
+    hand_done: dict[str, float] = state.setdefault("hand", {})
+
+    def hand_key(task) -> str:
+        return f"{_task_key(task, target)}:v{HAND_SCHEDULE_VERSION}"
+
+    missing_hand = [task for task in tasks if hand_key(task) not in hand_done]
+    if missing_hand:
+        measured = measure_hand_schedules(missing_hand, target, config, database)
+        for task in missing_hand:
+            if task.task_name in measured:
+                hand_done[hand_key(task)] = measured[task.task_name]
+        _save_state(work_dir, state)
+    for task in tasks:
+        if hand_key(task) in hand_done:
+            report.hand_ms[task.task_name] = hand_done[hand_key(task)]
     if not pending:
         logger.info("nothing to tune: every tunable task is finished")
     else:
@@ -351,12 +403,89 @@ def tune_module(mod: tvm.IRModule, target=None, config: TuneConfig | None = None
             report.tuned.append(task.task_name)
         _save_state(work_dir, state)
         _check_measured(database, [task for _, task in pending])
+    for task in tasks:
+        if task.task_name not in report.untunable:
+            best = _best_meta_schedule_ms(database, task)
+            if best is not None:
+                report.tuned_ms[task.task_name] = best
     report.records_after = count_records(database)
     report.seconds = time.perf_counter() - start
     logger.info("tuning done in %.1f s: %d task(s) tuned, %d skipped, %d new record(s), %d in %s",
                 report.seconds, len(report.tuned), len(report.skipped), report.new_records,
                 report.records_after, work_dir)
     return database
+
+
+def measure_hand_schedules(tasks, target: tvm.target.Target, config: TuneConfig,
+                           database: ms.database.Database) -> dict[str, float]:
+    """Build and measure the hand schedule of every task with the tuning builder and runner.
+
+    Each measurement is committed to ``database`` as a tuning record (the schedule's trace), so
+    compiling from the database picks, per task, the faster of the hand schedule and the best
+    Meta Scheduler candidate. Returns the median ms per task name (tasks that failed are left out).
+    """
+    from pfp.backends.tvm.schedules import apply_hand_schedule
+
+    builder, runner = make_builder(target, config), make_runner(config)
+    candidates = []
+    for task in tasks:
+        sch = s_tir.Schedule(task.dispatched[0])
+        try:
+            apply_hand_schedule(sch)
+        except (s_tir.ScheduleError, tvm.error.InternalError) as error:
+            logger.warning("task %s: no hand schedule (%s)", task.task_name, str(error).strip().splitlines()[-1])
+            continue
+        candidates.append((task, sch))
+    if not candidates:
+        return {}
+    built = builder.build([ms.builder.BuilderInput(sch.mod, target) for _, sch in candidates])
+    measured: dict[str, float] = {}
+    runs = []
+    for (task, sch), result in zip(candidates, built):
+        if result.error_msg:
+            logger.warning("task %s: hand schedule failed to build: %s", task.task_name, result.error_msg[-500:])
+            continue
+        args_info = ms.arg_info.ArgInfo.from_prim_func(sch.mod["main"])
+        runs.append((task, sch, args_info, ms.runner.RunnerInput(result.artifact_path, "cpu", args_info)))
+    futures = runner.run([item[-1] for item in runs])
+    for (task, sch, args_info, _), future in zip(runs, futures):
+        result = future.result()
+        if result.error_msg:
+            logger.warning("task %s: hand schedule failed to run: %s", task.task_name, result.error_msg[-500:])
+            continue
+        run_secs = [float(v) for v in result.run_secs]
+        workload = database.commit_workload(task.dispatched[0])
+        database.commit_tuning_record(ms.database.TuningRecord(sch.trace, workload, result.run_secs, target,
+                                                               args_info))
+        measured[task.task_name] = float(np.median(run_secs)) * 1e3
+        logger.info("task %s: hand schedule %.4f ms", task.task_name, measured[task.task_name])
+    return measured
+
+
+def _hand_trace_text(task) -> str | None:
+    from pfp.backends.tvm.schedules import apply_hand_schedule
+
+    sch = s_tir.Schedule(task.dispatched[0])
+    try:
+        apply_hand_schedule(sch)
+    except (s_tir.ScheduleError, tvm.error.InternalError):
+        return None
+    return str(sch.trace)
+
+
+def _best_meta_schedule_ms(database: ms.database.Database, task) -> float | None:
+    """Best measured Meta Scheduler candidate of ``task`` in ms (hand-schedule records excluded), or None."""
+    mod = task.dispatched[0]
+    if not database.has_workload(mod):
+        return None
+    hand = _hand_trace_text(task)
+    best = None
+    for record in database.get_top_k(database.commit_workload(mod), 256):
+        if not record.run_secs or str(record.trace) == hand:
+            continue
+        value = float(np.median([float(v) for v in record.run_secs])) * 1e3
+        best = value if best is None else min(best, value)
+    return best
 
 
 @contextlib.contextmanager
@@ -410,12 +539,13 @@ def _check_measured(database: ms.database.Database, tasks) -> None:
 
 def compile_tuned(mod: tvm.IRModule, target, database: ms.database.Database) -> tvm.runtime.Executable:
     """Compile ``mod`` with the best schedules of ``database`` (untuned functions: default schedules)."""
-    target = make_target(target)
-    with target:
-        return ms.relax_integration.compile_relax(database, mod, target, params=None)
+    from pfp.backends.tvm.schedules import compile_scheduled
+
+    return compile_scheduled(mod, target, database)
 
 
 def compile_untuned(mod: tvm.IRModule, target) -> tvm.runtime.Executable:
+    """TVM's default lowering: no schedule at all (naive loops), the 'untuned' baseline."""
     return tvm.compile(mod, target=make_target(target))
 
 

@@ -1,0 +1,286 @@
+"""Hand-written CPU schedules for the PFP operators, and the compile pipeline that applies them.
+
+TVM's default Relax pipeline leaves TE operators as naive serial loops (no parallelism, no
+SIMD) on CPU targets. The Meta Scheduler's design space does not tile the joint operators
+(one TIR block with two accumulators), and cannot analyse the Gaussian ReLU / max-pool
+kernels at all (see :func:`pfp.backends.tvm.tune._untunable`). So every TIR function gets a
+schedule from this module unless the tuning database has a faster one:
+
+* dense-like reductions (one reduction axis, contiguous in memory): the reduction is split
+  into ``lanes`` independent partial sums (``rfactor``), which are vectorised, so the inner loop
+  is a SIMD multiply-add over contiguous weights; the outputs are parallelised across threads;
+* conv-like reductions (NCHW, reductions over channel and kernel window): the output-width loop
+  moves innermost and is vectorised (contiguous input rows, broadcast weights); the
+  (batch, out-channel) loop is parallelised;
+* the bias epilogue and elementwise consumers (ReLU, the final lane sum) are computed inside
+  the parallel loop of their producer; remaining elementwise / pooling blocks are fused,
+  vectorised and, when large, parallelised.
+
+The rules look at each block's iteration types, not at names, so they also apply to the
+functions ``FuseOps``/``FuseTIR`` produce (e.g. dense + ReLU in one function).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import tvm
+from tvm import relax, s_tir, tirx
+
+__all__ = ["HAND_SCHEDULE_VERSION", "HandSchedule", "apply_hand_schedule", "compile_scheduled", "fuse_operators", "schedule_prim_func"]
+
+logger = logging.getLogger(__name__)
+
+#: Bump when the rules below change: tuning work dirs then measure the hand schedules again.
+HAND_SCHEDULE_VERSION = 1
+#: Independent partial sums of a dense reduction (16 float32 = one AVX-512 or two AVX2 / four NEON registers).
+REDUCTION_LANES = 16
+#: Batch rows that share one load of a weight vector in a dense reduction (register tile).
+BATCH_TILE = 4
+#: Below this many multiply-adds an operator runs on one thread (the pool's wake-up costs more).
+PARALLEL_MIN_WORK = 32768
+#: Elementwise blocks with fewer elements stay on one thread.
+PARALLEL_MIN_ELEMENTS = 4096
+
+_DATA_PAR = 0
+_COMM_REDUCE = 2
+
+
+def _iter_types(sch: s_tir.Schedule, block) -> list[int]:
+    return [int(iv.iter_type) for iv in sch.get(block).iter_vars]
+
+
+def _extent(sch: s_tir.Schedule, loop) -> int:
+    return int(sch.get(loop).extent)
+
+
+def _is_reduction(sch: s_tir.Schedule, block) -> bool:
+    return _COMM_REDUCE in _iter_types(sch, block)
+
+
+def _vector_width(extent: int) -> int:
+    for lanes in (16, 8, 4):
+        if extent % lanes == 0:
+            return lanes
+    return 1
+
+
+def _schedule_dense(sch: s_tir.Schedule, block, lanes: int):
+    """rfactor + vectorise the single reduction axis.
+
+    Returns the fused outer (parallel) loop and the block computed there first (the rfactor block).
+    """
+    types = _iter_types(sch, block)
+    loops = sch.get_loops(block)
+    head = block
+    spatial = [loop for loop, kind in zip(loops, types) if kind == _DATA_PAR]
+    (reduction,) = [loop for loop, kind in zip(loops, types) if kind == _COMM_REDUCE]
+    work = _extent(sch, reduction)
+    for loop in spatial:
+        work *= _extent(sch, loop)
+    if _extent(sch, reduction) >= 2 * lanes:
+        _, inner = sch.split(reduction, [None, lanes])
+        rf_block = sch.rfactor(inner, factor_axis=len(spatial))
+        head = rf_block
+        rf_loops = sch.get_loops(rf_block)
+        sch.vectorize(rf_loops[-1])
+        spatial = rf_loops[:len(spatial)]
+        batch = _extent(sch, spatial[0])
+        if len(spatial) == 2 and batch >= 2 * BATCH_TILE and batch % BATCH_TILE == 0:
+            # BATCH_TILE rows share each weight vector load (a GEMM register tile)
+            batch_outer, batch_inner = sch.split(spatial[0], [None, BATCH_TILE])
+            sch.reorder(batch_outer, spatial[1], rf_loops[-2], batch_inner, rf_loops[-1])
+            sch.unroll(batch_inner)
+            spatial = [batch_outer, spatial[1]]
+    outer = sch.fuse(*spatial) if len(spatial) > 1 else spatial[0]
+    if work >= PARALLEL_MIN_WORK:
+        sch.parallel(outer)
+    return outer, head
+
+
+def _schedule_conv(sch: s_tir.Schedule, block):
+    """NCHW conv: width loop innermost and vectorised under the reductions; (b, o) parallel.
+
+    Returns the fused outer loop and the block, or None for other layouts.
+    """
+    types = _iter_types(sch, block)
+    loops = sch.get_loops(block)
+    if types != [_DATA_PAR] * 4 + [_COMM_REDUCE] * 3:
+        return None
+    b, o, i, j, rc, ry, rx = loops
+    work = 1
+    for loop in loops:
+        work *= _extent(sch, loop)
+    sch.reorder(b, o, i, rc, ry, rx, j)
+    # vectorize and parallel need the complete reduction block: before the init is split off
+    sch.vectorize(j)
+    outer = sch.fuse(b, o)
+    if work >= PARALLEL_MIN_WORK:
+        sch.parallel(outer)
+    sch.decompose_reduction(block, rc)
+    return outer, block
+
+
+def _schedule_elementwise(sch: s_tir.Schedule, blocks: list) -> None:
+    """Fuse each block's loops; merge siblings over the same domain into one loop; vectorise, parallelise.
+
+    Siblings are e.g. the mean and variance blocks of the Gaussian ReLU: in one loop body LLVM
+    computes their common subexpressions (the standardised argument, Phi, phi) once.
+    """
+    groups: list[dict] = []
+    for block in blocks:
+        loops = sch.get_loops(block)
+        if not loops:
+            continue
+        fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
+        extent = _extent(sch, fused)
+        name = sch.get(block).name_hint
+        producers = {sch.get(p).name_hint for p in sch.get_producers(block)}
+        last = groups[-1] if groups else None
+        if last is not None and last["extent"] == extent and not producers & last["names"]:
+            last["loop"] = sch.merge(last["loop"], fused)
+            last["names"].add(name)
+        else:
+            groups.append({"loop": fused, "extent": extent, "names": {name}})
+    for group in groups:
+        extent, loop = group["extent"], group["loop"]
+        lanes = _vector_width(extent)
+        if lanes > 1 and extent > lanes:
+            loop, inner = sch.split(loop, [None, lanes])
+            sch.vectorize(inner)
+        if extent >= PARALLEL_MIN_ELEMENTS:
+            sch.parallel(loop)
+
+
+def schedule_prim_func(func: tirx.PrimFunc, *, lanes: int = REDUCTION_LANES) -> tirx.PrimFunc:
+    """``func`` with the hand-written CPU schedule applied (see the module docstring)."""
+    sch = s_tir.Schedule(func)
+    apply_hand_schedule(sch, lanes=lanes)
+    return sch.mod["main"]
+
+
+def apply_hand_schedule(sch: s_tir.Schedule, *, lanes: int = REDUCTION_LANES) -> None:
+    """Apply the hand-written schedule to the function ``main`` of ``sch`` (recorded in ``sch.trace``)."""
+    root = sch.get_sblock("root")
+    names = [sch.get(block).name_hint for block in sch.get_child_blocks(root)]
+    placed: set[str] = set()  # blocks moved under another block's loops
+    for name in names:
+        if name in placed:
+            continue
+        block = sch.get_sblock(name)
+        if not _is_reduction(sch, block):
+            continue
+        types = _iter_types(sch, block)
+        if types.count(_COMM_REDUCE) == 1:
+            scheduled = _schedule_dense(sch, block, lanes)
+        else:
+            scheduled = _schedule_conv(sch, block)
+        if scheduled is None:
+            continue
+        # consumers (final lane sum, bias epilogue, ReLU) inside the same parallel loop
+        outer, head = scheduled
+        _attach_consumers(sch, head, outer)
+        placed |= {sch.get(child).name_hint for child in sch.get_child_blocks(outer)}
+    _schedule_elementwise(sch, [block for block in sch.get_child_blocks(root)
+                                if sch.get(block).name_hint not in placed and not _is_reduction(sch, block)])
+
+
+def _attach_consumers(sch: s_tir.Schedule, producer, loop) -> None:
+    """Move the chain of consumers of ``producer`` under ``loop`` where their indexing allows."""
+    frontier = [producer]
+    seen = {sch.get(producer).name_hint}
+    while frontier:
+        block = frontier.pop(0)
+        for consumer in sch.get_consumers(block):
+            consumer_name = sch.get(consumer).name_hint
+            if consumer_name in seen:
+                continue
+            seen.add(consumer_name)
+            try:
+                sch.reverse_compute_at(consumer, loop)
+            except (s_tir.ScheduleError, tvm.error.InternalError):  # its indexing does not match (e.g. a pooling window): stays at root
+                continue
+            frontier.append(consumer)
+
+
+@tvm.transform.module_pass(opt_level=0, name="HandSchedule")
+class HandSchedule:
+    """Apply :func:`schedule_prim_func` to every TIR function not scheduled yet (e.g. by the database)."""
+
+    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        updates = {}
+        for gvar, func in mod.functions_items():
+            if not isinstance(func, tirx.PrimFunc) or func.attrs.get("tirx.is_scheduled", False):
+                continue
+            try:
+                scheduled = schedule_prim_func(func)
+            except (s_tir.ScheduleError, tvm.error.InternalError) as error:  # keep the default loops rather than fail the build
+                logger.warning("no hand schedule for %s (%s); default loops kept", gvar.name_hint,
+                               str(error).strip().splitlines()[-1])
+                continue
+            updates[gvar] = scheduled.with_attr("tirx.is_scheduled", True)
+        for gvar, func in updates.items():
+            mod[gvar] = func
+        return mod
+
+
+def fuse_operators(mod: tvm.IRModule, target) -> tvm.IRModule:
+    """Legalise and fuse a Relax module as the CPU pipeline does, ready for tuning or scheduling.
+
+    Both the Meta Scheduler's task extraction and :func:`compile_scheduled` start from this
+    module, so tuning records match the functions that are compiled. ``AnnotateTIROpPattern``'s
+    ``op_pattern`` attribute is dropped afterwards: it is only needed by ``FuseOps``, and a
+    function that keeps it no longer equals its tuning task.
+    """
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+
+    from pfp.backends.tvm.build import make_target
+
+    target = make_target(target)
+    with target:
+        mod = tvm.transform.Sequential([
+            *cpu.library_dispatch_passes(target),
+            relax.transform.LegalizeOps(),
+            relax.transform.AnnotateTIROpPattern(),
+            relax.transform.FoldConstant(),
+            relax.transform.FuseOps(),
+            relax.transform.FuseTIR(),
+        ])(mod)
+    updates = {gvar: func.without_attr("op_pattern") for gvar, func in mod.functions_items()
+               if isinstance(func, tirx.PrimFunc) and "op_pattern" in func.attrs}
+    for gvar, func in updates.items():
+        mod[gvar] = func
+    return mod
+
+
+def compile_scheduled(mod: tvm.IRModule, target, database=None) -> tvm.runtime.Executable:
+    """Compile a Relax module with hand schedules (and the database's schedules where it has them).
+
+    :func:`fuse_operators` first (the functions the tuning tasks were extracted from), then the
+    database's best schedule per function, then the hand schedule for every function the
+    database does not cover, then the CPU backend's lowering.
+    """
+    # the CPU backend's pass lists (tvm.relax.pipeline's dispatcher misses them in 0.27)
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+
+    from pfp.backends.tvm.build import make_target
+
+    target = make_target(target)
+    lower = cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target)
+    mod = fuse_operators(mod, target)
+
+    @tvm.transform.module_pass(opt_level=3, name="PFPScheduledPipeline")
+    def pipeline(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        if database is not None:
+            mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
+            from_database = [gvar.name_hint for gvar, func in mod.functions_items()
+                             if isinstance(func, tirx.PrimFunc) and func.attrs.get("tirx.is_scheduled", False)]
+            logger.info("schedules from the database: %s", ", ".join(sorted(from_database)) or "none")
+        mod = HandSchedule()(mod)
+        return tvm.transform.Sequential(lower)(mod)
+
+    with target, tvm.transform.PassContext(opt_level=3):
+        if database is not None:
+            with database:
+                return relax.build(mod, target=target, relax_pipeline=pipeline)
+        return relax.build(mod, target=target, relax_pipeline=pipeline)

@@ -1,0 +1,111 @@
+"""Hand schedules: every operator kind keeps its numbers (vs TVM's naive loops and the torch
+reference), actually gets parallel/SIMD loops, and whole networks compile through them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("tvm")
+
+import tvm  # noqa: E402
+
+from pfp.backends import torch_ref as ref  # noqa: E402
+from pfp.backends.tvm import build as tb  # noqa: E402
+from pfp.backends.tvm import ops  # noqa: E402
+from pfp.backends.tvm.schedules import schedule_prim_func  # noqa: E402
+from pfp.spec import Architecture, build_spec  # noqa: E402
+
+from .helpers import assert_close, random_params  # noqa: E402
+
+TARGET = tvm.target.Target({"kind": "llvm"})
+
+# (operator, input shapes, kwargs): dense batch 8 exercises the 4-row register tile, K=100 the
+# rfactor remainder, the conv cases padding and stride, the ensembles a shared and a per-member input
+CASES = {
+    "dense_joint_first": (ops.dense_joint_first, [(8, 784), (100, 784), (100, 784), (100,), (100,)], {}),
+    "dense_joint": (ops.dense_joint, [(8, 100), (8, 100), (10, 100), (10, 100), (10, 100), (10,), (10,)], {}),
+    "dense_joint_b1": (ops.dense_joint, [(1, 100), (1, 100), (100, 100), (100, 100), (100, 100), (100,), (100,)], {}),
+    "dense_var": (ops.dense_var, [(4, 120), (4, 120), (84, 120), (84, 120), (84,)], {}),
+    "dense": (ops.dense, [(12, 64), (32, 64), (32,)], {}),
+    "conv2d_joint_first": (ops.conv2d_joint_first, [(2, 1, 28, 28), (6, 1, 5, 5), (6, 1, 5, 5), (6,), (6,)],
+                           {"padding": 2}),
+    "conv2d_joint": (ops.conv2d_joint, [(2, 6, 14, 14), (2, 6, 14, 14), (16, 6, 5, 5), (16, 6, 5, 5), (16, 6, 5, 5),
+                                        (16,), (16,)], {}),
+    "conv2d_strided": (ops.conv2d, [(1, 3, 9, 9), (4, 3, 3, 3), (4,)], {"stride": 2, "padding": 1}),
+    "relu_gaussian": (ops.relu_gaussian, [(2, 6, 28, 28), (2, 6, 28, 28)], {}),
+    "maxpool2x2_gaussian": (ops.maxpool2x2_gaussian, [(2, 6, 28, 28), (2, 6, 28, 28)], {}),
+    "dense_ensemble_shared": (ops.dense_ensemble, [(2, 64), (5, 7, 64), (5, 7)], {"batch": 2}),
+    "conv2d_ensemble": (ops.conv2d_ensemble, [(6, 2, 8, 8), (3, 4, 2, 3, 3), (3, 4)], {"batch": 2, "padding": 1}),
+}
+
+
+def _inputs(shapes, seed=0):
+    rng = np.random.default_rng(seed)
+    # positive variances where an operator has them; any values are valid for the others
+    return [rng.uniform(0.05, 1.0, size=shape).astype("float32") for shape in shapes]
+
+
+def _run(func, inputs, output_shapes):
+    executable = tvm.compile(func, target=TARGET)
+    device = tvm.cpu()
+    args = [tvm.runtime.tensor(a, device) for a in inputs]
+    outputs = [tvm.runtime.empty(shape, "float32", device) for shape in output_shapes]
+    executable["main"](*args, *outputs)
+    return [out.numpy() for out in outputs]
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_hand_schedule_keeps_every_operator_exact(name):
+    op, shapes, kwargs = CASES[name]
+    naive_op = ops.CompiledOp(op, shapes, target=TARGET, **kwargs)
+    func, output_shapes = naive_op.prim_func, naive_op.output_shapes
+    scheduled = schedule_prim_func(func)
+    inputs = _inputs(shapes)
+    naive = _run(func, inputs, output_shapes)
+    fast = _run(scheduled, inputs, output_shapes)
+    for expected, actual in zip(naive, fast):
+        # same sums in another order: float32 rounding only
+        np.testing.assert_allclose(actual, expected, rtol=2e-5, atol=1e-6 * float(np.abs(expected).max()))
+    script = scheduled.script()
+    assert "T.vectorized" in script, "no SIMD loop"
+
+
+@pytest.mark.parametrize("name", ["dense_joint_first", "conv2d_joint", "relu_gaussian", "maxpool2x2_gaussian"])
+def test_large_operators_run_in_parallel(name):
+    op, shapes, kwargs = CASES[name]
+    assert "T.parallel" in schedule_prim_func(ops.make_prim_func(op, shapes, **kwargs)).script()
+
+
+def test_small_operators_stay_on_one_thread():
+    # 100 x 100 multiply-adds: the thread pool's wake-up would cost more than the work
+    op, shapes, kwargs = CASES["dense_joint_b1"]
+    assert "T.parallel" not in schedule_prim_func(ops.make_prim_func(op, shapes, **kwargs)).script()
+
+
+def test_relu_mean_and_variance_share_one_loop():
+    op, shapes, kwargs = CASES["relu_gaussian"]
+    script = schedule_prim_func(ops.make_prim_func(op, shapes, **kwargs)).script()
+    assert script.count("T.parallel") == 1  # the mean and variance blocks were merged into one loop nest
+
+
+@pytest.mark.parametrize("architecture", list(Architecture), ids=lambda a: a.value)
+@pytest.mark.parametrize("schedule", [tb.Schedule.DEFAULT, tb.Schedule.HAND])
+def test_networks_compile_with_every_schedule(architecture, schedule):
+    spec = build_spec(architecture)
+    params = random_params(spec, seed=4)
+    x = torch.randn(8, *spec.input_shape, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ref_mean, ref_var = ref.pfp_forward(spec, params, x)
+    mean, var = tb.compile_pfp(spec, params, batch_size=8, schedule=schedule)(x.numpy())
+    assert_close(mean, ref_mean, what=f"{schedule.value} mean")
+    assert_close(var, ref_var, what=f"{schedule.value} var")
+
+
+def test_tuned_schedule_needs_a_database(tmp_path):
+    spec = build_spec("mlp")
+    with pytest.raises(ValueError, match="needs the tuning database"):
+        tb.compile_pfp(spec, random_params(spec), schedule=tb.Schedule.TUNED)
+    with pytest.raises(FileNotFoundError, match="tuning database folder not found"):
+        tb.compile_pfp(spec, random_params(spec), schedule=tb.Schedule.TUNED, database=tmp_path / "missing")
