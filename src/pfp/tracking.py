@@ -109,7 +109,9 @@ def stage_run(stage: str, *, params: Mapping[str, Any] | None = None, tags: Mapp
         base_tags["data_hash"] = json.loads(manifest.read_text()).get("data_hash", "unknown")
     if parent:
         base_tags["mlflow.parentRunId"] = parent
-    with mlflow.start_run(run_name=stage, tags={**base_tags, **(tags or {})}) as run:
+    # tag values must be strings for the REST store (a bool passes SQLite but fails on a server)
+    tags = {key: str(value) for key, value in (tags or {}).items()}
+    with mlflow.start_run(run_name=stage, tags={**base_tags, **tags}) as run:
         handle = StageRun(mlflow, run)
         if params:
             handle.log_params(params)
