@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
-from typing import Any, Optional
+from typing import Annotated, Any, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pfp.spec import Architecture
 
@@ -128,19 +128,21 @@ class EvaluateConfig(_Section):
     pfp_backend: PFPBackend = PFPBackend.TVM
 
 
+def _positive_batch_sizes(sizes: list[int]) -> list[int]:
+    if not sizes or any(b < 1 for b in sizes):
+        raise ValueError("must be a non-empty list of positive batch sizes")
+    return sizes
+
+
+BatchSizes = Annotated[list[int], AfterValidator(_positive_batch_sizes)]
+
+
 class BenchmarkConfig(_Section):
-    batch_sizes: list[int] = Field(default_factory=lambda: [1, 10, 100])
+    batch_sizes: BatchSizes = Field(default_factory=lambda: [1, 10, 100])
     svi_samples: int = Field(30, ge=1)
     repeat: int = Field(10, ge=1)  # Python-level baselines: median of this many timed calls
     tvm_number: int = Field(20, ge=1)  # time_evaluator: calls per measurement
     tvm_repeat: int = Field(5, ge=1)  # time_evaluator: measurements
-
-    @field_validator("batch_sizes")
-    @classmethod
-    def _positive_batches(cls, sizes: list[int]) -> list[int]:
-        if not sizes or any(b < 1 for b in sizes):
-            raise ValueError("must be a non-empty list of positive batch sizes")
-        return sizes
 
 
 class CompileTarget(str, Enum):
@@ -183,7 +185,7 @@ class RPCConfig(_Section):
 
 class TuneParams(_Section):
     target: CompileTarget = CompileTarget.HOST
-    batch_sizes: list[int] = Field(default_factory=lambda: [1, 10, 100])
+    batch_sizes: BatchSizes = Field(default_factory=lambda: [1, 10, 100])
     variants: list[Variant] = Field(default_factory=lambda: list(Variant))
     trials_per_task: int = Field(16, ge=0)  # Meta Scheduler trials per task; 0: hand schedules only (measured)
     svi_samples: int = Field(30, ge=1)  # members of the compiled SVI ensemble
@@ -191,13 +193,6 @@ class TuneParams(_Section):
     min_repeat_ms: int = Field(50, ge=0)  # each measurement lasts at least this long
     population_size: int = Field(64, ge=4)  # evolutionary search population
     rpc: RPCConfig = RPCConfig()
-
-    @field_validator("batch_sizes")
-    @classmethod
-    def _positive_batches(cls, sizes: list[int]) -> list[int]:
-        if not sizes or any(b < 1 for b in sizes):
-            raise ValueError("must be a non-empty list of positive batch sizes")
-        return sizes
 
     @field_validator("variants")
     @classmethod
