@@ -301,6 +301,34 @@ def _load_state(work_dir: Path) -> dict:
     return state
 
 
+def measurement_setting(config: TuneConfig) -> str:
+    """What the runner's timings depend on besides the schedule: where they run and on how many threads.
+
+    Records measured under another setting are not comparable (a parallel schedule measured on
+    one thread looks slower than it is), so a work dir measured differently starts over.
+    """
+    if config.uses_rpc:
+        return f"rpc:{config.rpc_key}"
+    return f"local:threads={os.environ.get('TVM_NUM_THREADS') or os.environ.get('OMP_NUM_THREADS') or 'default'}"
+
+
+def _discard_incomparable_records(work_dir: Path, setting: str) -> None:
+    """Delete the database and state of ``work_dir`` when they were measured under another setting."""
+    state_path = work_dir / STATE_FILE
+    if not state_path.is_file():
+        return
+    try:
+        previous = json.loads(state_path.read_text()).get("measured_with")
+    except json.JSONDecodeError:
+        previous = None
+    if previous == setting:
+        return
+    for path in [state_path, *work_dir.glob("database_*.json")]:
+        path.unlink()
+    logger.warning("%s: the records were measured with %s, the runner now uses %s; tuning starts over",
+                   work_dir, previous or "an unrecorded setting", setting)
+
+
 def _save_state(work_dir: Path, state: dict) -> None:
     path = work_dir / STATE_FILE
     tmp = path.with_suffix(".tmp")
@@ -331,6 +359,7 @@ def tune_module(mod: tvm.IRModule, target=None, config: TuneConfig | None = None
     report = report if report is not None else TuneReport()
     start = time.perf_counter()
     work_dir = config.work_path
+    _discard_incomparable_records(work_dir, measurement_setting(config))
     database = open_database(work_dir)
     report.records_before = count_records(database)
 
@@ -339,6 +368,7 @@ def tune_module(mod: tvm.IRModule, target=None, config: TuneConfig | None = None
     if not tasks:
         raise ValueError("the module has no TIR functions to tune")
     state = _load_state(work_dir)
+    state["measured_with"] = measurement_setting(config)
     finished: dict[str, int] = state.setdefault("finished", {})
     pending = []
     for task in tasks:
