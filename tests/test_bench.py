@@ -3,11 +3,14 @@ must compute the same thing as the per-sample reference, or the timings compare 
 
 from __future__ import annotations
 
+import os
+
 import pyro
 import pytest
 import torch
 
 from pfp.backends.torch_ref import deterministic_forward
+from pfp.backends.tvm import physical_cores
 from pfp.bench import TUNED_KEYS, benchmark_model, ensemble_forward, guide_from_posterior, time_call
 from pfp.bnn import Posterior, make_model, site_names
 from pfp.config import Variant
@@ -67,6 +70,9 @@ def test_benchmark_model_reports_every_predictor():
     assert results["pfp_over_det_tvm"] == pytest.approx(results["pfp_tvm_ms"] / results["det_tvm_ms"])
     # no tuned libraries given: every compiled variant was built here with the hand schedules
     assert results["schedules"] == {variant.value: "hand" for variant in TUNED_KEYS}
+    # the thread counts the figures ran with: TVM's pool on every physical core (unless the environment says)
+    assert results["threads"]["tvm"] == int(os.environ.get("TVM_NUM_THREADS", physical_cores()))
+    assert results["threads"]["torch"] == torch.get_num_threads()
 
 
 def test_benchmark_model_times_the_libraries_it_is_given():

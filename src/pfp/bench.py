@@ -87,6 +87,8 @@ def benchmark_model(posterior: Posterior, pfp_model: PFPModel, batch_size: int, 
     stage's libraries); a variant without one is compiled here with the hand schedules, and
     ``schedules`` in the result says which. ``*_untuned_ms`` is TVM's default lowering.
     """
+    import tvm
+
     from pfp.backends.torch_ref import pfp_forward
     from pfp.backends.tvm.build import CompiledDeterministic, CompiledEnsemble, CompiledPFP, Schedule, compile_module
     from pfp.tuning import build_variant_module
@@ -130,4 +132,6 @@ def benchmark_model(posterior: Posterior, pfp_model: PFPModel, batch_size: int, 
     results["separate_over_joint_tvm"] = results["pfp_tvm_separate_ms"] / results["pfp_tvm_ms"]
     results["untuned_over_tuned_pfp_tvm"] = results["pfp_tvm_untuned_ms"] / results["pfp_tvm_ms"]
     results["schedules"] = schedules
+    # what the figures ran on: TVM's pool is sized by pfp.backends.tvm (physical cores), torch's by torch
+    results["threads"] = {"tvm": int(tvm.get_global_func("runtime.NumThreads")()), "torch": torch.get_num_threads()}
     return results

@@ -3,6 +3,8 @@ reference), actually gets parallel/SIMD loops, and whole networks compile throug
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -36,6 +38,8 @@ CASES = {
     "conv2d_strided": (ops.conv2d, [(1, 3, 9, 9), (4, 3, 3, 3), (4,)], {"stride": 2, "padding": 1}),
     "relu_gaussian": (ops.relu_gaussian, [(2, 6, 28, 28), (2, 6, 28, 28)], {}),
     "maxpool2x2_gaussian": (ops.maxpool2x2_gaussian, [(2, 6, 28, 28), (2, 6, 28, 28)], {}),
+    # LeNet's layer-2 shapes: a width (8) and pooled width (4) that 16 lanes do not divide
+    "maxpool2x2_gaussian_small": (ops.maxpool2x2_gaussian, [(3, 16, 8, 8), (3, 16, 8, 8)], {}),
     "dense_ensemble_shared": (ops.dense_ensemble, [(2, 64), (5, 7, 64), (5, 7)], {"batch": 2}),
     "conv2d_ensemble": (ops.conv2d_ensemble, [(6, 2, 8, 8), (3, 4, 2, 3, 3), (3, 4)], {"batch": 2, "padding": 1}),
 }
@@ -82,6 +86,37 @@ def test_small_operators_stay_on_one_thread():
     # 100 x 100 multiply-adds: the thread pool's wake-up would cost more than the work
     op, shapes, kwargs = CASES["dense_joint_b1"]
     assert "T.parallel" not in schedule_prim_func(ops.make_prim_func(op, shapes, **kwargs)).script()
+
+
+def _loops(func, kind: str) -> list[int]:
+    """Extents of the loops of ``func`` annotated as ``kind`` (parallel / vectorized / unroll)."""
+    return [int(extent) for extent in re.findall(rf"in T\.{kind}\((\d+)\)", func.script())]
+
+
+@pytest.mark.parametrize("shape", [(2, 6, 24, 24), (3, 16, 8, 8), (1, 6, 12, 12)])
+def test_image_elementwise_vectorises_whole_rows(shape):
+    """Vector lanes never straddle a row boundary: they cover H x W in chunks that divide it.
+
+    Splitting the flat (B, C, H, W) loop by 16 when 16 does not divide the width made TVM load
+    every lane separately, with its own index divisions (2-4x slower on LeNet's shapes).
+    """
+    func = schedule_prim_func(ops.make_prim_func(ops.relu_gaussian, [shape, shape]))
+    spatial = shape[2] * shape[3]
+    vectorised = _loops(func, "vectorized")
+    assert vectorised, func.script()
+    for extent in vectorised:
+        assert spatial % extent == 0 and extent in (4, 8, 16) or extent == spatial
+    for extent in _loops(func, "parallel"):
+        assert extent == shape[0] * shape[1]  # (batch, channel) rows across threads
+
+
+def test_gemv_tiles_outputs():
+    """Batch 1 dense: OUTPUT_TILE outputs per step (independent accumulator chains), unrolled."""
+    from pfp.backends.tvm.schedules import OUTPUT_TILE
+
+    op, shapes, kwargs = CASES["dense_joint_b1"]
+    func = schedule_prim_func(ops.make_prim_func(op, shapes, **kwargs))
+    assert OUTPUT_TILE in _loops(func, "unroll"), func.script()
 
 
 def test_relu_mean_and_variance_share_one_loop():

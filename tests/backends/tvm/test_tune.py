@@ -7,6 +7,7 @@ one-time ``tvm.s_tir.tensor_intrin`` import (~60 s on 2 cores); budgets are a fe
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -156,6 +157,28 @@ def test_resume_from_records_without_state_file(case, local_tuning, tmp_path):
     assert sorted(report.skipped) == sorted(name for name, count in records.items() if count >= TRIALS)
     if not report.tuned:
         assert report.new_records == 0
+
+
+def test_records_measured_with_other_threads_are_discarded(case, local_tuning, tmp_path, monkeypatch, caplog):
+    """Timings taken on 1 thread do not compare with 2-thread ones: such a work dir starts over."""
+    mod = case[0]
+    config, database, first = local_tuning
+    copy = tmp_path / "copy"
+    shutil.copytree(config.work_dir, copy)
+    state = json.loads((copy / tune.STATE_FILE).read_text())
+    assert state["measured_with"] == "local:threads=1" == tune.measurement_setting(config)
+
+    monkeypatch.setenv("TVM_NUM_THREADS", "2")
+    report = tune.TuneReport()
+    tune.tune_module(mod, config=fast_config(copy, search=False), report=report)
+    assert report.records_before == 0  # the 1-thread records were dropped ...
+    assert "tuning starts over" in caplog.text
+    assert json.loads((copy / tune.STATE_FILE).read_text())["measured_with"] == "local:threads=2"
+    assert report.records_after == len(report.hand_ms) > 0  # ... and the hand schedules measured again
+
+    again = tune.TuneReport()
+    tune.tune_module(mod, config=fast_config(copy, search=False), report=again)
+    assert again.records_before == report.records_after  # same setting: kept
 
 
 # --------------------------------------------------------------------------- RPC

@@ -95,7 +95,7 @@ def make_target(name: TargetName | str | Mapping | tvm.target.Target = TargetNam
 
     A ``Target`` or a target dict passes through (TVM 0.27 refuses CLI strings such as
     ``"llvm -mcpu=..."``). ``num_cores`` (the Meta Scheduler reads ``num-cores``) defaults to
-    the host's CPU count for ``host`` and 4 for the boards.
+    the host's physical cores for ``host`` and 4 for the boards.
     """
     if isinstance(name, tvm.target.Target):
         return name
@@ -111,9 +111,9 @@ def make_target(name: TargetName | str | Mapping | tvm.target.Target = TargetNam
         cpu = _host_cpu()
         if cpu:
             config["mcpu"] = cpu
-        import os
+        from pfp.backends.tvm import physical_cores
 
-        config["num-cores"] = num_cores or os.cpu_count() or 1
+        config["num-cores"] = num_cores or physical_cores()  # the runtime's thread count (see pfp.backends.tvm)
     else:
         config = dict(_BOARDS[name])
         if num_cores:

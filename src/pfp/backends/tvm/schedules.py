@@ -34,17 +34,21 @@ __all__ = ["HAND_SCHEDULE_VERSION", "HandSchedule", "apply_hand_schedule", "comp
 logger = logging.getLogger(__name__)
 
 #: Bump when the rules below change: tuning work dirs then measure the hand schedules again.
-HAND_SCHEDULE_VERSION = 2
+HAND_SCHEDULE_VERSION = 3
 #: Independent partial sums of a dense reduction (16 float32 = one AVX-512 or two AVX2 / four NEON registers).
 REDUCTION_LANES = 16
 #: Batch rows that share one load of a weight vector in a dense reduction (register tile).
 BATCH_TILE = 4
 #: Outputs computed side by side in a dense reduction with few rows (independent accumulator chains).
 OUTPUT_TILE = 4
+#: Output channels computed side by side in a convolution (the first that divides the channels).
+CONV_CHANNEL_TILES = (4, 3, 2)
+#: ... when each output sums at least this many terms (input channels x kernel window).
+CONV_TILE_MIN_REDUCTION = 64
 #: Below this many multiply-adds an operator runs on one thread (the pool's wake-up costs more).
 PARALLEL_MIN_WORK = 100_000
 #: Elementwise blocks with fewer elements stay on one thread.
-PARALLEL_MIN_ELEMENTS = 4096
+PARALLEL_MIN_ELEMENTS = 1024
 
 _DATA_PAR = 0
 _COMM_REDUCE = 2
@@ -124,7 +128,18 @@ def _schedule_conv(sch: s_tir.Schedule, block):
     work = 1
     for loop in loops:
         work *= _extent(sch, loop)
-    sch.reorder(b, o, i, rc, ry, rx, j)
+    reduction = _extent(sch, rc) * _extent(sch, ry) * _extent(sch, rx)
+    tile = 1
+    if reduction >= CONV_TILE_MIN_REDUCTION:  # short reductions (a first layer's 1 x 5 x 5) run slower tiled
+        tile = next((t for t in CONV_CHANNEL_TILES if _extent(sch, o) % t == 0), 1)
+    if tile > 1:
+        # `tile` output channels side by side: each input row load feeds `tile` independent
+        # multiply-add chains (one chain stalls on the FMA latency over the whole reduction)
+        o, o_inner = sch.split(o, [None, tile])
+        sch.reorder(b, o, i, rc, ry, rx, o_inner, j)
+        sch.unroll(o_inner)
+    else:
+        sch.reorder(b, o, i, rc, ry, rx, j)
     # vectorize and parallel need the complete reduction block: before the init is split off
     sch.vectorize(j)
     outer = sch.fuse(b, o)
@@ -232,7 +247,24 @@ def _attach_consumers(sch: s_tir.Schedule, producer, loop) -> None:
                 sch.reverse_compute_at(consumer, loop)
             except (s_tir.ScheduleError, tvm.error.InternalError):  # its indexing does not match (e.g. a pooling window): stays at root
                 continue
+            if not _is_reduction(sch, consumer):
+                _vectorise_innermost(sch, consumer, below=loop)
             frontier.append(consumer)
+
+
+def _vectorise_innermost(sch: s_tir.Schedule, block, below) -> None:
+    """Vectorise the innermost loop of ``block`` if it is one of the loops under ``below`` (e.g. a bias epilogue row)."""
+    loops = sch.get_loops(block)
+    position = next((index for index, candidate in enumerate(loops) if sch.get(candidate).same_as(sch.get(below))), None)
+    if position is None or position == len(loops) - 1:
+        return
+    inner = loops[-1]
+    extent = _extent(sch, inner)
+    lanes = _vector_width(extent)
+    if extent <= 2 * REDUCTION_LANES:
+        sch.vectorize(inner)
+    elif lanes > 1:
+        sch.vectorize(sch.split(inner, [None, lanes])[1])
 
 
 @tvm.transform.module_pass(opt_level=0, name="HandSchedule")
