@@ -2,13 +2,19 @@
 
 The machine runs long jobs next to the tests: torch's intra-op thread pool would
 oversubscribe the cores and make tiny tensor ops dozens of times slower, so every test runs
-single-threaded (the previous setting is restored afterwards).
+single-threaded (the previous setting is restored afterwards). TVM's runtime gets one thread
+too (pfp.backends.tvm would otherwise start one per physical core, here and in the stage
+subprocesses of the end-to-end tests, which inherit the environment).
 """
 
 from __future__ import annotations
 
-import pytest
-import torch
+import os
+
+os.environ.setdefault("TVM_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
