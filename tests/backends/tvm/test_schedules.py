@@ -38,7 +38,7 @@ CASES = {
     "conv2d_strided": (ops.conv2d, [(1, 3, 9, 9), (4, 3, 3, 3), (4,)], {"stride": 2, "padding": 1}),
     "relu_gaussian": (ops.relu_gaussian, [(2, 6, 28, 28), (2, 6, 28, 28)], {}),
     "maxpool2x2_gaussian": (ops.maxpool2x2_gaussian, [(2, 6, 28, 28), (2, 6, 28, 28)], {}),
-    # LeNet's layer-2 shapes: a width (8) and pooled width (4) that 16 lanes do not divide
+    # a width (8) and pooled width (4) narrower than 16 lanes: vectors must not straddle rows
     "maxpool2x2_gaussian_small": (ops.maxpool2x2_gaussian, [(3, 16, 8, 8), (3, 16, 8, 8)], {}),
     "dense_ensemble_shared": (ops.dense_ensemble, [(2, 64), (5, 7, 64), (5, 7)], {"batch": 2}),
     "conv2d_ensemble": (ops.conv2d_ensemble, [(6, 2, 8, 8), (3, 4, 2, 3, 3), (3, 4)], {"batch": 2, "padding": 1}),
