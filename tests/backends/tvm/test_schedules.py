@@ -16,7 +16,7 @@ import tvm  # noqa: E402
 from pfp.backends import torch_ref as ref  # noqa: E402
 from pfp.backends.tvm import build as tb  # noqa: E402
 from pfp.backends.tvm import ops  # noqa: E402
-from pfp.backends.tvm.schedules import schedule_prim_func  # noqa: E402
+from pfp.backends.tvm.schedules import MAX_VECTOR_LANES, schedule_prim_func  # noqa: E402
 from pfp.spec import Architecture, build_spec  # noqa: E402
 
 from .helpers import assert_close, random_params  # noqa: E402
@@ -93,21 +93,35 @@ def _loops(func, kind: str) -> list[int]:
     return [int(extent) for extent in re.findall(rf"in T\.{kind}\((\d+)\)", func.script())]
 
 
-@pytest.mark.parametrize("shape", [(2, 6, 24, 24), (3, 16, 8, 8), (1, 6, 12, 12)])
+@pytest.mark.parametrize("shape", [(2, 6, 24, 24), (3, 16, 8, 8), (1, 6, 12, 12), (2, 16, 10, 10)])
 def test_image_elementwise_vectorises_whole_rows(shape):
-    """Vector lanes never straddle a row boundary: they cover H x W in chunks that divide it.
+    """Vector lanes never straddle a row boundary of the H x W plane, and vectors are 8+ lanes long.
 
     Splitting the flat (B, C, H, W) loop by 16 when 16 does not divide the width made TVM load
-    every lane separately, with its own index divisions (2-4x slower on LeNet's shapes).
+    every lane separately, with its own index divisions (2-4x slower on LeNet's shapes); 4-lane
+    chunks of LeNet's 10 x 10 plane left too little independent work in flight (3x slower than 50).
     """
     func = schedule_prim_func(ops.make_prim_func(ops.relu_gaussian, [shape, shape]))
     spatial = shape[2] * shape[3]
     vectorised = _loops(func, "vectorized")
     assert vectorised, func.script()
     for extent in vectorised:
-        assert spatial % extent == 0 and extent in (4, 8, 16) or extent == spatial
+        assert spatial % extent == 0 and 8 <= extent <= MAX_VECTOR_LANES or extent == spatial
     for extent in _loops(func, "parallel"):
         assert extent == shape[0] * shape[1]  # (batch, channel) rows across threads
+
+
+def test_pooling_vectorises_row_by_row():
+    """A window block reads rows 2i and 2i+1 (or columns 2j, 2j+1): one output row per vector, rows in a serial loop.
+
+    LeNet's pooled rows are 14 wide: chunks over the flat pooled plane straddled them (8 and 4 lanes).
+    """
+    func = schedule_prim_func(ops.make_prim_func(ops.maxpool2x2_gaussian, [(2, 6, 28, 28)] * 2))
+    assert _loops(func, "vectorized") == [14, 14], func.script()  # the horizontal then the vertical pairs
+    assert re.findall(r"for \w+ in range\((\d+)\)", func.script()) == ["28", "14"]  # their rows
+    # rows narrower than MIN_VECTOR_ROW: the whole pooled plane is one vector instead
+    small = schedule_prim_func(ops.make_prim_func(ops.maxpool2x2_gaussian, [(3, 16, 8, 8)] * 2))
+    assert _loops(small, "vectorized") == [8 * 4, 4 * 4], small.script()
 
 
 def test_gemv_tiles_outputs():

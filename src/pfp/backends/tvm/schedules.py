@@ -14,8 +14,9 @@ schedule from this module unless the tuning database has a faster one:
   (batch, out-channel) loop is parallelised;
 * the bias epilogue and elementwise consumers (ReLU, the final lane sum) are computed inside
   the parallel loop of their producer; remaining elementwise / pooling blocks are merged with
-  their siblings, vectorised over the spatial axes and, when large, parallelised over
-  (batch, channel).
+  their siblings, vectorised over the spatial axes (pointwise blocks over the H x W plane,
+  pooling blocks row by row, never a vector across a row boundary) and, when large,
+  parallelised over (batch, channel).
 
 The rules look at each block's iteration types, not at names, so they also apply to the
 functions ``FuseOps``/``FuseTIR`` produce (e.g. dense + ReLU in one function).
@@ -34,7 +35,7 @@ __all__ = ["HAND_SCHEDULE_VERSION", "HandSchedule", "apply_hand_schedule", "comp
 logger = logging.getLogger(__name__)
 
 #: Bump when the rules below change: tuning work dirs then measure the hand schedules again.
-HAND_SCHEDULE_VERSION = 3
+HAND_SCHEDULE_VERSION = 4
 #: Independent partial sums of a dense reduction (16 float32 = one AVX-512 or two AVX2 / four NEON registers).
 REDUCTION_LANES = 16
 #: Batch rows that share one load of a weight vector in a dense reduction (register tile).
@@ -49,6 +50,10 @@ CONV_TILE_MIN_REDUCTION = 64
 PARALLEL_MIN_WORK = 100_000
 #: Elementwise blocks with fewer elements stay on one thread.
 PARALLEL_MIN_ELEMENTS = 1024
+#: Longest vector of an elementwise loop (several SIMD registers: independent chains in flight).
+MAX_VECTOR_LANES = 64
+#: Window (pooling) blocks vectorise row by row when rows are at least this long.
+MIN_VECTOR_ROW = 8
 
 _DATA_PAR = 0
 _COMM_REDUCE = 2
@@ -149,17 +154,54 @@ def _schedule_conv(sch: s_tir.Schedule, block):
     return outer, block
 
 
+def _reads_pointwise(sch: s_tir.Schedule, block) -> bool:
+    """True when every read of ``block`` is its own output position (an elementwise map, not a window)."""
+    stmt = sch.get(block)
+    iter_vars = [iv.var for iv in stmt.iter_vars]
+    for read in stmt.reads:
+        if len(read.region) != len(iter_vars):
+            return False
+        for extent_range, var in zip(read.region, iter_vars):
+            if not (extent_range.min.same_as(var) and int(extent_range.extent) == 1):
+                return False
+    return True
+
+
+def _contiguous_lanes(extent: int) -> int:
+    """Vector length for a contiguous loop: whole if short, else 16 or the longest divisor that fits."""
+    if extent <= MAX_VECTOR_LANES:
+        return extent
+    if extent % 16 == 0:
+        return 16
+    divisors = [lanes for lanes in range(8, MAX_VECTOR_LANES + 1) if extent % lanes == 0]
+    return divisors[-1] if divisors else _vector_width(extent)
+
+
+def _vectorise(sch: s_tir.Schedule, loop, lanes: int):
+    """Vectorise ``loop`` in chunks of ``lanes`` (whole if it is that short); returns the outer loop of the split, if any."""
+    extent = _extent(sch, loop)
+    if lanes <= 1:
+        return None
+    if extent <= lanes:
+        sch.vectorize(loop)
+        return None
+    outer, inner = sch.split(loop, [None, lanes])
+    sch.vectorize(inner)
+    return outer
+
+
 def _schedule_elementwise(sch: s_tir.Schedule, blocks: list) -> None:
-    """Merge sibling blocks over the same domain into one loop nest; vectorise, parallelise.
+    """Merge sibling blocks over the same domain into one loop nest; vectorise by whole rows; parallelise.
 
     Siblings are e.g. the mean and variance blocks of the Gaussian ReLU: in one loop body LLVM
     computes their common subexpressions (the standardised argument, Phi, phi) once.
 
-    Image tensors (rank >= 3) are vectorised over their fused spatial axes (H x W, in chunks of
-    16 lanes) under a parallel (batch, channel) loop. Fusing *all* axes and splitting by 16
-    would be shorter but, when 16 does not divide the width (24, 12, 8 in LeNet), the vector
-    lanes straddle rows: TVM then computes every lane's address with its own divisions and
-    loads lane by lane, which cost 2-4x the Gaussian arithmetic itself.
+    Image tensors (rank >= 3) run a parallel (batch, channel) loop. Under it, a pointwise block
+    (ReLU) is vectorised over its fused H x W axes in chunks of whole rows (two 28-wide rows, five
+    10-wide rows in LeNet); a window block (pooling) row by row, because the rows it reads are not
+    contiguous with each other. Vectors of up to MAX_VECTOR_LANES (several registers each) keep
+    enough independent work in flight for the long dependency chains of Phi and phi: 16-lane
+    chunks that straddle 28-wide rows were 2x slower, 4-lane chunks of 10-wide rows 3x.
     """
     groups: list[dict] = []
     for block in blocks:
@@ -167,35 +209,30 @@ def _schedule_elementwise(sch: s_tir.Schedule, blocks: list) -> None:
         if not loops:
             continue
         extents = tuple(_extent(sch, loop) for loop in loops)
+        pointwise = _reads_pointwise(sch, block)
+        by_rows = not pointwise and len(loops) > 3 and extents[-1] >= MIN_VECTOR_ROW
         if len(loops) >= 3:
-            outer = sch.fuse(*loops[:2])
-            inner = sch.fuse(*loops[2:]) if len(loops) > 3 else loops[2]
-        else:
-            outer, inner = None, sch.fuse(*loops) if len(loops) > 1 else loops[0]
+            sch.fuse(*loops[:2])
+            if not by_rows and len(loops) > 3:
+                sch.fuse(*sch.get_loops(block)[1:])
+        elif len(loops) == 2:
+            sch.fuse(*loops)
         name = sch.get(block).name_hint
         producers = {sch.get(p).name_hint for p in sch.get_producers(block)}
         last = groups[-1] if groups else None
-        if last is not None and last["extents"] == extents and not producers & last["names"]:
-            if outer is not None:  # loop handles change on merging: the inner loops are looked up again
-                last["outer"] = sch.merge(last["outer"], outer)
-                last["inner"], inner = sch.get_loops(last["block"])[-1], sch.get_loops(block)[-1]
-            last["inner"] = sch.merge(last["inner"], inner)
+        if (last is not None and last["extents"] == extents and last["by_rows"] == by_rows
+                and not producers & last["names"]):
+            for level in range(len(sch.get_loops(block))):  # loop handles change on merging: looked up again
+                sch.merge(sch.get_loops(last["block"])[level], sch.get_loops(block)[level])
             last["names"].add(name)
         else:
-            groups.append({"outer": outer, "inner": inner, "extents": extents, "names": {name}, "block": block})
+            groups.append({"extents": extents, "by_rows": by_rows, "names": {name}, "block": block})
     for group in groups:
-        inner, outer = group["inner"], group["outer"]
-        extent = _extent(sch, inner)
-        lanes = _vector_width(extent)
-        if lanes > 1 and extent > lanes:
-            inner_outer, inner = sch.split(inner, [None, lanes])
-            if outer is None:
-                outer = inner_outer
-        if lanes > 1 or extent <= 2 * REDUCTION_LANES:  # whole short rows vectorise as they are
-            sch.vectorize(inner)
-        elif outer is None:
-            outer = inner
-        if outer is not None and math.prod(group["extents"]) >= PARALLEL_MIN_ELEMENTS:
+        extents, loops = group["extents"], sch.get_loops(group["block"])
+        outer = loops[0] if len(extents) >= 3 else None
+        split_outer = _vectorise(sch, loops[-1], _contiguous_lanes(_extent(sch, loops[-1])))
+        outer = outer if outer is not None else split_outer
+        if outer is not None and math.prod(extents) >= PARALLEL_MIN_ELEMENTS:
             sch.parallel(outer)
 
 
@@ -258,13 +295,7 @@ def _vectorise_innermost(sch: s_tir.Schedule, block, below) -> None:
     position = next((index for index, candidate in enumerate(loops) if sch.get(candidate).same_as(sch.get(below))), None)
     if position is None or position == len(loops) - 1:
         return
-    inner = loops[-1]
-    extent = _extent(sch, inner)
-    lanes = _vector_width(extent)
-    if extent <= 2 * REDUCTION_LANES:
-        sch.vectorize(inner)
-    elif lanes > 1:
-        sch.vectorize(sch.split(inner, [None, lanes])[1])
+    _vectorise(sch, loops[-1], _contiguous_lanes(_extent(sch, loops[-1])))
 
 
 @tvm.transform.module_pass(opt_level=0, name="HandSchedule")

@@ -359,7 +359,8 @@ def tune_module(mod: tvm.IRModule, target=None, config: TuneConfig | None = None
     report = report if report is not None else TuneReport()
     start = time.perf_counter()
     work_dir = config.work_path
-    _discard_incomparable_records(work_dir, measurement_setting(config))
+    measured_with = measurement_setting(config)
+    _discard_incomparable_records(work_dir, measured_with)
     database = open_database(work_dir)
     report.records_before = count_records(database)
 
@@ -368,7 +369,7 @@ def tune_module(mod: tvm.IRModule, target=None, config: TuneConfig | None = None
     if not tasks:
         raise ValueError("the module has no TIR functions to tune")
     state = _load_state(work_dir)
-    state["measured_with"] = measurement_setting(config)
+    state["measured_with"] = measured_with
     finished: dict[str, int] = state.setdefault("finished", {})
     pending = []
     for task in tasks:
