@@ -124,6 +124,20 @@ def test_pooling_vectorises_row_by_row():
     assert _loops(small, "vectorized") == [8 * 4, 4 * 4], small.script()
 
 
+@pytest.mark.parametrize(("target", "joint_tile", "twin_tile"), [
+    (None, 2, 4),  # AVX2's 16 registers (the default): 4 joint channels x 2 accumulators x 2 registers would spill
+    ({"kind": "llvm", "mcpu": "skylake-avx512"}, 4, 4),  # 32 registers of 16 lanes: a 10-wide row is one register
+    ({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a72", "mattr": ["+neon"]}, 2, 4),
+], ids=["avx2", "avx512", "neon"])
+def test_conv_channel_tile_fits_the_register_file(target, joint_tile, twin_tile):
+    """LeNet's conv2 (16 channels, 10-wide rows): output channels side by side only while their accumulators fit."""
+    target = tvm.target.Target(target) if target else None
+    joint = ops.make_prim_func(ops.conv2d_joint, [(1, 6, 14, 14)] * 2 + [(16, 6, 5, 5)] * 3 + [(16,)] * 2)
+    twin = ops.make_prim_func(ops.conv2d, [(1, 6, 14, 14), (16, 6, 5, 5), (16,)])
+    assert set(_loops(schedule_prim_func(joint, target=target), "unroll")) == {joint_tile}
+    assert set(_loops(schedule_prim_func(twin, target=target), "unroll")) == {twin_tile}
+
+
 def test_gemv_tiles_outputs():
     """Batch 1 dense: OUTPUT_TILE outputs per step (independent accumulator chains), unrolled."""
     from pfp.backends.tvm.schedules import OUTPUT_TILE

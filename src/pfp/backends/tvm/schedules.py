@@ -30,19 +30,19 @@ import math
 import tvm
 from tvm import relax, s_tir, tirx
 
-__all__ = ["HAND_SCHEDULE_VERSION", "HandSchedule", "apply_hand_schedule", "compile_scheduled", "fuse_operators", "schedule_prim_func"]
+__all__ = ["HAND_SCHEDULE_VERSION", "HandSchedule", "apply_hand_schedule", "compile_scheduled", "fuse_operators",
+           "schedule_prim_func", "simd_registers"]
 
 logger = logging.getLogger(__name__)
 
 #: Bump when the rules below change: tuning work dirs then measure the hand schedules again.
-HAND_SCHEDULE_VERSION = 4
-#: Independent partial sums of a dense reduction (16 float32 = one AVX-512 or two AVX2 / four NEON registers).
-REDUCTION_LANES = 16
+HAND_SCHEDULE_VERSION = 5
 #: Batch rows that share one load of a weight vector in a dense reduction (register tile).
 BATCH_TILE = 4
 #: Outputs computed side by side in a dense reduction with few rows (independent accumulator chains).
 OUTPUT_TILE = 4
-#: Output channels computed side by side in a convolution (the first that divides the channels).
+#: Output channels computed side by side in a convolution (the first that divides the channels
+#: and whose accumulator rows fit in half the SIMD register file, see :func:`simd_registers`).
 CONV_CHANNEL_TILES = (4, 3, 2)
 #: ... when each output sums at least this many terms (input channels x kernel window).
 CONV_TILE_MIN_REDUCTION = 64
@@ -91,6 +91,10 @@ def _schedule_dense(sch: s_tir.Schedule, block, lanes: int):
     work = _extent(sch, reduction)
     for loop in spatial:
         work *= _extent(sch, loop)
+    # partial sums that divide the reduction: a remainder makes TVM guard every lane (K = 120 with
+    # 16 lanes ran 15x slower than with 8 on AVX2; K = 100 with 4 lanes 4x faster than with 8)
+    lanes = next((width for width in (lanes, lanes // 2, lanes // 4) if width >= 4 and _extent(sch, reduction) % width == 0),
+                 lanes)
     if _extent(sch, reduction) >= 2 * lanes:
         _, inner = sch.split(reduction, [None, lanes])
         rf_block = sch.rfactor(inner, factor_axis=len(spatial))
@@ -120,7 +124,39 @@ def _schedule_dense(sch: s_tir.Schedule, block, lanes: int):
     return outer, head
 
 
-def _schedule_conv(sch: s_tir.Schedule, block):
+def simd_registers(target: tvm.target.Target | None = None) -> tuple[int, int]:
+    """(float32 lanes per SIMD register, SIMD registers) of ``target``'s CPU (default: the current target).
+
+    AVX-512: 16 x 32, AVX/AVX2: 8 x 16, NEON: 4 x 32. Without a target, AVX2's (our CI hosts).
+    """
+    target = target if target is not None else tvm.target.Target.current(allow_none=True)
+    if target is None or target.kind.name != "llvm":
+        return 8, 16
+    from tvm.target.codegen import target_has_features
+
+    if target_has_features("avx512f", target):
+        return 16, 32
+    if target_has_features("avx", target):
+        return 8, 16
+    if target_has_features("neon", target) or "aarch64" in str(target.attrs.get("mtriple", "")):
+        return 4, 32
+    return 4, 16
+
+
+def _conv_channel_tile(channels: int, accumulators: int, width: int, target) -> int:
+    """Output channels side by side: their accumulator rows must stay in registers.
+
+    Each channel keeps ``accumulators`` rows of ``width`` floats live across the whole reduction;
+    past half the register file LLVM spills them at every step (4 joint channels of a 10-wide row
+    need 16 AVX2 registers: 4x slower than 2 channels on a 16-register machine, fine with AVX-512's 32).
+    """
+    lanes, registers = simd_registers(target)
+    row_registers = -(-width // lanes)
+    return next((tile for tile in CONV_CHANNEL_TILES
+                 if channels % tile == 0 and tile * accumulators * row_registers <= registers // 2), 1)
+
+
+def _schedule_conv(sch: s_tir.Schedule, block, target=None):
     """NCHW conv: width loop innermost and vectorised under the reductions; (b, o) parallel.
 
     Returns the fused outer loop and the block, or None for other layouts.
@@ -136,7 +172,7 @@ def _schedule_conv(sch: s_tir.Schedule, block):
     reduction = _extent(sch, rc) * _extent(sch, ry) * _extent(sch, rx)
     tile = 1
     if reduction >= CONV_TILE_MIN_REDUCTION:  # short reductions (a first layer's 1 x 5 x 5) run slower tiled
-        tile = next((t for t in CONV_CHANNEL_TILES if _extent(sch, o) % t == 0), 1)
+        tile = _conv_channel_tile(_extent(sch, o), len(sch.get(block).writes), _extent(sch, j), target)
     if tile > 1:
         # `tile` output channels side by side: each input row load feeds `tile` independent
         # multiply-add chains (one chain stalls on the FMA latency over the whole reduction)
@@ -236,15 +272,20 @@ def _schedule_elementwise(sch: s_tir.Schedule, blocks: list) -> None:
             sch.parallel(outer)
 
 
-def schedule_prim_func(func: tirx.PrimFunc, *, lanes: int = REDUCTION_LANES) -> tirx.PrimFunc:
+def schedule_prim_func(func: tirx.PrimFunc, *, lanes: int | None = None, target=None) -> tirx.PrimFunc:
     """``func`` with the hand-written CPU schedule applied (see the module docstring)."""
     sch = s_tir.Schedule(func)
-    apply_hand_schedule(sch, lanes=lanes)
+    apply_hand_schedule(sch, lanes=lanes, target=target)
     return sch.mod["main"]
 
 
-def apply_hand_schedule(sch: s_tir.Schedule, *, lanes: int = REDUCTION_LANES) -> None:
-    """Apply the hand-written schedule to the function ``main`` of ``sch`` (recorded in ``sch.trace``)."""
+def apply_hand_schedule(sch: s_tir.Schedule, *, lanes: int | None = None, target=None) -> None:
+    """Apply the hand-written schedule to the function ``main`` of ``sch`` (recorded in ``sch.trace``).
+
+    ``target`` (default: the current target) sizes register tiles and, unless ``lanes`` is given,
+    the dense reductions' partial sums (one SIMD register of them), see :func:`simd_registers`.
+    """
+    lanes = lanes if lanes is not None else simd_registers(target)[0]
     root = sch.get_sblock("root")
     names = [sch.get(block).name_hint for block in sch.get_child_blocks(root)]
     placed: set[str] = set()  # blocks moved under another block's loops
@@ -258,7 +299,7 @@ def apply_hand_schedule(sch: s_tir.Schedule, *, lanes: int = REDUCTION_LANES) ->
         if types.count(_COMM_REDUCE) == 1:
             scheduled = _schedule_dense(sch, block, lanes)
         else:
-            scheduled = _schedule_conv(sch, block)
+            scheduled = _schedule_conv(sch, block, target)
         if scheduled is None:
             continue
         # consumers (final lane sum, bias epilogue, ReLU) inside the same parallel loop

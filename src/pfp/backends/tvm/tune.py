@@ -462,7 +462,7 @@ def measure_hand_schedules(tasks, target: tvm.target.Target, config: TuneConfig,
     for task in tasks:
         sch = s_tir.Schedule(task.dispatched[0])
         try:
-            apply_hand_schedule(sch)
+            apply_hand_schedule(sch, target=target)
         except (s_tir.ScheduleError, tvm.error.InternalError) as error:
             logger.warning("task %s: no hand schedule (%s)", task.task_name, str(error).strip().splitlines()[-1])
             continue
@@ -498,7 +498,7 @@ def _hand_trace_text(task) -> str | None:
 
     sch = s_tir.Schedule(task.dispatched[0])
     try:
-        apply_hand_schedule(sch)
+        apply_hand_schedule(sch, target=task.target)
     except (s_tir.ScheduleError, tvm.error.InternalError):
         return None
     return str(sch.trace)
