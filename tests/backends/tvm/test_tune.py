@@ -39,7 +39,7 @@ from .helpers import (  # noqa: E402
     wait_for_key,
 )
 
-TRIALS = 4
+TRIALS = 2
 SPEC = ModelSpec("tiny", (1, 4, 4), (Flatten(), Dense("fc1", 16, 8), ReLU(), Dense("fc2", 8, 3)))
 TARGET = {"kind": "llvm", "num-cores": 1}
 
@@ -48,7 +48,7 @@ def fast_config(work_dir, **overrides) -> tune.TuneConfig:
     """A few trials, a small evolutionary population and short measurements: seconds per task."""
     settings = dict(trials_per_task=TRIALS, max_trials_global=3 * TRIALS, num_trials_per_iter=TRIALS,
                     target=TARGET, work_dir=str(work_dir), builder_workers=1, number=2, repeat=1,
-                    min_repeat_ms=1, population_size=32, genetic_num_iters=1, init_min_unmeasured=8,
+                    min_repeat_ms=1, population_size=16, genetic_num_iters=1, init_min_unmeasured=4,
                     seed=0, session_timeout_sec=60)
     settings.update(overrides)
     return tune.TuneConfig(**settings)
@@ -155,8 +155,8 @@ def test_resume_from_records_without_state_file(case, local_tuning, tmp_path):
     assert report.records_after >= report.records_before  # records are never dropped
     # tasks with trials_per_task records are finished and not measured again
     assert sorted(report.skipped) == sorted(name for name, count in records.items() if count >= TRIALS)
-    if not report.tuned:
-        assert report.new_records == 0
+    if not report.tuned:  # only the hand schedules are measured again: the state that remembered them is gone
+        assert report.new_records == len(report.hand_ms) == len(report.tasks)
 
 
 def test_records_measured_with_other_threads_are_discarded(case, local_tuning, tmp_path, monkeypatch, caplog):
