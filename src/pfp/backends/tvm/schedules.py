@@ -71,9 +71,10 @@ def _is_reduction(sch: s_tir.Schedule, block) -> bool:
     return _COMM_REDUCE in _iter_types(sch, block)
 
 
-def _vector_width(extent: int) -> int:
-    for lanes in (16, 8, 4):
-        if extent % lanes == 0:
+def _vector_width(extent: int, widest: int = 16) -> int:
+    """The widest of ``widest``, ``widest/2``, ``widest/4`` lanes (at least 4) that divides ``extent``; 1 if none does."""
+    for lanes in (widest, widest // 2, widest // 4):
+        if lanes >= 4 and extent % lanes == 0:
             return lanes
     return 1
 
@@ -93,8 +94,8 @@ def _schedule_dense(sch: s_tir.Schedule, block, lanes: int):
         work *= _extent(sch, loop)
     # partial sums that divide the reduction: a remainder makes TVM guard every lane (K = 120 with
     # 16 lanes ran 15x slower than with 8 on AVX2; K = 100 with 4 lanes 4x faster than with 8)
-    lanes = next((width for width in (lanes, lanes // 2, lanes // 4) if width >= 4 and _extent(sch, reduction) % width == 0),
-                 lanes)
+    dividing = _vector_width(_extent(sch, reduction), lanes)
+    lanes = dividing if dividing > 1 else lanes
     if _extent(sch, reduction) >= 2 * lanes:
         _, inner = sch.split(reduction, [None, lanes])
         rf_block = sch.rfactor(inner, factor_axis=len(spatial))
@@ -265,9 +266,8 @@ def _schedule_elementwise(sch: s_tir.Schedule, blocks: list) -> None:
             groups.append({"extents": extents, "by_rows": by_rows, "names": {name}, "block": block})
     for group in groups:
         extents, loops = group["extents"], sch.get_loops(group["block"])
-        outer = loops[0] if len(extents) >= 3 else None
         split_outer = _vectorise(sch, loops[-1], _contiguous_lanes(_extent(sch, loops[-1])))
-        outer = outer if outer is not None else split_outer
+        outer = loops[0] if len(extents) >= 3 else split_outer  # (batch, channel), else the rows of the split
         if outer is not None and math.prod(extents) >= PARALLEL_MIN_ELEMENTS:
             sch.parallel(outer)
 
