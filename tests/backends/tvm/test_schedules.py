@@ -124,18 +124,29 @@ def test_pooling_vectorises_row_by_row():
     assert _loops(small, "vectorized") == [8 * 4, 4 * 4], small.script()
 
 
-@pytest.mark.parametrize(("target", "joint_tile", "twin_tile"), [
-    (None, 2, 4),  # AVX2's 16 registers (the default): 4 joint channels x 2 accumulators x 2 registers would spill
-    ({"kind": "llvm", "mcpu": "skylake-avx512"}, 4, 4),  # 32 registers of 16 lanes: a 10-wide row is one register
-    ({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a72", "mattr": ["+neon"]}, 2, 4),
+@pytest.mark.parametrize(("target", "joint_tile", "twin_tile", "lanes"), [
+    (None, 2, 4, 8),  # AVX2's 16 registers (the default): 4 joint channels need 4 x (2 + 3) + 2 = 22
+    ({"kind": "llvm", "mcpu": "skylake-avx512"}, 4, 4, 8),  # 32 registers; 136 positions take 8-lane vectors
+    ({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a72", "mattr": ["+neon"]}, 4, 4, 4),
 ], ids=["avx2", "avx512", "neon"])
-def test_conv_channel_tile_fits_the_register_file(target, joint_tile, twin_tile):
-    """LeNet's conv2 (16 channels, 10-wide rows): output channels side by side only while their accumulators fit."""
+def test_conv_channel_tile_fits_the_register_file(target, joint_tile, twin_tile, lanes):
+    """LeNet's conv2 (16 channels, flat positions): output channels side by side only while the loop body fits."""
     target = tvm.target.Target(target) if target else None
     joint = ops.make_prim_func(ops.conv2d_joint, [(1, 6, 14, 14)] * 2 + [(16, 6, 5, 5)] * 3 + [(16,)] * 2)
     twin = ops.make_prim_func(ops.conv2d, [(1, 6, 14, 14), (16, 6, 5, 5), (16,)])
-    assert set(_loops(schedule_prim_func(joint, target=target), "unroll")) == {joint_tile}
-    assert set(_loops(schedule_prim_func(twin, target=target), "unroll")) == {twin_tile}
+    for func, tile in ((joint, joint_tile), (twin, twin_tile)):
+        scheduled = schedule_prim_func(func, target=target)
+        assert set(_loops(scheduled, "unroll")) == {tile}
+        assert lanes in _loops(scheduled, "vectorized"), scheduled.script()  # full vectors of flat positions
+
+
+def test_flat_conv_vectorises_full_registers():
+    """Stride-1 conv2 of LeNet: 8-lane vectors over flat positions (not 8 + 2 lanes per 10-wide row)."""
+    func = schedule_prim_func(ops.make_prim_func(ops.conv2d, [(2, 6, 14, 14), (16, 6, 5, 5), (16,)]),
+                              target=tvm.target.Target({"kind": "llvm", "mcpu": "haswell"}))
+    vectors = _loops(func, "vectorized")
+    assert 8 in vectors and 2 not in vectors, func.script()
+    assert 14 in vectors, func.script()  # the flat input copied a padded row at a time
 
 
 def test_gemv_tiles_outputs():
@@ -145,6 +156,14 @@ def test_gemv_tiles_outputs():
     op, shapes, kwargs = CASES["dense_joint_b1"]
     func = schedule_prim_func(ops.make_prim_func(op, shapes, **kwargs))
     assert OUTPUT_TILE in _loops(func, "unroll"), func.script()
+
+
+@pytest.mark.parametrize(("batch", "tile"), [(8, 4), (10, 5), (100, 4), (6, 3)])
+def test_gemm_tiles_the_batch_by_a_divisor(batch, tile):
+    """Batch rows share each weight load: a tile that divides the batch (10 rows had streamed the weights 10 times)."""
+    func = schedule_prim_func(ops.make_prim_func(ops.dense_joint_first, [(batch, 784), (100, 784), (100, 784),
+                                                                         (100,), (100,)]))
+    assert tile in _loops(func, "unroll"), func.script()
 
 
 def test_relu_mean_and_variance_share_one_loop():

@@ -315,17 +315,82 @@ def _conv_shapes(x: te.Tensor, weight: te.Tensor, bias: te.Tensor, stride: int, 
     return (batch, out_channels, out_h, out_w), (channels, kh, kw)
 
 
-def _pad(x: te.Tensor, padding: int, name: str) -> te.Tensor:
-    """Zero padding of H and W (a deterministic 0: exact for mean and variance alike)."""
-    if padding == 0:
-        return x
-    batch, channels, height, width = _ints(x.shape)
+#: Flat stride-1 convolutions compute this many output positions at a time (a multiple of every SIMD width we target).
+FLAT_ALIGN = 8
+#: Annotation on a flat conv input block: its padded row width (the schedule vectorises it row by row).
+FLAT_ROW_ANNOTATION = "pfp.flat_row"
 
-    def fcompute(b, c, i, j):
-        inside = tirx.all(i >= padding, i < height + padding, j >= padding, j < width + padding)
-        return tirx.if_then_else(inside, x[b, c, i - padding, j - padding], _f(0.0))
 
-    return te.compute((batch, channels, height + 2 * padding, width + 2 * padding), fcompute, name=name)
+class _ConvGrid:
+    """Where a convolution's reductions read their input and write their output.
+
+    Stride 1 (LeNet's convolutions) uses the *flat* form: the zero-padded input planes are laid out
+    as rows of width ``Wp`` in one flat buffer per (batch, channel), and the accumulator runs over
+    flat positions ``p = i * Wp + j``, reading ``x[p + ry * Wp + rx]``: consecutive positions read
+    consecutive inputs across row ends, so every SIMD vector is full (LeNet's 10-wide output rows
+    had become an 8-lane and a shuffled 2-lane vector). The ``Wp - out_w`` positions past each row's
+    end are computed and never read; the bias epilogue picks ``acc[i * Wp + j]``. Other strides read
+    the padded NCHW input directly, one output row at a time.
+    """
+
+    def __init__(self, x: te.Tensor, out_shape: tuple[int, ...], reduce_shape: tuple[int, int, int], stride: int,
+                 padding: int) -> None:
+        _, self.channels, self.height, self.width = _ints(x.shape)
+        self.batch = _ints(x.shape)[0]
+        self.out_shape, self.stride, self.padding = out_shape, stride, padding
+        _, kh, kw = reduce_shape
+        self.flat = stride == 1
+        self.row = self.width + 2 * padding
+        out_h, out_w = out_shape[2:]
+        self.positions = -(-((out_h - 1) * self.row + out_w) // FLAT_ALIGN) * FLAT_ALIGN
+        # rows of the flat buffer: the last position's window must stay inside (zeros past the padded input)
+        self.rows = -(-(self.positions + (kh - 1) * self.row + kw - 1) // self.row)
+
+    @property
+    def acc_shape(self) -> tuple[int, ...]:
+        return (*self.out_shape[:2], self.positions) if self.flat else self.out_shape
+
+    def prepare(self, x: te.Tensor, name: str) -> te.Tensor:
+        """The input as the reductions read it: padded (and, when flat, laid out in rows of ``Wp``)."""
+        padding, height, width = self.padding, self.height, self.width
+        if not self.flat:
+            if padding == 0:
+                return x
+
+            def padded(b, c, i, j):
+                inside = tirx.all(i >= padding, i < height + padding, j >= padding, j < width + padding)
+                return tirx.if_then_else(inside, x[b, c, i - padding, j - padding], _f(0.0))
+
+            return te.compute((self.batch, self.channels, height + 2 * padding, width + 2 * padding), padded,
+                              name=name)
+        row = self.row
+
+        def flat(b, c, p):
+            i, j = p // row - padding, p % row - padding
+            inside = tirx.all(i >= 0, i < height, j >= 0, j < width)
+            return tirx.if_then_else(inside, x[b, c, i, j], _f(0.0))
+
+        return te.compute((x.shape[0], self.channels, self.rows * row), flat, name=name,
+                          attrs={FLAT_ROW_ANNOTATION: row})
+
+    def read(self, xp: te.Tensor, b, c, position: Sequence, ry, rx) -> tirx.PrimExpr:
+        """Input element under kernel tap (ry, rx) of output ``position`` ((p,) flat, else (i, j))."""
+        if self.flat:
+            (p,) = position
+            return xp[b, c, p + ry * self.row + rx]
+        i, j = position
+        return xp[b, c, i * self.stride + ry, j * self.stride + rx]
+
+    def at(self, acc: te.Tensor, b, o, i, j) -> tirx.PrimExpr:
+        """The accumulator of output (b, o, i, j)."""
+        return acc[b, o, i * self.row + j] if self.flat else acc[b, o, i, j]
+
+    def epilogue(self, acc: Sequence[te.Tensor], biases: Sequence[te.Tensor], names: Sequence[str]) -> list[te.Tensor]:
+        """out[b, o, i, j] = accumulator + bias[o], shaped NCHW."""
+        def make(a: te.Tensor, bias: te.Tensor):
+            return lambda b, o, i, j: self.at(a, b, o, i, j) + bias[o]
+
+        return [te.compute(self.out_shape, make(a, bias), name=name) for a, bias, name in zip(acc, biases, names)]
 
 
 def _conv_axes(reduce_shape):
@@ -338,16 +403,17 @@ def conv2d_joint_first(x: te.Tensor, weight_mean: te.Tensor, weight_var: te.Tens
                        bias_var: te.Tensor, stride: int = 1, padding: int = 0) -> list[te.Tensor]:
     """Gaussian conv2d (NCHW) on a deterministic input: [mean, var] in one pair reduction."""
     out_shape, reduce_shape = _conv_shapes(x, weight_mean, bias_mean, stride, padding)
-    xp = _pad(x, padding, "pad_x")
+    grid = _ConvGrid(x, out_shape, reduce_shape, stride, padding)
+    xp = grid.prepare(x, "pad_x")
     rc, ry, rx = _conv_axes(reduce_shape)
     pair = _pair_sum()
 
-    def fcompute(b, o, i, j):
-        xv = xp[b, rc, i * stride + ry, j * stride + rx]
+    def fcompute(b, o, *position):
+        xv = grid.read(xp, b, rc, position, ry, rx)
         return pair((xv * weight_mean[o, rc, ry, rx], xv * xv * weight_var[o, rc, ry, rx]), axis=[rc, ry, rx])
 
-    acc = te.compute(out_shape, fcompute, name="conv2d_joint_first_acc")
-    return _bias_epilogue(acc, (bias_mean, bias_var), ("conv2d_mean", "conv2d_var"))
+    acc = te.compute(grid.acc_shape, fcompute, name="conv2d_joint_first_acc")
+    return grid.epilogue(acc, (bias_mean, bias_var), ("conv2d_mean", "conv2d_var"))
 
 
 def conv2d_joint(mean: te.Tensor, var: te.Tensor, weight_mean: te.Tensor, weight_m2: te.Tensor,
@@ -356,47 +422,51 @@ def conv2d_joint(mean: te.Tensor, var: te.Tensor, weight_mean: te.Tensor, weight
     """Gaussian conv2d (NCHW) on Gaussian inputs: [mean, var] in one pair reduction (all-positive var)."""
     out_shape, reduce_shape = _conv_shapes(mean, weight_mean, bias_mean, stride, padding)
     _check(_ints(var.shape) == _ints(mean.shape), "conv2d: mean and variance inputs differ in shape")
-    mp = _pad(mean, padding, "pad_mean")
-    vp = _pad(var, padding, "pad_var")
+    grid = _ConvGrid(mean, out_shape, reduce_shape, stride, padding)
+    mp = grid.prepare(mean, "pad_mean")
+    vp = grid.prepare(var, "pad_var")
     rc, ry, rx = _conv_axes(reduce_shape)
     pair = _pair_sum()
 
-    def fcompute(b, o, i, j):
-        y, x = i * stride + ry, j * stride + rx
-        m = mp[b, rc, y, x]
+    def fcompute(b, o, *position):
+        m = grid.read(mp, b, rc, position, ry, rx)
         return pair((m * weight_mean[o, rc, ry, rx],
-                     vp[b, rc, y, x] * weight_m2[o, rc, ry, rx] + m * m * weight_var[o, rc, ry, rx]),
+                     grid.read(vp, b, rc, position, ry, rx) * weight_m2[o, rc, ry, rx]
+                     + m * m * weight_var[o, rc, ry, rx]),
                     axis=[rc, ry, rx])
 
-    acc = te.compute(out_shape, fcompute, name="conv2d_joint_acc")
-    return _bias_epilogue(acc, (bias_mean, bias_var), ("conv2d_mean", "conv2d_var"))
+    acc = te.compute(grid.acc_shape, fcompute, name="conv2d_joint_acc")
+    return grid.epilogue(acc, (bias_mean, bias_var), ("conv2d_mean", "conv2d_var"))
 
 
 def conv2d(x: te.Tensor, weight: te.Tensor, bias: te.Tensor, stride: int = 1, padding: int = 0) -> te.Tensor:
     """Ordinary conv2d NCHW + bias (deterministic twin; also the separate-path mean)."""
     out_shape, reduce_shape = _conv_shapes(x, weight, bias, stride, padding)
-    xp = _pad(x, padding, "pad_x")
+    grid = _ConvGrid(x, out_shape, reduce_shape, stride, padding)
+    xp = grid.prepare(x, "pad_x")
     rc, ry, rx = _conv_axes(reduce_shape)
     acc = te.compute(
-        out_shape,
-        lambda b, o, i, j: te.sum(xp[b, rc, i * stride + ry, j * stride + rx] * weight[o, rc, ry, rx], axis=[rc, ry, rx]),
+        grid.acc_shape,
+        lambda b, o, *position: te.sum(grid.read(xp, b, rc, position, ry, rx) * weight[o, rc, ry, rx],
+                                       axis=[rc, ry, rx]),
         name="conv2d_acc")
-    return _bias_epilogue([acc], [bias], ["conv2d"])[0]
+    return grid.epilogue([acc], [bias], ["conv2d"])[0]
 
 
 def conv2d_var_first(x: te.Tensor, weight_var: te.Tensor, bias_var: te.Tensor, stride: int = 1,
                      padding: int = 0) -> te.Tensor:
     """Separate-path variance of a first conv layer: conv(x^2, sigma_w^2) + var_b."""
     out_shape, reduce_shape = _conv_shapes(x, weight_var, bias_var, stride, padding)
-    xp = _pad(x, padding, "pad_x")
+    grid = _ConvGrid(x, out_shape, reduce_shape, stride, padding)
+    xp = grid.prepare(x, "pad_x")
     rc, ry, rx = _conv_axes(reduce_shape)
 
-    def fcompute(b, o, i, j):
-        xv = xp[b, rc, i * stride + ry, j * stride + rx]
+    def fcompute(b, o, *position):
+        xv = grid.read(xp, b, rc, position, ry, rx)
         return te.sum(xv * xv * weight_var[o, rc, ry, rx], axis=[rc, ry, rx])
 
-    acc = te.compute(out_shape, fcompute, name="conv2d_var_first_acc")
-    return _bias_epilogue([acc], [bias_var], ["conv2d_var"])[0]
+    acc = te.compute(grid.acc_shape, fcompute, name="conv2d_var_first_acc")
+    return grid.epilogue([acc], [bias_var], ["conv2d_var"])[0]
 
 
 def conv2d_var(mean: te.Tensor, var: te.Tensor, weight_m2: te.Tensor, weight_var: te.Tensor,
@@ -404,18 +474,18 @@ def conv2d_var(mean: te.Tensor, var: te.Tensor, weight_m2: te.Tensor, weight_var
     """Separate-path variance of a hidden conv layer: conv(var, E[w^2]) + conv(mu^2, sigma_w^2) + var_b."""
     out_shape, reduce_shape = _conv_shapes(mean, weight_var, bias_var, stride, padding)
     _check(_ints(var.shape) == _ints(mean.shape), "conv2d: mean and variance inputs differ in shape")
-    mp = _pad(mean, padding, "pad_mean")
-    vp = _pad(var, padding, "pad_var")
+    grid = _ConvGrid(mean, out_shape, reduce_shape, stride, padding)
+    mp = grid.prepare(mean, "pad_mean")
+    vp = grid.prepare(var, "pad_var")
     rc, ry, rx = _conv_axes(reduce_shape)
 
-    def fcompute(b, o, i, j):
-        y, x = i * stride + ry, j * stride + rx
-        m = mp[b, rc, y, x]
-        return te.sum(vp[b, rc, y, x] * weight_m2[o, rc, ry, rx] + m * m * weight_var[o, rc, ry, rx],
-                      axis=[rc, ry, rx])
+    def fcompute(b, o, *position):
+        m = grid.read(mp, b, rc, position, ry, rx)
+        return te.sum(grid.read(vp, b, rc, position, ry, rx) * weight_m2[o, rc, ry, rx]
+                      + m * m * weight_var[o, rc, ry, rx], axis=[rc, ry, rx])
 
-    acc = te.compute(out_shape, fcompute, name="conv2d_var_acc")
-    return _bias_epilogue([acc], [bias_var], ["conv2d_var"])[0]
+    acc = te.compute(grid.acc_shape, fcompute, name="conv2d_var_acc")
+    return grid.epilogue([acc], [bias_var], ["conv2d_var"])[0]
 
 
 # --------------------------------------------------------------------------- ensembles (SVI baseline)
@@ -454,14 +524,16 @@ def conv2d_ensemble(x: te.Tensor, weight: te.Tensor, bias: te.Tensor, batch: int
                                            te.placeholder(_ints(bias.shape)[1:], DTYPE), stride, padding)
     _check(_ints(bias.shape)[0] == members, f"conv2d_ensemble: bias {_ints(bias.shape)} does not match weight")
     row = _member_rows(x, members, batch, rows)
-    xp = _pad(x, padding, "pad_x")
+    grid = _ConvGrid(x, (members * batch, *out_shape[1:]), reduce_shape, stride, padding)
+    xp = grid.prepare(x, "pad_x")
     rc, ry, rx = _conv_axes(reduce_shape)
     acc = te.compute(
-        (members * batch, *out_shape[1:]),
-        lambda n, o, i, j: te.sum(xp[row(n), rc, i * stride + ry, j * stride + rx] * weight[n // batch, o, rc, ry, rx],
-                                  axis=[rc, ry, rx]),
+        grid.acc_shape,
+        lambda n, o, *position: te.sum(grid.read(xp, row(n), rc, position, ry, rx) * weight[n // batch, o, rc, ry, rx],
+                                       axis=[rc, ry, rx]),
         name="conv2d_ensemble_acc")
-    return te.compute(acc.shape, lambda n, o, i, j: acc[n, o, i, j] + bias[n // batch, o], name="conv2d_ensemble")
+    return te.compute(grid.out_shape, lambda n, o, i, j: grid.at(acc, n, o, i, j) + bias[n // batch, o],
+                      name="conv2d_ensemble")
 
 
 # --------------------------------------------------------------------------- non-linearities

@@ -9,9 +9,11 @@ schedule from this module unless the tuning database has a faster one:
 * dense-like reductions (one reduction axis, contiguous in memory): the reduction is split
   into ``lanes`` independent partial sums (``rfactor``), which are vectorised, so the inner loop
   is a SIMD multiply-add over contiguous weights; the outputs are parallelised across threads;
-* conv-like reductions (NCHW, reductions over channel and kernel window): the output-width loop
-  moves innermost and is vectorised (contiguous input rows, broadcast weights); the
-  (batch, out-channel) loop is parallelised;
+* conv-like reductions (reductions over channel and kernel window): the output positions move
+  innermost and are vectorised (contiguous input, broadcast weights), in full SIMD vectors of flat
+  positions for stride-1 convolutions (see :class:`pfp.backends.tvm.ops._ConvGrid`), by output
+  row otherwise; output channels are tiled as far as the registers allow; the (batch,
+  out-channel) loop is parallelised;
 * the bias epilogue and elementwise consumers (ReLU, the final lane sum) are computed inside
   the parallel loop of their producer; remaining elementwise / pooling blocks are merged with
   their siblings, vectorised over the spatial axes (pointwise blocks over the H x W plane,
@@ -30,15 +32,17 @@ import math
 import tvm
 from tvm import relax, s_tir, tirx
 
+from pfp.backends.tvm.ops import FLAT_ROW_ANNOTATION
+
 __all__ = ["HAND_SCHEDULE_VERSION", "HandSchedule", "apply_hand_schedule", "compile_scheduled", "fuse_operators",
            "schedule_prim_func", "simd_registers"]
 
 logger = logging.getLogger(__name__)
 
 #: Bump when the rules below change: tuning work dirs then measure the hand schedules again.
-HAND_SCHEDULE_VERSION = 5
-#: Batch rows that share one load of a weight vector in a dense reduction (register tile).
-BATCH_TILE = 4
+HAND_SCHEDULE_VERSION = 6
+#: Batch rows that share one load of a weight vector in a dense reduction (register tile): the first that divides the batch.
+BATCH_TILES = (4, 5, 3, 2)
 #: Outputs computed side by side in a dense reduction with few rows (independent accumulator chains).
 OUTPUT_TILE = 4
 #: Output channels computed side by side in a convolution (the first that divides the channels
@@ -104,9 +108,10 @@ def _schedule_dense(sch: s_tir.Schedule, block, lanes: int):
         sch.vectorize(rf_loops[-1])
         spatial = rf_loops[:len(spatial)]
         batch = _extent(sch, spatial[0])
-        if len(spatial) == 2 and batch >= 2 * BATCH_TILE and batch % BATCH_TILE == 0:
-            # BATCH_TILE rows share each weight vector load (a GEMM register tile)
-            batch_outer, batch_inner = sch.split(spatial[0], [None, BATCH_TILE])
+        batch_tile = next((t for t in BATCH_TILES if batch >= 2 * t and batch % t == 0), 1)
+        if len(spatial) == 2 and batch_tile > 1:
+            # batch_tile rows share each weight vector load (a GEMM register tile)
+            batch_outer, batch_inner = sch.split(spatial[0], [None, batch_tile])
             sch.reorder(batch_outer, spatial[1], rf_loops[-2], batch_inner, rf_loops[-1])
             sch.unroll(batch_inner)
             spatial = [batch_outer, spatial[1]]
@@ -144,46 +149,64 @@ def simd_registers(target: tvm.target.Target | None = None) -> tuple[int, int]:
     return 4, 16
 
 
-def _conv_channel_tile(channels: int, accumulators: int, width: int, target) -> int:
-    """Output channels side by side: their accumulator rows must stay in registers.
+def _conv_channel_tile(channels: int, accumulators: int, weights: int, inputs: int, width: int, target) -> int:
+    """Output channels side by side, as many as keep the loop body in the SIMD registers.
 
-    Each channel keeps ``accumulators`` rows of ``width`` floats live across the whole reduction;
-    past half the register file LLVM spills them at every step (4 joint channels of a 10-wide row
-    need 16 AVX2 registers: 4x slower than 2 channels on a 16-register machine, fine with AVX-512's 32).
+    Each channel of the tile holds ``accumulators`` vectors of ``width`` floats across the whole
+    reduction plus one broadcast register per weight operand; the ``inputs`` vectors are shared by
+    the tile. Past the register file LLVM spills at every step: on AVX2, 4 joint channels
+    (2 accumulators, 3 weights) ran slower than 2; the deterministic conv (1 + 1) takes 4.
     """
     lanes, registers = simd_registers(target)
-    row_registers = -(-width // lanes)
-    return next((tile for tile in CONV_CHANNEL_TILES
-                 if channels % tile == 0 and tile * accumulators * row_registers <= registers // 2), 1)
+    vectors = -(-width // lanes)
+    return next((tile for tile in CONV_CHANNEL_TILES if channels % tile == 0
+                 and tile * (accumulators * vectors + weights) + inputs * vectors <= registers), 1)
 
 
-def _schedule_conv(sch: s_tir.Schedule, block, target=None):
-    """NCHW conv: width loop innermost and vectorised under the reductions; (b, o) parallel.
+def _conv_operands(sch: s_tir.Schedule, block) -> tuple[int, int]:
+    """(weight operands, input operands) of a conv block: weights do not depend on the output position (its last spatial iter)."""
+    stmt = sch.get(block)
+    position = [iv.var for iv in stmt.iter_vars if int(iv.iter_type) == _DATA_PAR][-1]
+    uses_position = [any(any(var.same_as(position) for var in tirx.analysis.undefined_vars(r.min)) for r in read.region)
+                     for read in stmt.reads]
+    return uses_position.count(False), uses_position.count(True)
 
-    Returns the fused outer loop and the block, or None for other layouts.
+
+def _schedule_conv(sch: s_tir.Schedule, block, lanes: int, target=None):
+    """Convolutions: output positions innermost and vectorised under the reductions; (b, o) parallel.
+
+    Two layouts (see :class:`pfp.backends.tvm.ops._ConvGrid`): flat (b, o, p) accumulators are cut
+    into vectors of ``lanes`` consecutive positions; NCHW (b, o, i, j) ones vectorise the output row.
+    Returns the fused outer loop and the block, or None for other blocks.
     """
     types = _iter_types(sch, block)
     loops = sch.get_loops(block)
-    if types != [_DATA_PAR] * 4 + [_COMM_REDUCE] * 3:
+    work = math.prod(_extent(sch, loop) for loop in loops)
+    if types == [_DATA_PAR] * 3 + [_COMM_REDUCE] * 3:
+        b, o, p, rc, ry, rx = loops
+        positions, vector = sch.split(p, [None, _vector_width(_extent(sch, p), lanes)])
+        rows = [positions]
+    elif types == [_DATA_PAR] * 4 + [_COMM_REDUCE] * 3:
+        b, o, i, vector, rc, ry, rx = loops
+        rows = [i]
+    else:
         return None
-    b, o, i, j, rc, ry, rx = loops
-    work = 1
-    for loop in loops:
-        work *= _extent(sch, loop)
     reduction = _extent(sch, rc) * _extent(sch, ry) * _extent(sch, rx)
     tile = 1
     if reduction >= CONV_TILE_MIN_REDUCTION:  # short reductions (a first layer's 1 x 5 x 5) run slower tiled
-        tile = _conv_channel_tile(_extent(sch, o), len(sch.get(block).writes), _extent(sch, j), target)
+        weights, inputs = _conv_operands(sch, block)
+        tile = _conv_channel_tile(_extent(sch, o), len(sch.get(block).writes), weights, inputs, _extent(sch, vector),
+                                  target)
     if tile > 1:
-        # `tile` output channels side by side: each input row load feeds `tile` independent
+        # `tile` output channels side by side: each input vector load feeds `tile` independent
         # multiply-add chains (one chain stalls on the FMA latency over the whole reduction)
         o, o_inner = sch.split(o, [None, tile])
-        sch.reorder(b, o, i, rc, ry, rx, o_inner, j)
+        sch.reorder(b, o, *rows, rc, ry, rx, o_inner, vector)
         sch.unroll(o_inner)
     else:
-        sch.reorder(b, o, i, rc, ry, rx, j)
+        sch.reorder(b, o, *rows, rc, ry, rx, vector)
     # vectorize and parallel need the complete reduction block: before the init is split off
-    sch.vectorize(j)
+    sch.vectorize(vector)
     outer = sch.fuse(b, o)
     if work >= PARALLEL_MIN_WORK:
         sch.parallel(outer)
@@ -245,6 +268,10 @@ def _schedule_elementwise(sch: s_tir.Schedule, blocks: list) -> None:
         loops = sch.get_loops(block)
         if not loops:
             continue
+        row = sch.get(block).annotations.get(FLAT_ROW_ANNOTATION)
+        if row is not None:  # a flat conv input: rows of the padded image, each read contiguously
+            sch.split(loops[-1], [None, int(row)])
+            loops = sch.get_loops(block)
         extents = tuple(_extent(sch, loop) for loop in loops)
         pointwise = _reads_pointwise(sch, block)
         by_rows = not pointwise and len(loops) > 3 and extents[-1] >= MIN_VECTOR_ROW
@@ -299,7 +326,7 @@ def apply_hand_schedule(sch: s_tir.Schedule, *, lanes: int | None = None, target
         if types.count(_COMM_REDUCE) == 1:
             scheduled = _schedule_dense(sch, block, lanes)
         else:
-            scheduled = _schedule_conv(sch, block, target)
+            scheduled = _schedule_conv(sch, block, lanes, target)
         if scheduled is None:
             continue
         # consumers (final lane sum, bias epilogue, ReLU) inside the same parallel loop
@@ -323,7 +350,7 @@ def _attach_consumers(sch: s_tir.Schedule, producer, loop) -> None:
             seen.add(consumer_name)
             try:
                 sch.reverse_compute_at(consumer, loop)
-            except (s_tir.ScheduleError, tvm.error.InternalError):  # its indexing does not match (e.g. a pooling window): stays at root
+            except (s_tir.ScheduleError, tvm.error.InternalError, ValueError):  # its indexing does not match (a pooling window, a flat conv's rows): stays at root
                 continue
             if not _is_reduction(sch, consumer):
                 _vectorise_innermost(sch, consumer, below=loop)
