@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pyro
 import pytest
 import torch
 
 from pfp.backends.torch_ref import deterministic_forward
 from pfp.backends.tvm import physical_cores
-from pfp.bench import TUNED_KEYS, benchmark_model, ensemble_forward, guide_from_posterior, time_call
+from pfp.bench import TUNED_KEYS, benchmark_model, ensemble_forward, guide_from_posterior, time_call, time_side_by_side
 from pfp.bnn import Posterior, make_model, site_names
 from pfp.config import Variant
 from pfp.convert import convert_posterior
@@ -57,6 +58,31 @@ def test_time_call_counts_repeats():
     calls = []
     assert time_call(lambda: calls.append(1), warmup=2, repeat=5) >= 0
     assert len(calls) == 7
+
+
+class _RecordingModel:
+    """A real compiled module that notes when it is timed (to see the order of the rounds)."""
+
+    def __init__(self, name, model, log):
+        self.name, self.model, self.log = name, model, log
+
+    def benchmark(self, **kwargs):
+        self.log.append((self.name, kwargs["repeat"]))
+        return self.model.benchmark(**kwargs)
+
+
+def test_time_side_by_side_interleaves_rounds():
+    from pfp.backends.tvm.build import compile_deterministic, compile_pfp
+
+    posterior = random_posterior("mlp")
+    log: list = []
+    models = {"det": _RecordingModel("det", compile_deterministic(posterior.spec, posterior.mean_weights(), batch_size=2), log),
+              "pfp": _RecordingModel("pfp", compile_pfp(posterior.spec, convert_posterior(posterior).params, batch_size=2), log)}
+    x = np.random.default_rng(0).standard_normal((2, *posterior.spec.input_shape)).astype(np.float32)
+    times = time_side_by_side(models, x, number=2, rounds=3)
+    # one measurement of each model per round, never all of one model's measurements in a row
+    assert log == [("det", 1), ("pfp", 1)] * 3
+    assert set(times) == {"det", "pfp"} and all(value > 0 for value in times.values())
 
 
 def test_benchmark_model_reports_every_predictor():

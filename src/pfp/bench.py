@@ -2,7 +2,8 @@
 
 Figures are milliseconds per batch; ratios between them are the point (the machine is shared
 and noisy, so no absolute number is asserted anywhere). Compiled code is timed with TVM's
-``time_evaluator``; Python-level baselines with a warm-up and the median of repeats.
+``time_evaluator``, all compiled variants in interleaved rounds (:func:`time_side_by_side`);
+Python-level baselines with a warm-up and the median of repeats.
 """
 
 from __future__ import annotations
@@ -34,6 +35,19 @@ def time_call(fn: Callable[[], object], *, warmup: int = 2, repeat: int = 10) ->
         fn()
         samples.append((time.perf_counter() - start) * 1e3)
     return statistics.median(samples)
+
+
+def time_side_by_side(models: Mapping[str, object], x, *, number: int, rounds: int) -> dict[str, float]:
+    """Median latency (ms per batch) of each compiled model, measured in interleaved rounds.
+
+    Each round times every model once (``number`` calls each), so a burst of load on a shared
+    machine slows all of them alike instead of one variant: ratios between them stay meaningful.
+    """
+    samples: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(rounds):
+        for name, model in models.items():
+            samples[name].append(model.benchmark(number=number, repeat=1, x=x)["median_ms"])
+    return {name: statistics.median(values) for name, values in samples.items()}
 
 
 def guide_from_posterior(posterior: Posterior, model: Callable, x: torch.Tensor) -> AutoNormal:
@@ -114,18 +128,16 @@ def benchmark_model(posterior: Posterior, pfp_model: PFPModel, batch_size: int, 
                                    svi_samples=svi_samples, seed=seed)
         return classes[variant](compile_module(mod, "host", schedule), (batch_size, *spec.input_shape))
 
-    def timed(model) -> float:
-        return model.benchmark(number=tvm_number, repeat=tvm_repeat)["median_ms"]
-
-    for variant, name in ((Variant.PFP, "pfp_tvm_untuned_ms"), (Variant.PFP_SEPARATE, "pfp_tvm_separate_untuned_ms"),
-                          (Variant.DET, "det_tvm_untuned_ms")):
-        results[name] = timed(compiled(variant, Schedule.DEFAULT))
-    results["pfp_tvm_hand_ms"] = timed(compiled(Variant.PFP, Schedule.HAND))
+    models = {name: compiled(variant, Schedule.DEFAULT)
+              for variant, name in ((Variant.PFP, "pfp_tvm_untuned_ms"), (Variant.PFP_SEPARATE, "pfp_tvm_separate_untuned_ms"),
+                                    (Variant.DET, "det_tvm_untuned_ms"))}
+    models["pfp_tvm_hand_ms"] = compiled(Variant.PFP, Schedule.HAND)
     schedules = {}
     for variant, name in TUNED_KEYS.items():
         library = libraries.get(variant)
         schedules[variant.value] = "tuned" if library is not None else "hand"
-        results[name] = timed(library if library is not None else compiled(variant, Schedule.HAND))
+        models[name] = library if library is not None else compiled(variant, Schedule.HAND)
+    results.update(time_side_by_side(models, x.numpy(), number=tvm_number, rounds=tvm_repeat))
     results["svi_pyro_over_pfp_tvm"] = results["svi_pyro_ms"] / results["pfp_tvm_ms"]
     results["svi_tvm_over_pfp_tvm"] = results["svi_tvm_ms"] / results["pfp_tvm_ms"]
     results["pfp_over_det_tvm"] = results["pfp_tvm_ms"] / results["det_tvm_ms"]

@@ -142,7 +142,7 @@ class BenchmarkConfig(_Section):
     svi_samples: int = Field(30, ge=1)
     repeat: int = Field(10, ge=1)  # Python-level baselines: median of this many timed calls
     tvm_number: int = Field(20, ge=1)  # time_evaluator: calls per measurement
-    tvm_repeat: int = Field(5, ge=1)  # time_evaluator: measurements
+    tvm_repeat: int = Field(5, ge=1)  # interleaved rounds: one measurement of every compiled variant each
 
 
 class CompileTarget(str, Enum):
