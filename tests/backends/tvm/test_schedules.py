@@ -166,6 +166,15 @@ def test_gemm_tiles_the_batch_by_a_divisor(batch, tile):
     assert tile in _loops(func, "unroll"), func.script()
 
 
+def test_parallel_threshold_counts_weight_operands():
+    """LeNet's fc1 at batch 1: the joint layer streams 3 weight matrices (144k multiply-adds) on both
+    cores; the twin's single matrix (48k) stays on one thread, where the pool's wake-up would cost more."""
+    joint = schedule_prim_func(ops.make_prim_func(ops.dense_joint, [(1, 400)] * 2 + [(120, 400)] * 3 + [(120,)] * 2))
+    twin = schedule_prim_func(ops.make_prim_func(ops.dense, [(1, 400), (120, 400), (120,)]))
+    assert "T.parallel" in joint.script()
+    assert "T.parallel" not in twin.script()
+
+
 def test_relu_mean_and_variance_share_one_loop():
     op, shapes, kwargs = CASES["relu_gaussian"]
     script = schedule_prim_func(ops.make_prim_func(op, shapes, **kwargs)).script()

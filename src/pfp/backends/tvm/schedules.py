@@ -40,17 +40,17 @@ __all__ = ["HAND_SCHEDULE_VERSION", "HandSchedule", "apply_hand_schedule", "comp
 logger = logging.getLogger(__name__)
 
 #: Bump when the rules below change: tuning work dirs then measure the hand schedules again.
-HAND_SCHEDULE_VERSION = 6
+HAND_SCHEDULE_VERSION = 7
 #: Batch rows that share one load of a weight vector in a dense reduction (register tile): the first that divides the batch.
 BATCH_TILES = (4, 5, 3, 2)
 #: Outputs computed side by side in a dense reduction with few rows (independent accumulator chains).
 OUTPUT_TILE = 4
 #: Output channels computed side by side in a convolution (the first that divides the channels
-#: and whose accumulator rows fit in half the SIMD register file, see :func:`simd_registers`).
+#: and whose loop body fits in the SIMD registers, see :func:`_conv_channel_tile`).
 CONV_CHANNEL_TILES = (4, 3, 2)
 #: ... when each output sums at least this many terms (input channels x kernel window).
 CONV_TILE_MIN_REDUCTION = 64
-#: Below this many multiply-adds an operator runs on one thread (the pool's wake-up costs more).
+#: Below this many multiply-adds (one per weight operand and term) a reduction runs on one thread (the pool's wake-up costs more).
 PARALLEL_MIN_WORK = 100_000
 #: Elementwise blocks with fewer elements stay on one thread.
 PARALLEL_MIN_ELEMENTS = 1024
@@ -93,9 +93,9 @@ def _schedule_dense(sch: s_tir.Schedule, block, lanes: int):
     head = block
     spatial = [loop for loop, kind in zip(loops, types) if kind == _DATA_PAR]
     (reduction,) = [loop for loop, kind in zip(loops, types) if kind == _COMM_REDUCE]
-    work = _extent(sch, reduction)
-    for loop in spatial:
-        work *= _extent(sch, loop)
+    # multiply-adds: one per weight operand and term (a joint hidden layer streams 3 weight
+    # matrices; LeNet's fc1 at batch 1 then needs two cores' bandwidth, the twin's single one does not)
+    work = math.prod(_extent(sch, loop) for loop in loops) * max(1, _operands(sch, block, _batch_var(sch, block))[0])
     # partial sums that divide the reduction: a remainder makes TVM guard every lane (K = 120 with
     # 16 lanes ran 15x slower than with 8 on AVX2; K = 100 with 4 lanes 4x faster than with 8)
     dividing = _vector_width(_extent(sch, reduction), lanes)
@@ -163,13 +163,23 @@ def _conv_channel_tile(channels: int, accumulators: int, weights: int, inputs: i
                  and tile * (accumulators * vectors + weights) + inputs * vectors <= registers), 1)
 
 
-def _conv_operands(sch: s_tir.Schedule, block) -> tuple[int, int]:
-    """(weight operands, input operands) of a conv block: weights do not depend on the output position (its last spatial iter)."""
-    stmt = sch.get(block)
-    position = [iv.var for iv in stmt.iter_vars if int(iv.iter_type) == _DATA_PAR][-1]
-    uses_position = [any(any(var.same_as(position) for var in tirx.analysis.undefined_vars(r.min)) for r in read.region)
-                     for read in stmt.reads]
-    return uses_position.count(False), uses_position.count(True)
+def _batch_var(sch: s_tir.Schedule, block):
+    return next(iv.var for iv in sch.get(block).iter_vars if int(iv.iter_type) == _DATA_PAR)
+
+
+def _position_var(sch: s_tir.Schedule, block):
+    return [iv.var for iv in sch.get(block).iter_vars if int(iv.iter_type) == _DATA_PAR][-1]
+
+
+def _operands(sch: s_tir.Schedule, block, var) -> tuple[int, int]:
+    """(reads that do not depend on ``var``, reads that do) of a block.
+
+    With the output position as ``var`` (conv) or the batch row (dense), the first are the weight
+    operands, the second the inputs.
+    """
+    depends = [any(any(used.same_as(var) for used in tirx.analysis.undefined_vars(r.min)) for r in read.region)
+               for read in sch.get(block).reads]
+    return depends.count(False), depends.count(True)
 
 
 def _schedule_conv(sch: s_tir.Schedule, block, lanes: int, target=None):
@@ -194,7 +204,7 @@ def _schedule_conv(sch: s_tir.Schedule, block, lanes: int, target=None):
     reduction = _extent(sch, rc) * _extent(sch, ry) * _extent(sch, rx)
     tile = 1
     if reduction >= CONV_TILE_MIN_REDUCTION:  # short reductions (a first layer's 1 x 5 x 5) run slower tiled
-        weights, inputs = _conv_operands(sch, block)
+        weights, inputs = _operands(sch, block, _position_var(sch, block))
         tile = _conv_channel_tile(_extent(sch, o), len(sch.get(block).writes), weights, inputs, _extent(sch, vector),
                                   target)
     if tile > 1:
