@@ -335,8 +335,7 @@ class _ConvGrid:
 
     def __init__(self, x: te.Tensor, out_shape: tuple[int, ...], reduce_shape: tuple[int, int, int], stride: int,
                  padding: int) -> None:
-        _, self.channels, self.height, self.width = _ints(x.shape)
-        self.batch = _ints(x.shape)[0]
+        self.batch, self.channels, self.height, self.width = _ints(x.shape)
         self.out_shape, self.stride, self.padding = out_shape, stride, padding
         _, kh, kw = reduce_shape
         self.flat = stride == 1
@@ -370,7 +369,7 @@ class _ConvGrid:
             inside = tirx.all(i >= 0, i < height, j >= 0, j < width)
             return tirx.if_then_else(inside, x[b, c, i, j], _f(0.0))
 
-        return te.compute((x.shape[0], self.channels, self.rows * row), flat, name=name,
+        return te.compute((self.batch, self.channels, self.rows * row), flat, name=name,
                           attrs={FLAT_ROW_ANNOTATION: row})
 
     def read(self, xp: te.Tensor, b, c, position: Sequence, ry, rx) -> tirx.PrimExpr:

@@ -95,7 +95,7 @@ def _schedule_dense(sch: s_tir.Schedule, block, lanes: int):
     (reduction,) = [loop for loop, kind in zip(loops, types) if kind == _COMM_REDUCE]
     # multiply-adds: one per weight operand and term (a joint hidden layer streams 3 weight
     # matrices; LeNet's fc1 at batch 1 then needs two cores' bandwidth, the twin's single one does not)
-    work = math.prod(_extent(sch, loop) for loop in loops) * max(1, _operands(sch, block, _batch_var(sch, block))[0])
+    work = math.prod(_extent(sch, loop) for loop in loops) * max(1, _operands(sch, block, _spatial_vars(sch, block)[0])[0])
     # partial sums that divide the reduction: a remainder makes TVM guard every lane (K = 120 with
     # 16 lanes ran 15x slower than with 8 on AVX2; K = 100 with 4 lanes 4x faster than with 8)
     dividing = _vector_width(_extent(sch, reduction), lanes)
@@ -163,12 +163,9 @@ def _conv_channel_tile(channels: int, accumulators: int, weights: int, inputs: i
                  and tile * (accumulators * vectors + weights) + inputs * vectors <= registers), 1)
 
 
-def _batch_var(sch: s_tir.Schedule, block):
-    return next(iv.var for iv in sch.get(block).iter_vars if int(iv.iter_type) == _DATA_PAR)
-
-
-def _position_var(sch: s_tir.Schedule, block):
-    return [iv.var for iv in sch.get(block).iter_vars if int(iv.iter_type) == _DATA_PAR][-1]
+def _spatial_vars(sch: s_tir.Schedule, block) -> list:
+    """The block's data-parallel iteration variables, outermost (the batch row) first."""
+    return [iv.var for iv in sch.get(block).iter_vars if int(iv.iter_type) == _DATA_PAR]
 
 
 def _operands(sch: s_tir.Schedule, block, var) -> tuple[int, int]:
@@ -194,27 +191,25 @@ def _schedule_conv(sch: s_tir.Schedule, block, lanes: int, target=None):
     work = math.prod(_extent(sch, loop) for loop in loops)
     if types == [_DATA_PAR] * 3 + [_COMM_REDUCE] * 3:
         b, o, p, rc, ry, rx = loops
-        positions, vector = sch.split(p, [None, _vector_width(_extent(sch, p), lanes)])
-        rows = [positions]
+        outer_positions, vector = sch.split(p, [None, _vector_width(_extent(sch, p), lanes)])
     elif types == [_DATA_PAR] * 4 + [_COMM_REDUCE] * 3:
-        b, o, i, vector, rc, ry, rx = loops
-        rows = [i]
+        b, o, outer_positions, vector, rc, ry, rx = loops  # output rows, then the vectorised row
     else:
         return None
     reduction = _extent(sch, rc) * _extent(sch, ry) * _extent(sch, rx)
     tile = 1
     if reduction >= CONV_TILE_MIN_REDUCTION:  # short reductions (a first layer's 1 x 5 x 5) run slower tiled
-        weights, inputs = _operands(sch, block, _position_var(sch, block))
+        weights, inputs = _operands(sch, block, _spatial_vars(sch, block)[-1])
         tile = _conv_channel_tile(_extent(sch, o), len(sch.get(block).writes), weights, inputs, _extent(sch, vector),
                                   target)
     if tile > 1:
         # `tile` output channels side by side: each input vector load feeds `tile` independent
         # multiply-add chains (one chain stalls on the FMA latency over the whole reduction)
         o, o_inner = sch.split(o, [None, tile])
-        sch.reorder(b, o, *rows, rc, ry, rx, o_inner, vector)
+        sch.reorder(b, o, outer_positions, rc, ry, rx, o_inner, vector)
         sch.unroll(o_inner)
     else:
-        sch.reorder(b, o, *rows, rc, ry, rx, vector)
+        sch.reorder(b, o, outer_positions, rc, ry, rx, vector)
     # vectorize and parallel need the complete reduction block: before the init is split off
     sch.vectorize(vector)
     outer = sch.fuse(b, o)
