@@ -421,21 +421,24 @@ def fuse_operators(mod: tvm.IRModule, target) -> tvm.IRModule:
     return mod
 
 
-def compile_scheduled(mod: tvm.IRModule, target, database=None) -> tvm.runtime.Executable:
+def compile_scheduled(mod: tvm.IRModule, target, database=None, *, flush_denormals: bool = True) -> tvm.runtime.Executable:
     """Compile a Relax module with hand schedules (and the database's schedules where it has them).
 
     :func:`fuse_operators` first (the functions the tuning tasks were extracted from), then the
     database's best schedule per function, then the hand schedule for every function the
-    database does not cover, then the CPU backend's lowering.
+    database does not cover, then the CPU backend's lowering. With ``flush_denormals`` every
+    kernel computes with subnormal floats flushed to zero (see :mod:`pfp.backends.tvm.denormals`).
     """
     # the CPU backend's pass lists (tvm.relax.pipeline's dispatcher misses them in 0.27)
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
+    from pfp.backends.tvm import denormals
     from pfp.backends.tvm.build import make_target
 
     target = make_target(target)
     lower = cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target)
     mod = fuse_operators(mod, target)
+    tir_pipeline = denormals.register_pipeline() if flush_denormals else "default"
 
     @tvm.transform.module_pass(opt_level=3, name="PFPScheduledPipeline")
     def pipeline(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
@@ -450,5 +453,5 @@ def compile_scheduled(mod: tvm.IRModule, target, database=None) -> tvm.runtime.E
     with target, tvm.transform.PassContext(opt_level=3):
         if database is not None:
             with database:
-                return relax.build(mod, target=target, relax_pipeline=pipeline)
-        return relax.build(mod, target=target, relax_pipeline=pipeline)
+                return relax.build(mod, target=target, relax_pipeline=pipeline, tir_pipeline=tir_pipeline)
+        return relax.build(mod, target=target, relax_pipeline=pipeline, tir_pipeline=tir_pipeline)
