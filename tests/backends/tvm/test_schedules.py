@@ -149,6 +149,17 @@ def test_flat_conv_vectorises_full_registers():
     assert 14 in vectors, func.script()  # the flat input copied a padded row at a time
 
 
+def test_first_layer_conv_tiles_output_channels():
+    """LeNet's conv1 (1 x 5 x 5 terms per output) shares each input load among 3 of its 6 channels, joint and twin."""
+    haswell = tvm.target.Target({"kind": "llvm", "mcpu": "haswell"})
+    joint = schedule_prim_func(ops.make_prim_func(ops.conv2d_joint_first, [(2, 1, 28, 28), (6, 1, 5, 5), (6, 1, 5, 5),
+                                                                            (6,), (6,)], padding=2), target=haswell)
+    twin = schedule_prim_func(ops.make_prim_func(ops.conv2d, [(2, 1, 28, 28), (6, 1, 5, 5), (6,)], padding=2),
+                              target=haswell)
+    assert 3 in _loops(joint, "unroll"), joint.script()
+    assert 3 in _loops(twin, "unroll"), twin.script()
+
+
 def test_gemv_tiles_outputs():
     """Batch 1 dense: OUTPUT_TILE outputs per step (independent accumulator chains), unrolled."""
     from pfp.backends.tvm.schedules import OUTPUT_TILE

@@ -20,6 +20,7 @@ import enum
 
 import tvm
 from tvm import tirx
+from tvm.target import codegen
 
 __all__ = ["FloatControl", "flush_denormals", "float_control", "register_pipeline", "PIPELINE_NAME"]
 
@@ -41,7 +42,7 @@ def float_control(target: tvm.target.Target) -> FloatControl | None:
     """The control register of an LLVM target's CPU, from its triple (the host's when unset)."""
     if target.kind.name != "llvm":
         return None
-    triple = str(target.attrs.get("mtriple", "") or tvm.target.codegen.llvm_get_system_triple())
+    triple = str(target.attrs.get("mtriple", "") or codegen.llvm_get_system_triple())
     if triple.startswith(("x86_64", "i386", "i686")):
         return FloatControl.X86_MXCSR
     if triple.startswith(("aarch64", "arm64")):
