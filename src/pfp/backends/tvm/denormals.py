@@ -17,6 +17,7 @@ compute body is the ``compute_scope`` attribute that ``MakePackedAPI`` adds.
 from __future__ import annotations
 
 import enum
+import functools
 
 import tvm
 from tvm import tirx
@@ -77,6 +78,21 @@ class _Control:
         return tirx.BufferStore(buffer, tirx.BufferLoad(buffer, [source]) | tirx.const(bits, self.dtype), [slot])
 
 
+def _map_children(stmt: tirx.Stmt, visit) -> tirx.Stmt:
+    """``stmt`` rebuilt with ``visit`` applied to its child statements (loops, sequences, attributes, branches)."""
+    if isinstance(stmt, tirx.For):
+        return tirx.For(stmt.loop_var, stmt.min, stmt.extent, stmt.kind, visit(stmt.body), stmt.thread_binding,
+                        stmt.annotations, stmt.step)
+    if isinstance(stmt, tirx.SeqStmt):
+        return tirx.SeqStmt([visit(child) for child in stmt.seq])
+    if isinstance(stmt, tirx.AttrStmt):
+        return tirx.AttrStmt(stmt.node, stmt.attr_key, stmt.value, visit(stmt.body))
+    if isinstance(stmt, tirx.IfThenElse):
+        return tirx.IfThenElse(stmt.condition, visit(stmt.then_case),
+                               None if stmt.else_case is None else visit(stmt.else_case))
+    return stmt
+
+
 def _wrap_parallel(stmt: tirx.Stmt, control: _Control, modes: tirx.Buffer) -> tirx.Stmt:
     """``stmt`` with every parallel loop run by workers in the flushing mode (each worker's own word restored after).
 
@@ -84,51 +100,28 @@ def _wrap_parallel(stmt: tirx.Stmt, control: _Control, modes: tirx.Buffer) -> ti
     around the loop once and its share of the iterations in between. (Switching per iteration
     cost more than it saved: LDMXCSR drains the pipeline, LeNet's fc1 at batch 100 ran 30 % slower.)
     """
-    if isinstance(stmt, tirx.For):
-        if stmt.kind == tirx.ForKind.PARALLEL:
-            own = control.buffer("worker_fp_control", 1)
-            body = tirx.SeqStmt([tirx.AllocBuffer(own), control.save(own, 0), control.load(modes, 1), stmt,
-                                 control.load(own, 0)])
-            return tirx.AttrStmt(tirx.const(0, "int32"), "pragma_parallel_launch_point", tirx.const(0, "int32"), body)
-        return tirx.For(stmt.loop_var, stmt.min, stmt.extent, stmt.kind, _wrap_parallel(stmt.body, control, modes),
-                        stmt.thread_binding, stmt.annotations, stmt.step)
-    if isinstance(stmt, tirx.SeqStmt):
-        return tirx.SeqStmt([_wrap_parallel(child, control, modes) for child in stmt.seq])
-    if isinstance(stmt, tirx.AttrStmt):
-        return tirx.AttrStmt(stmt.node, stmt.attr_key, stmt.value, _wrap_parallel(stmt.body, control, modes))
-    if isinstance(stmt, tirx.IfThenElse):
-        else_case = None if stmt.else_case is None else _wrap_parallel(stmt.else_case, control, modes)
-        return tirx.IfThenElse(stmt.condition, _wrap_parallel(stmt.then_case, control, modes), else_case)
-    return stmt
+    if isinstance(stmt, tirx.For) and stmt.kind == tirx.ForKind.PARALLEL:
+        own = control.buffer("worker_fp_control", 1)
+        body = tirx.SeqStmt([tirx.AllocBuffer(own), control.save(own, 0), control.load(modes, 1), stmt,
+                             control.load(own, 0)])
+        return tirx.AttrStmt(tirx.const(0, "int32"), "pragma_parallel_launch_point", tirx.const(0, "int32"), body)
+    return _map_children(stmt, lambda child: _wrap_parallel(child, control, modes))
 
 
-def _wrap_compute_scope(stmt: tirx.Stmt, control: _Control) -> tuple[tirx.Stmt, bool]:
-    """Find the ``compute_scope`` attribute (below the argument checks) and wrap its body; (stmt, found)."""
+def _wrap_compute_scope(stmt: tirx.Stmt, control: _Control) -> tirx.Stmt:
+    """``stmt`` with the body of its ``compute_scope`` attribute (below the argument checks) in the flushing mode."""
     if isinstance(stmt, tirx.AttrStmt) and stmt.attr_key == "compute_scope":
         modes = control.buffer("fp_control", 2)  # [caller's word, flushing word]
         body = tirx.SeqStmt([tirx.AllocBuffer(modes), control.save(modes, 0), control.flushing(modes, 0, 1),
                              control.load(modes, 1), _wrap_parallel(stmt.body, control, modes), control.load(modes, 0)])
-        return tirx.AttrStmt(stmt.node, stmt.attr_key, stmt.value, body), True
-    if isinstance(stmt, tirx.SeqStmt):
-        children, found = [], False
-        for child in stmt.seq:
-            if not found:
-                child, found = _wrap_compute_scope(child, control)
-            children.append(child)
-        return tirx.SeqStmt(children), found
-    if isinstance(stmt, tirx.AttrStmt):
-        body, found = _wrap_compute_scope(stmt.body, control)
-        return tirx.AttrStmt(stmt.node, stmt.attr_key, stmt.value, body), found
-    return stmt, False
+        return tirx.AttrStmt(stmt.node, stmt.attr_key, stmt.value, body)
+    return _map_children(stmt, lambda child: _wrap_compute_scope(child, control))
 
 
 def flush_denormals(func: tirx.PrimFunc, target: tvm.target.Target) -> tirx.PrimFunc:
     """``func`` (lowered, after ``MakePackedAPI``) computing with subnormals flushed to zero on ``target``'s CPU."""
     control = float_control(target)
-    if control is None:
-        return func
-    body, found = _wrap_compute_scope(func.body, _Control(control))
-    return func.with_body(body) if found else func
+    return func if control is None else func.with_body(_wrap_compute_scope(func.body, _Control(control)))
 
 
 @tvm.tirx.transform.prim_func_pass(opt_level=0, name="FlushDenormals")
@@ -140,8 +133,9 @@ class FlushDenormals:
         return func if target is None else flush_denormals(func, target)
 
 
+@functools.cache
 def register_pipeline() -> str:
-    """Register the default S-TIR lowering followed by :class:`FlushDenormals`; returns its name."""
+    """Register the default S-TIR lowering followed by :class:`FlushDenormals` (once per process); returns its name."""
     from tvm.s_tir.pipeline import default_s_tir_pipeline
 
     def factory():

@@ -26,6 +26,7 @@ functions ``FuseOps``/``FuseTIR`` produce (e.g. dense + ReLU in one function).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 
@@ -452,8 +453,5 @@ def compile_scheduled(mod: tvm.IRModule, target, database=None, *, flush_denorma
         mod = HandSchedule()(mod)
         return tvm.transform.Sequential(lower)(mod)
 
-    with target, tvm.transform.PassContext(opt_level=3):
-        if database is not None:
-            with database:
-                return relax.build(mod, target=target, relax_pipeline=pipeline, tir_pipeline=tir_pipeline)
+    with target, tvm.transform.PassContext(opt_level=3), (database if database is not None else contextlib.nullcontext()):
         return relax.build(mod, target=target, relax_pipeline=pipeline, tir_pipeline=tir_pipeline)
