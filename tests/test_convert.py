@@ -5,11 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
-from pfp.backends.torch_ref import pfp_forward
+from pfp.backends.torch_ref import deterministic_forward, maxpool2x2, pfp_forward, relu
 from pfp.bnn import Posterior, PosteriorError, site_names
-from pfp.convert import PFPModel, convert_posterior, predict_pfp
-from pfp.spec import Dense, Flatten, ModelSpec, ReLU, build_spec
+from pfp.convert import PFPModel, convert_posterior, pool_before_relu, predict_pfp
+from pfp.spec import Conv2d, Dense, Flatten, MaxPool2d, ModelSpec, ReLU, build_spec
 
 N_SIGMA = 5.0
 
@@ -30,7 +31,7 @@ def tiny_spec() -> ModelSpec:
 
 def test_convert_moments_exact():
     posterior = random_posterior(build_spec("lenet"), seed=1)
-    model = convert_posterior(posterior)
+    model = convert_posterior(posterior, pool_first=False)
     assert model.spec == posterior.spec
     assert list(model.params) == ["conv1", "conv2", "fc1", "fc2", "fc3"]
     for layer in posterior.spec.parametric_layers():
@@ -167,7 +168,7 @@ def test_predict_pfp_batching_is_identical(name):
     torch.testing.assert_close(mean_b, mean, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(var_b, var, rtol=1e-5, atol=1e-6)
     # one example at a time equals the reference forward pass on that example
-    ref_mean, ref_var = pfp_forward(spec, model.params, x[4:5])
+    ref_mean, ref_var = pfp_forward(model.spec, model.params, x[4:5])
     torch.testing.assert_close(predict_pfp(model, x, batch_size=1)[0][4:5], ref_mean, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(var[4:5], ref_var, rtol=1e-5, atol=1e-7)
 
@@ -183,3 +184,56 @@ def test_predict_pfp_variance_scale():
     torch.testing.assert_close(mean0, deterministic_forward(model.spec, weights, x), rtol=1e-6, atol=1e-6)
     _, var2 = predict_pfp(model, x, variance_scale=2.0)
     assert torch.all(var2 > var1)
+
+
+# --------------------------------------------------------------------------- layer order
+
+def test_pool_before_relu_swaps_each_relu_pool_pair_only():
+    lenet = build_spec("lenet")
+    kinds = [layer.kind for layer in pool_before_relu(lenet).layers]
+    assert kinds == ["conv2d", "maxpool2d", "relu", "conv2d", "maxpool2d", "relu", "flatten",
+                     "dense", "relu", "dense", "relu", "dense"]
+    assert pool_before_relu(lenet).parametric_layers() == lenet.parametric_layers()
+    assert pool_before_relu(build_spec("mlp")) == build_spec("mlp")  # no pooling: unchanged
+    # a pool not directly after a ReLU keeps its place; a ReLU without a following pool too
+    odd = ModelSpec("odd", (1, 4, 4), (MaxPool2d(), ReLU(), Conv2d("c", 1, 2, 1), ReLU(), Flatten(), Dense("d", 8, 2)))
+    assert pool_before_relu(odd) == odd
+
+
+def test_convert_runs_pools_before_relus_by_default_and_saves_that_order(tmp_path):
+    posterior = random_posterior(build_spec("lenet"), seed=11)
+    model = convert_posterior(posterior)
+    assert model.spec == pool_before_relu(posterior.spec)
+    assert convert_posterior(posterior, pool_first=False).spec == posterior.spec
+    model.save(tmp_path / "pfp.npz")
+    assert PFPModel.load(tmp_path / "pfp.npz").spec == model.spec
+
+
+def test_pool_first_order_is_the_same_deterministic_network():
+    """relu(max(a, b)) == max(relu(a), relu(b)) exactly: the twin and each SVI member are unchanged."""
+    spec = build_spec("lenet")
+    weights = random_posterior(spec, seed=12).mean_weights()
+    x = torch.rand(4, *spec.input_shape, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(deterministic_forward(pool_before_relu(spec), weights, x), deterministic_forward(spec, weights, x))
+
+
+def test_pool_first_matches_monte_carlo_closer_than_relu_first():
+    """Independent Gaussian pre-activations around 0 (where the ReLU matters): the max is taken of
+    Gaussians (Clark exact on the first pair) instead of rectified values, 3-4x closer to sampling."""
+    g = torch.Generator().manual_seed(0)
+    mean_in = 0.5 * torch.randn(2, 3, 6, 6, generator=g)
+    var_in = 0.1 + 0.9 * torch.rand(2, 3, 6, 6, generator=g)
+    n = 200_000
+    draws = mean_in.double() + var_in.double().sqrt() * torch.randn(n, *mean_in.shape, generator=g, dtype=torch.float64)
+    pooled = F.max_pool2d(torch.relu(draws).flatten(0, 1), 2).unflatten(0, (n, 2))
+    mc_mean, mc_var = pooled.mean(0), pooled.var(0)
+    pool_first = relu(*maxpool2x2(mean_in, var_in))
+    relu_first = maxpool2x2(*relu(mean_in, var_in))
+
+    def errors(moments):
+        return (moments[0].double() - mc_mean).abs().mean(), ((moments[1].double() - mc_var).abs() / mc_var).mean()
+
+    mean_error, var_error = errors(pool_first)
+    mean_error_relu_first, var_error_relu_first = errors(relu_first)
+    assert mean_error < 0.02 and var_error < 0.2, (mean_error, var_error)
+    assert mean_error < 0.5 * mean_error_relu_first and var_error < 0.5 * var_error_relu_first

@@ -51,7 +51,10 @@ def test_libraries_compute_the_reference(tuned):
     posterior, pfp_model, _, out, _ = tuned
     x = torch.randn(5, *posterior.spec.input_shape, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        ref_mean, ref_var = pfp_forward(posterior.spec, pfp_model.params, x, variance_scale=SCALE)
+        # PFP in the converted layer order; the twin and the ensemble (also built in that order)
+        # against the trained one: the same functions
+        assert pfp_model.spec != posterior.spec
+        ref_mean, ref_var = pfp_forward(pfp_model.spec, pfp_model.params, x, variance_scale=SCALE)
         ref_det = deterministic_forward(posterior.spec, posterior.mean_weights(), x)
         ref_svi = ensemble_forward(posterior.spec, ensemble_weights(posterior, 3, seed=3), x[:2])
     mean, var = load_library(out, "host", Variant.PFP, 2).predict(x.numpy())

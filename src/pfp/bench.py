@@ -116,9 +116,11 @@ def benchmark_model(posterior: Posterior, pfp_model: PFPModel, batch_size: int, 
     predictive = Predictive(torch_model, guide=guide, num_samples=svi_samples, return_sites=("_RETURN",))
     with torch.no_grad():
         results["svi_pyro_ms"] = time_call(lambda: predictive(x), repeat=repeat)
+        # the PyTorch baselines run the converted layer order too (as the compiled ones do)
         results["svi_torch_ms"] = time_call(
-            lambda: torch.softmax(ensemble_forward(spec, sample_stacked_weights(posterior, svi_samples), x), -1).mean(0), repeat=repeat)
-        results["pfp_torch_ms"] = time_call(lambda: pfp_forward(spec, pfp_model.params, x), repeat=repeat)
+            lambda: torch.softmax(ensemble_forward(pfp_model.spec, sample_stacked_weights(posterior, svi_samples), x), -1).mean(0),
+            repeat=repeat)
+        results["pfp_torch_ms"] = time_call(lambda: pfp_forward(pfp_model.spec, pfp_model.params, x), repeat=repeat)
 
     classes = {Variant.PFP: CompiledPFP, Variant.PFP_SEPARATE: CompiledPFP, Variant.DET: CompiledDeterministic,
                Variant.SVI: CompiledEnsemble}

@@ -100,6 +100,12 @@ class TrainConfig(_Section):
     max_steps: Optional[int] = Field(None, ge=1)  # cap on optimisation steps (smoke runs)
 
 
+class ConvertConfig(_Section):
+    # Run each 2x2 max-pool before the ReLU it follows (exact for deterministic networks; see
+    # pfp.convert.pool_before_relu). False keeps the trained model's order, e.g. for an ablation.
+    pool_before_relu: bool = True
+
+
 class CalibrateConfig(_Section):
     variance_scales: list[float] = Field(default_factory=lambda: [0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.5, 2.0, 3.0])
     fit_temperature: bool = True
@@ -217,6 +223,7 @@ class PipelineParams(_Section):
     data: DataConfig = DataConfig()
     ambiguous: AmbiguousConfig = AmbiguousConfig()
     train: dict[Architecture, TrainConfig] = {}
+    convert: ConvertConfig = ConvertConfig()
     calibrate: CalibrateConfig = CalibrateConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     tune: TuneParams = TuneParams()

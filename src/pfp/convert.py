@@ -3,6 +3,9 @@
 The variance is the square of Pyro's *constrained* scale (``AutoNormal`` stores
 ``softplus``-positive scales), never ``exp`` of the raw parameter. ``E[w^2]`` is
 precomputed here once, so no backend recomputes it per inference.
+
+The converted model also fixes the order inference runs the layers in: by default every
+ReLU directly followed by a 2x2 max-pool is moved after it (:func:`pool_before_relu`).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import torch
 from pfp.backends.torch_ref import GaussianLayerParams, pfp_forward
 from pfp.bnn import Posterior, PosteriorError, site_names
 from pfp.io import atomic_savez
-from pfp.spec import ModelSpec
+from pfp.spec import MaxPool2d, ModelSpec, ReLU
 
 _FIELDS = ("weight_mean", "weight_var", "weight_m2", "bias_mean", "bias_var")
 
@@ -66,7 +69,31 @@ class PFPModel:
         return cls(spec=spec, params=params)
 
 
-def convert_posterior(posterior: Posterior) -> PFPModel:
+def pool_before_relu(spec: ModelSpec) -> ModelSpec:
+    """``spec`` with every ``ReLU, MaxPool2d`` pair swapped to ``MaxPool2d, ReLU``.
+
+    max(relu(a), relu(b)) = relu(max(a, b)) for any numbers, so a deterministic network (the
+    twin, each sampled member of SVI) computes exactly the same function, with the ReLU on a
+    quarter of the values. PFP then moment-matches the max of the *pre-activations*, for which
+    Clark's formula is exact on the first pair (they are sums of many products, close to Gaussian;
+    rectified values are not), and evaluates the Gaussian ReLU on a quarter of the positions:
+    LeNet's two ReLU + pool kernels cost 4 Gaussian evaluations per pooled output instead of 7.
+    On the recorded LeNet posterior the logit moments are also slightly closer to SVI's sampled
+    ones (relative error of the mean 0.0044 vs 0.0046 on MNIST test, 0.0152 vs 0.0160 on
+    Fashion-MNIST; see the closing note of the change).
+    """
+    layers = list(spec.layers)
+    reordered = []
+    while layers:
+        layer = layers.pop(0)
+        if isinstance(layer, ReLU) and layers and isinstance(layers[0], MaxPool2d):
+            reordered.append(layers.pop(0))
+        reordered.append(layer)
+    return ModelSpec(name=spec.name, input_shape=spec.input_shape, layers=tuple(reordered))
+
+
+def convert_posterior(posterior: Posterior, *, pool_first: bool = True) -> PFPModel:
+    """Gaussian parameters per layer; ``pool_first`` runs max-pools before the ReLUs they follow (see :func:`pool_before_relu`)."""
     params = {}
     for layer in posterior.spec.parametric_layers():
         weight_site, bias_site = site_names(layer.name)
@@ -79,7 +106,7 @@ def convert_posterior(posterior: Posterior) -> PFPModel:
             bias_mean=posterior.loc[bias_site].float(),
             bias_var=(posterior.scale[bias_site].double() ** 2).float(),
         )
-    return PFPModel(spec=posterior.spec, params=params)
+    return PFPModel(spec=pool_before_relu(posterior.spec) if pool_first else posterior.spec, params=params)
 
 
 def predict_pfp(

@@ -60,7 +60,11 @@ def build_variant_module(variant: Variant | str, posterior: Posterior, pfp_model
     from pfp.backends.tvm import build
 
     variant = Variant(variant)
-    spec = posterior.spec
+    # every variant runs the converted layer order: the twin and the ensemble members compute
+    # the same function in it (see pfp.convert.pool_before_relu), so the baselines get it too
+    spec = pfp_model.spec
+    if spec.parametric_layers() != posterior.spec.parametric_layers():
+        raise ValueError(f"the PFP model ({spec.name}) and the posterior ({posterior.spec.name}) have different layers")
     if variant in (Variant.PFP, Variant.PFP_SEPARATE):
         return build.build_pfp_module(spec, pfp_model.params, batch_size=batch_size, joint=variant is Variant.PFP,
                                       variance_scale=variance_scale)

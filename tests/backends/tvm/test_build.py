@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -14,7 +15,8 @@ import tvm  # noqa: E402
 
 from pfp.backends import torch_ref as ref  # noqa: E402
 from pfp.backends.tvm import build as tb  # noqa: E402
-from pfp.spec import Architecture, Dense, Flatten, ModelSpec, ReLU, build_spec  # noqa: E402
+from pfp.convert import pool_before_relu  # noqa: E402
+from pfp.spec import Architecture, Dense, Flatten, MaxPool2d, ModelSpec, ReLU, build_spec  # noqa: E402
 
 from .helpers import assert_close, random_params  # noqa: E402
 
@@ -23,8 +25,8 @@ BATCH = 3
 
 @pytest.fixture(scope="module", params=[Architecture.MLP, Architecture.LENET], ids=lambda a: a.value)
 def network(request):
-    """(spec, params, x, reference mean, reference var), per architecture."""
-    spec = build_spec(request.param)
+    """(spec, params, x, reference mean, reference var), per architecture, in the converted layer order."""
+    spec = pool_before_relu(build_spec(request.param))
     params = random_params(spec, seed=0)
     x = torch.randn(BATCH, *spec.input_shape, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -66,6 +68,23 @@ def test_joint_network_matches_reference(network, joint_runner):
     assert mean.shape == var.shape == (BATCH, 10)
     assert_close(mean, ref_mean, what="logit mean")
     assert_close(var, ref_var, atol_fraction=0.0, what="logit var")  # sums of positive terms: purely relative
+
+
+def test_network_in_the_trained_layer_order_matches_reference():
+    """LeNet as trained (ReLU before each max-pool, ``convert.pool_before_relu: false``): the fused
+    ReLU + pool kernels of that order match the reference too."""
+    spec = build_spec(Architecture.LENET)
+    assert [type(layer) for layer in spec.layers[1:3]] == [ReLU, MaxPool2d]
+    params = random_params(spec, seed=0)
+    x = torch.randn(BATCH, *spec.input_shape, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref_mean, ref_var = ref.pfp_forward(spec, params, x)
+    runner = tb.compile_pfp(spec, params, batch_size=BATCH, joint=True)
+    operators = [row["operator"] for row in runner.profile(number=1, x=x.numpy())]
+    assert any(name.endswith("relu_gaussian1_maxpool_gaussian2") for name in operators), operators
+    mean, var = runner(x.numpy())
+    assert_close(mean, ref_mean, what="logit mean")
+    assert_close(var, ref_var, atol_fraction=0.0, what="logit var")
 
 
 def test_separate_network_matches_reference(network, separate_runner):
@@ -231,7 +250,16 @@ def test_profile_lists_every_operator_of_the_network(mlp_params_runner):
     assert all(row["ms"] > 0 and row["calls"] >= 1 for row in rows)
     assert [row["ms"] for row in rows] == sorted((row["ms"] for row in rows), reverse=True)
     assert not any(name.startswith("vm.builtin") for name in names)
-    mlp_params_runner.benchmark(number=1, repeat=1)  # the instrument is removed afterwards
+    # the instrument is removed afterwards: a run calls no Python function at all
+    main = mlp_params_runner._machine()["main"]
+    args = [tvm.runtime.tensor(np.zeros(mlp_params_runner.input_shape, np.float32)), *mlp_params_runner._weight_args]
+    calls = []
+    sys.setprofile(lambda frame, event, arg: calls.append(frame.f_code.co_name) if event == "call" else None)
+    try:
+        main(*args)
+    finally:
+        sys.setprofile(None)
+    assert calls == [], calls
 
 
 def test_export_keeps_the_provenance_info(tmp_path, mlp_case):

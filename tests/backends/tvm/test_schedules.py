@@ -82,6 +82,19 @@ def test_large_operators_run_in_parallel(name):
     assert "T.parallel" in schedule_prim_func(ops.make_prim_func(op, shapes, **kwargs)).script()
 
 
+@pytest.mark.parametrize(("batch", "parallel_light"), [(1, False), (2, False), (4, True)])
+def test_small_padding_and_bias_blocks_stay_on_one_thread(batch, parallel_light):
+    """LeNet's conv2 pads 6 x 18 x 14 floats per example and adds the bias to 16 x 10 x 10: one thread below 4096 each.
+
+    Only the reduction, over (example, pair of output channels), then wakes the thread pool.
+    """
+    op, shapes, kwargs = CASES["conv2d_joint"]
+    func = schedule_prim_func(ops.make_prim_func(op, [(batch, *shapes[0][1:]), (batch, *shapes[1][1:]), *shapes[2:]],
+                                                 **kwargs))
+    light = [6 * batch, 16 * batch] if parallel_light else []
+    assert sorted(_loops(func, "parallel")) == sorted([16 // 2 * batch, *light]), func.script()
+
+
 def test_small_operators_stay_on_one_thread():
     # 100 x 100 multiply-adds: the thread pool's wake-up would cost more than the work
     op, shapes, kwargs = CASES["dense_joint_b1"]
@@ -112,16 +125,40 @@ def test_image_elementwise_vectorises_whole_rows(shape):
 
 
 def test_pooling_vectorises_row_by_row():
-    """A window block reads rows 2i and 2i+1 (or columns 2j, 2j+1): one output row per vector, rows in a serial loop.
+    """The vertical pairs (rows 2i and 2i+1) run one output row per vector, rows in a serial loop.
 
     LeNet's pooled rows are 14 wide: chunks over the flat pooled plane straddled them (8 and 4 lanes).
+    The horizontal pairs (columns 2j, 2j+1) are one strided run over the plane, left to LLVM.
     """
     func = schedule_prim_func(ops.make_prim_func(ops.maxpool2x2_gaussian, [(2, 6, 28, 28)] * 2))
-    assert _loops(func, "vectorized") == [14, 14], func.script()  # the horizontal then the vertical pairs
-    assert re.findall(r"for \w+ in range\((\d+)\)", func.script()) == ["28", "14"]  # their rows
+    assert _loops(func, "vectorized") == [14], func.script()  # the vertical pairs
+    assert re.findall(r"for \w+ in range\((\d+)\)", func.script()) == ["392", "14"]  # horizontal plane, vertical rows
     # rows narrower than MIN_VECTOR_ROW: the whole pooled plane is one vector instead
     small = schedule_prim_func(ops.make_prim_func(ops.maxpool2x2_gaussian, [(3, 16, 8, 8)] * 2))
-    assert _loops(small, "vectorized") == [8 * 4, 4 * 4], small.script()
+    assert _loops(small, "vectorized") == [4 * 4], small.script()
+    # the twin's whole 2x2 window (rows and columns strided) is not one run: still row by row
+    twin = schedule_prim_func(ops.make_prim_func(ops.maxpool2x2, [(2, 6, 28, 28)]))
+    assert _loops(twin, "vectorized") == [14], twin.script()
+
+
+def test_strided_pool_pairs_are_vectorised_by_llvm_with_shuffles():
+    """Columns 2j and 2j+1 as contiguous loads + shuffles, not one scalar load and lane insert each.
+
+    TVM's own vectorisation of the stride-2 read emitted 40 ``vinsertps`` here; LLVM's loop
+    vectoriser none, and no scalar square root or division is left (every Clark maximum in SIMD).
+    """
+    target = tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "haswell"})
+    with target:
+        func = schedule_prim_func(ops.make_prim_func(ops.maxpool2x2_gaussian, [(2, 6, 28, 28)] * 2))
+    executable = tvm.compile(func, target=target)
+    assembly = executable.mod.inspect_source("asm")
+    assert re.search(r"\bvsqrtps\b", assembly) and re.search(r"\bvdivps\b", assembly)
+    for scalar in ("vinsertps", "vsqrtss", "vdivss"):
+        assert not re.search(rf"\b{scalar}\b", assembly), scalar
+    inputs = _inputs([(2, 6, 28, 28)] * 2, seed=3)
+    expected = _run(ops.make_prim_func(ops.maxpool2x2_gaussian, [(2, 6, 28, 28)] * 2), inputs, [(2, 6, 14, 14)] * 2)
+    for want, got in zip(expected, _run(func, inputs, [(2, 6, 14, 14)] * 2)):
+        np.testing.assert_allclose(got, want, rtol=2e-5, atol=0)
 
 
 @pytest.mark.parametrize(("target", "joint_tile", "twin_tile", "lanes"), [

@@ -319,6 +319,9 @@ def _conv_shapes(x: te.Tensor, weight: te.Tensor, bias: te.Tensor, stride: int, 
 FLAT_ALIGN = 8
 #: Annotation on a flat conv input block: its padded row width (the schedule vectorises it row by row).
 FLAT_ROW_ANNOTATION = "pfp.flat_row"
+#: Annotation on a block of a load or two per element (a convolution's padded input, its bias
+#: epilogue): the schedule parallelises it only when large (see schedules.PARALLEL_MIN_LIGHT).
+LIGHT_ANNOTATION = "pfp.light"
 
 
 class _ConvGrid:
@@ -370,7 +373,7 @@ class _ConvGrid:
             return tirx.if_then_else(inside, x[b, c, i, j], _f(0.0))
 
         return te.compute((self.batch, self.channels, self.rows * row), flat, name=name,
-                          attrs={FLAT_ROW_ANNOTATION: row})
+                          attrs={FLAT_ROW_ANNOTATION: row, LIGHT_ANNOTATION: 1})
 
     def read(self, xp: te.Tensor, b, c, position: Sequence, ry, rx) -> tirx.PrimExpr:
         """Input element under kernel tap (ry, rx) of output ``position`` ((p,) flat, else (i, j))."""
@@ -389,7 +392,8 @@ class _ConvGrid:
         def make(a: te.Tensor, bias: te.Tensor):
             return lambda b, o, i, j: self.at(a, b, o, i, j) + bias[o]
 
-        return [te.compute(self.out_shape, make(a, bias), name=name) for a, bias, name in zip(acc, biases, names)]
+        return [te.compute(self.out_shape, make(a, bias), name=name, attrs={LIGHT_ANNOTATION: 1})
+                for a, bias, name in zip(acc, biases, names)]
 
 
 def _conv_axes(reduce_shape):

@@ -33,7 +33,7 @@ import math
 import tvm
 from tvm import relax, s_tir, tirx
 
-from pfp.backends.tvm.ops import FLAT_ROW_ANNOTATION
+from pfp.backends.tvm.ops import FLAT_ROW_ANNOTATION, LIGHT_ANNOTATION
 
 __all__ = ["HAND_SCHEDULE_VERSION", "HandSchedule", "apply_hand_schedule", "compile_scheduled", "fuse_operators",
            "schedule_prim_func", "simd_registers"]
@@ -41,7 +41,7 @@ __all__ = ["HAND_SCHEDULE_VERSION", "HandSchedule", "apply_hand_schedule", "comp
 logger = logging.getLogger(__name__)
 
 #: Bump when the rules below change: tuning work dirs then measure the hand schedules again.
-HAND_SCHEDULE_VERSION = 8
+HAND_SCHEDULE_VERSION = 9
 #: Batch rows that share one load of a weight vector in a dense reduction (register tile): the first that divides the batch.
 BATCH_TILES = (4, 5, 3, 2)
 #: Outputs computed side by side in a dense reduction with few rows (independent accumulator chains).
@@ -57,6 +57,10 @@ CONV_TILE_MIN_REDUCTION = 16
 PARALLEL_MIN_WORK = 100_000
 #: Elementwise blocks with fewer elements stay on one thread.
 PARALLEL_MIN_ELEMENTS = 1024
+#: ... light blocks (a load or two per element: a convolution's padded input and bias epilogue) with
+#: fewer than this: they take well under a nanosecond per element, less than waking the thread pool
+#: (LeNet at batch 1: 89 -> 82 us with the padding copies on one thread).
+PARALLEL_MIN_LIGHT = 4096
 #: Longest vector of an elementwise loop (several SIMD registers: independent chains in flight).
 MAX_VECTOR_LANES = 64
 #: Window (pooling) blocks vectorise row by row when rows are at least this long.
@@ -235,6 +239,42 @@ def _reads_pointwise(sch: s_tir.Schedule, block) -> bool:
     return True
 
 
+def _reads_strided_plane(sch: s_tir.Schedule, block) -> bool:
+    """True when ``block`` reads its (H, W) plane with a stride along W, and as one flat strided run.
+
+    E.g. the horizontal pairs of a 2x2 max-pool: output (i, j) of a (H, W/2) plane reads input
+    (i, 2j) and (i, 2j + 1), i.e. flat positions 2k and 2k + 1 of k = i * W/2 + j. TVM vectorises
+    a strided read as one scalar load and lane insert per element; LLVM's loop vectoriser loads
+    the run contiguously and deinterleaves it with shuffles (see :func:`_schedule_elementwise`).
+    A whole 2x2 window (rows 2i and 2i + 1 too) is not one run: it keeps the row-by-row form.
+    """
+    from tvm.sym.pattern import detect_linear_equation
+
+    stmt = sch.get(block)
+    if len(stmt.iter_vars) < 2:
+        return False
+    row, column = (iv.var for iv in stmt.iter_vars[-2:])
+    width = int(stmt.iter_vars[-1].dom.extent)
+    strided = False
+    for read in stmt.reads:
+        if len(read.region) < 2:
+            return False
+        row_linear = detect_linear_equation(read.region[-2].min, [row])
+        column_linear = detect_linear_equation(read.region[-1].min, [column])
+        if len(row_linear) != 2 or len(column_linear) != 2:
+            return False
+        row_step, column_step = row_linear[0], column_linear[0]
+        if not (isinstance(row_step, tirx.IntImm) and isinstance(column_step, tirx.IntImm)):
+            return False
+        input_width = int(read.source.shape[-1])
+        # one run: consecutive output rows read consecutive input rows, each read whole
+        if int(column_step) > 1 and int(row_step) == 1 and int(column_step) * width == input_width:
+            strided = True
+        elif int(column_step) != 1:
+            return False
+    return strided
+
+
 def _contiguous_lanes(extent: int) -> int:
     """Vector length for a contiguous loop: whole if short, else 16 or the longest divisor that fits."""
     if extent <= MAX_VECTOR_LANES:
@@ -270,6 +310,12 @@ def _schedule_elementwise(sch: s_tir.Schedule, blocks: list) -> None:
     contiguous with each other. Vectors of up to MAX_VECTOR_LANES (several registers each) keep
     enough independent work in flight for the long dependency chains of Phi and phi: 16-lane
     chunks that straddle 28-wide rows were 2x slower, 4-lane chunks of 10-wide rows 3x.
+
+    A window block that reads with a stride (the horizontal pairs of a 2x2 max-pool, columns 2j
+    and 2j + 1) runs its fused H x W axes as one plain loop, left to LLVM's loop vectoriser: it
+    loads the input contiguously and deinterleaves it with shuffles, where TVM's vectorised form
+    loads and inserts lane by lane (Clark maxima of stride-2 pairs: 382 -> 312 us per 235k at
+    2 threads; contiguous pairs take 253 us). The fused plane has no remainder per row.
     """
     groups: list[dict] = []
     for block in blocks:
@@ -277,12 +323,14 @@ def _schedule_elementwise(sch: s_tir.Schedule, blocks: list) -> None:
         if not loops:
             continue
         row = sch.get(block).annotations.get(FLAT_ROW_ANNOTATION)
+        light = LIGHT_ANNOTATION in sch.get(block).annotations
         if row is not None:  # a flat conv input: rows of the padded image, each read contiguously
             sch.split(loops[-1], [None, int(row)])
             loops = sch.get_loops(block)
         extents = tuple(_extent(sch, loop) for loop in loops)
         pointwise = _reads_pointwise(sch, block)
-        by_rows = not pointwise and len(loops) > 3 and extents[-1] >= MIN_VECTOR_ROW
+        strided = not pointwise and len(loops) > 3 and _reads_strided_plane(sch, block)
+        by_rows = not pointwise and not strided and len(loops) > 3 and extents[-1] >= MIN_VECTOR_ROW
         if len(loops) >= 3:
             sch.fuse(*loops[:2])
             if not by_rows and len(loops) > 3:
@@ -292,18 +340,24 @@ def _schedule_elementwise(sch: s_tir.Schedule, blocks: list) -> None:
         name = sch.get(block).name_hint
         producers = {sch.get(p).name_hint for p in sch.get_producers(block)}
         last = groups[-1] if groups else None
-        if (last is not None and last["extents"] == extents and last["by_rows"] == by_rows
-                and not producers & last["names"]):
+        form = (by_rows, strided, light)
+        if last is not None and (last["extents"], last["form"]) == (extents, form) and not producers & last["names"]:
             for level in range(len(sch.get_loops(block))):  # loop handles change on merging: looked up again
                 sch.merge(sch.get_loops(last["block"])[level], sch.get_loops(block)[level])
             last["names"].add(name)
         else:
-            groups.append({"extents": extents, "by_rows": by_rows, "names": {name}, "block": block})
+            groups.append({"extents": extents, "form": form, "strided": strided, "light": light, "names": {name},
+                           "block": block})
     for group in groups:
         extents, loops = group["extents"], sch.get_loops(group["block"])
+        parallel = math.prod(extents) >= (PARALLEL_MIN_LIGHT if group["light"] else PARALLEL_MIN_ELEMENTS)
+        if group["strided"]:  # LLVM vectorises the plane (see above)
+            if parallel:
+                sch.parallel(loops[0])
+            continue
         split_outer = _vectorise(sch, loops[-1], _contiguous_lanes(_extent(sch, loops[-1])))
         outer = loops[0] if len(extents) >= 3 else split_outer  # (batch, channel), else the rows of the split
-        if outer is not None and math.prod(extents) >= PARALLEL_MIN_ELEMENTS:
+        if outer is not None and parallel:
             sch.parallel(outer)
 
 
