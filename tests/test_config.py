@@ -65,6 +65,7 @@ def test_defaults_without_any_file_content():
     assert params.train[Architecture.LENET] == TrainConfig()
     assert params.calibrate.variance_scales == [0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.5, 2.0, 3.0]
     assert params.evaluate.logit_samples == 100
+    assert params.convert.pool_before_relu is True
 
 
 def test_the_repository_params_files_are_valid():
@@ -72,6 +73,7 @@ def test_the_repository_params_files_are_valid():
     for path in ("params.yaml", "configs/embedded.yaml"):
         params = load_params(path)
         assert {m.value for m in params.models} == {"mlp", "lenet"}
+        assert params.convert.pool_before_relu is True
 
 
 @pytest.mark.parametrize(
@@ -85,6 +87,8 @@ def test_the_repository_params_files_are_valid():
         ("models: [mlp]\ntrain: {mlp: {}}\ncalibrate: {variance_scales: [0.5, -1]}\n", "calibrate.variance_scales"),
         ("models: [mlp]\ntrain: {mlp: {}}\nambiguous: {vae: {latent_dim: 1}}\n", "ambiguous.vae.latent_dim"),
         ("models: [mlp]\ntrain: {mlp: {}}\ntypo_section: 1\n", "typo_section"),
+        ("models: [mlp]\ntrain: {mlp: {}}\nconvert: {pool_before_relu: maybe}\n", "convert.pool_before_relu"),
+        ("models: [mlp]\ntrain: {mlp: {}}\nconvert: {pool_first: true}\n", "convert.pool_first"),
     ],
 )
 def test_invalid_value_names_the_key(tmp_path, text, key):
