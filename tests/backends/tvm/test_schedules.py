@@ -161,40 +161,48 @@ def test_strided_pool_pairs_are_vectorised_by_llvm_with_shuffles():
         np.testing.assert_allclose(got, want, rtol=2e-5, atol=0)
 
 
-@pytest.mark.parametrize(("target", "joint_tile", "twin_tile", "lanes"), [
-    (None, 2, 4, 8),  # AVX2's 16 registers (the default): 4 joint channels need 4 x (2 + 3) + 2 = 22
-    ({"kind": "llvm", "mcpu": "skylake-avx512"}, 4, 4, 8),  # 32 registers; 136 positions take 8-lane vectors
-    ({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a72", "mattr": ["+neon"]}, 4, 4, 4),
+@pytest.mark.parametrize(("target", "joint", "twin"), [
+    # AVX2's 16 registers (the default): 4 joint channels need 4 x (2 + 3) + 2 = 22; the twin's
+    # 144 positions (16-aligned) take two-register vectors, 4 channels x (2 + 1) + 2 = 14
+    (None, (2, 8), (4, 16)),
+    # 32 registers: the joint conv's 136 positions do not divide into 32 lanes, nor into 16
+    ({"kind": "llvm", "mcpu": "skylake-avx512"}, (4, 8), (4, 16)),
+    # NEON, 4 lanes and 32 registers: two-register vectors for both, 4 x (2 x 2 + 3) + 2 x 2 = 32
+    ({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a72", "mattr": ["+neon"]}, (4, 8), (4, 8)),
 ], ids=["avx2", "avx512", "neon"])
-def test_conv_channel_tile_fits_the_register_file(target, joint_tile, twin_tile, lanes):
-    """LeNet's conv2 (16 channels, flat positions): output channels side by side only while the loop body fits."""
+def test_conv_channel_tile_fits_the_register_file(target, joint, twin):
+    """LeNet's conv2 (16 channels, flat positions): (channels side by side, positions per vector) while the loop body fits."""
     target = tvm.target.Target(target) if target else None
-    joint = ops.make_prim_func(ops.conv2d_joint, [(1, 6, 14, 14)] * 2 + [(16, 6, 5, 5)] * 3 + [(16,)] * 2)
-    twin = ops.make_prim_func(ops.conv2d, [(1, 6, 14, 14), (16, 6, 5, 5), (16,)])
-    for func, tile in ((joint, joint_tile), (twin, twin_tile)):
+    joint_func = ops.make_prim_func(ops.conv2d_joint, [(1, 6, 14, 14)] * 2 + [(16, 6, 5, 5)] * 3 + [(16,)] * 2)
+    twin_func = ops.make_prim_func(ops.conv2d, [(1, 6, 14, 14), (16, 6, 5, 5), (16,)])
+    for func, (tile, lanes) in ((joint_func, joint), (twin_func, twin)):
         scheduled = schedule_prim_func(func, target=target)
         assert set(_loops(scheduled, "unroll")) == {tile}
         assert lanes in _loops(scheduled, "vectorized"), scheduled.script()  # full vectors of flat positions
 
 
 def test_flat_conv_vectorises_full_registers():
-    """Stride-1 conv2 of LeNet: 8-lane vectors over flat positions (not 8 + 2 lanes per 10-wide row)."""
+    """Stride-1 conv2 of LeNet: two-register vectors over flat positions (not 8 + 2 lanes per 10-wide row)."""
     func = schedule_prim_func(ops.make_prim_func(ops.conv2d, [(2, 6, 14, 14), (16, 6, 5, 5), (16,)]),
                               target=tvm.target.Target({"kind": "llvm", "mcpu": "haswell"}))
     vectors = _loops(func, "vectorized")
-    assert 8 in vectors and 2 not in vectors, func.script()
+    assert 16 in vectors and 2 not in vectors, func.script()
     assert 14 in vectors, func.script()  # the flat input copied a padded row at a time
 
 
 def test_first_layer_conv_tiles_output_channels():
-    """LeNet's conv1 (1 x 5 x 5 terms per output) shares each input load among 3 of its 6 channels, joint and twin."""
+    """LeNet's conv1 (1 x 5 x 5 terms per output) shares each input load among several of its 6 channels.
+
+    With two-register vectors of positions: 2 channels for the joint conv (2 accumulators each,
+    2 x 2 x 2 + 2 weights + 2 inputs = 14 registers), 3 for the twin.
+    """
     haswell = tvm.target.Target({"kind": "llvm", "mcpu": "haswell"})
     joint = schedule_prim_func(ops.make_prim_func(ops.conv2d_joint_first, [(2, 1, 28, 28), (6, 1, 5, 5), (6, 1, 5, 5),
                                                                             (6,), (6,)], padding=2), target=haswell)
     twin = schedule_prim_func(ops.make_prim_func(ops.conv2d, [(2, 1, 28, 28), (6, 1, 5, 5), (6,)], padding=2),
                               target=haswell)
-    assert 3 in _loops(joint, "unroll"), joint.script()
-    assert 3 in _loops(twin, "unroll"), twin.script()
+    assert set(_loops(joint, "unroll")) == {2} and 16 in _loops(joint, "vectorized"), joint.script()
+    assert set(_loops(twin, "unroll")) == {3} and 16 in _loops(twin, "vectorized"), twin.script()
 
 
 def test_gemv_tiles_outputs():

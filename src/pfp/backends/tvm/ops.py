@@ -315,8 +315,13 @@ def _conv_shapes(x: te.Tensor, weight: te.Tensor, bias: te.Tensor, stride: int, 
     return (batch, out_channels, out_h, out_w), (channels, kh, kw)
 
 
-#: Flat stride-1 convolutions compute this many output positions at a time (a multiple of every SIMD width we target).
-FLAT_ALIGN = 8
+#: Flat stride-1 convolutions compute a multiple of this many output positions: two SIMD registers
+#: of the widest target we schedule for (AVX2: 2 x 8), so the schedule can cut them into two-register
+#: vectors (see schedules._conv_position_lanes).
+FLAT_ALIGN = 16
+#: ... except the hidden-layer joint and variance convolutions (two inputs per term): their schedule
+#: keeps one-register vectors, so 8 suffices (LeNet's conv2: 136 positions, not 144).
+FLAT_ALIGN_TWO_INPUTS = 8
 #: Annotation on a flat conv input block: its padded row width (the schedule vectorises it row by row).
 FLAT_ROW_ANNOTATION = "pfp.flat_row"
 #: Annotation on a block of a load or two per element (a convolution's padded input, its bias
@@ -337,14 +342,14 @@ class _ConvGrid:
     """
 
     def __init__(self, x: te.Tensor, out_shape: tuple[int, ...], reduce_shape: tuple[int, int, int], stride: int,
-                 padding: int) -> None:
+                 padding: int, align: int = FLAT_ALIGN) -> None:
         self.batch, self.channels, self.height, self.width = _ints(x.shape)
         self.out_shape, self.stride, self.padding = out_shape, stride, padding
         _, kh, kw = reduce_shape
         self.flat = stride == 1
         self.row = self.width + 2 * padding
         out_h, out_w = out_shape[2:]
-        self.positions = -(-((out_h - 1) * self.row + out_w) // FLAT_ALIGN) * FLAT_ALIGN
+        self.positions = -(-((out_h - 1) * self.row + out_w) // align) * align
         # rows of the flat buffer: the last position's window must stay inside (zeros past the padded input)
         self.rows = -(-(self.positions + (kh - 1) * self.row + kw - 1) // self.row)
 
@@ -425,7 +430,7 @@ def conv2d_joint(mean: te.Tensor, var: te.Tensor, weight_mean: te.Tensor, weight
     """Gaussian conv2d (NCHW) on Gaussian inputs: [mean, var] in one pair reduction (all-positive var)."""
     out_shape, reduce_shape = _conv_shapes(mean, weight_mean, bias_mean, stride, padding)
     _check(_ints(var.shape) == _ints(mean.shape), "conv2d: mean and variance inputs differ in shape")
-    grid = _ConvGrid(mean, out_shape, reduce_shape, stride, padding)
+    grid = _ConvGrid(mean, out_shape, reduce_shape, stride, padding, FLAT_ALIGN_TWO_INPUTS)
     mp = grid.prepare(mean, "pad_mean")
     vp = grid.prepare(var, "pad_var")
     rc, ry, rx = _conv_axes(reduce_shape)
@@ -477,7 +482,7 @@ def conv2d_var(mean: te.Tensor, var: te.Tensor, weight_m2: te.Tensor, weight_var
     """Separate-path variance of a hidden conv layer: conv(var, E[w^2]) + conv(mu^2, sigma_w^2) + var_b."""
     out_shape, reduce_shape = _conv_shapes(mean, weight_var, bias_var, stride, padding)
     _check(_ints(var.shape) == _ints(mean.shape), "conv2d: mean and variance inputs differ in shape")
-    grid = _ConvGrid(mean, out_shape, reduce_shape, stride, padding)
+    grid = _ConvGrid(mean, out_shape, reduce_shape, stride, padding, FLAT_ALIGN_TWO_INPUTS)
     mp = grid.prepare(mean, "pad_mean")
     vp = grid.prepare(var, "pad_var")
     rc, ry, rx = _conv_axes(reduce_shape)

@@ -41,7 +41,7 @@ __all__ = ["HAND_SCHEDULE_VERSION", "HandSchedule", "apply_hand_schedule", "comp
 logger = logging.getLogger(__name__)
 
 #: Bump when the rules below change: tuning work dirs then measure the hand schedules again.
-HAND_SCHEDULE_VERSION = 9
+HAND_SCHEDULE_VERSION = 10
 #: Batch rows that share one load of a weight vector in a dense reduction (register tile): the first that divides the batch.
 BATCH_TILES = (4, 5, 3, 2)
 #: Outputs computed side by side in a dense reduction with few rows (independent accumulator chains).
@@ -190,25 +190,31 @@ def _schedule_conv(sch: s_tir.Schedule, block, lanes: int, target=None):
     """Convolutions: output positions innermost and vectorised under the reductions; (b, o) parallel.
 
     Two layouts (see :class:`pfp.backends.tvm.ops._ConvGrid`): flat (b, o, p) accumulators are cut
-    into vectors of ``lanes`` consecutive positions; NCHW (b, o, i, j) ones vectorise the output row.
-    Returns the fused outer loop and the block, or None for other blocks.
+    into vectors of consecutive positions (:func:`_conv_position_lanes`); NCHW (b, o, i, j) ones
+    vectorise the output row. Returns the fused outer loop and the block, or None for other blocks.
     """
     types = _iter_types(sch, block)
     loops = sch.get_loops(block)
     work = math.prod(_extent(sch, loop) for loop in loops)
     if types == [_DATA_PAR] * 3 + [_COMM_REDUCE] * 3:
         b, o, p, rc, ry, rx = loops
-        outer_positions, vector = sch.split(p, [None, _vector_width(_extent(sch, p), lanes)])
     elif types == [_DATA_PAR] * 4 + [_COMM_REDUCE] * 3:
         b, o, outer_positions, vector, rc, ry, rx = loops  # output rows, then the vectorised row
     else:
         return None
     reduction = _extent(sch, rc) * _extent(sch, ry) * _extent(sch, rx)
-    tile = 1
-    if reduction >= CONV_TILE_MIN_REDUCTION:  # a few terms per output: the loop overhead outweighs shared loads
-        weights, inputs = _operands(sch, block, _spatial_vars(sch, block)[-1])
-        tile = _conv_channel_tile(_extent(sch, o), len(sch.get(block).writes), weights, inputs, _extent(sch, vector),
-                                  target)
+    operands = _operands(sch, block, _spatial_vars(sch, block)[-1])
+    accumulators = len(sch.get(block).writes)
+
+    def channel_tile(width: int) -> int:
+        if reduction < CONV_TILE_MIN_REDUCTION:  # a few terms per output: the loop overhead outweighs shared loads
+            return 1
+        return _conv_channel_tile(_extent(sch, o), accumulators, *operands, width, target)
+
+    if len(loops) == 6:
+        width = _conv_position_lanes(_extent(sch, p), lanes, channel_tile)
+        outer_positions, vector = sch.split(p, [None, width])
+    tile = channel_tile(_extent(sch, vector))
     if tile > 1:
         # `tile` output channels side by side: each input vector load feeds `tile` independent
         # multiply-add chains (one chain stalls on the FMA latency over the whole reduction)
@@ -224,6 +230,24 @@ def _schedule_conv(sch: s_tir.Schedule, block, lanes: int, target=None):
         sch.parallel(outer)
     sch.decompose_reduction(block, rc)
     return outer, block
+
+
+def _conv_position_lanes(positions: int, lanes: int, channel_tile) -> int:
+    """Flat positions per vector: two SIMD registers' worth (2 x ``lanes``) when they divide ``positions``
+    and ``channel_tile(width)`` then keeps at least as many accumulator registers in flight; else one
+    register's, or the widest fraction of it that divides.
+
+    Two registers per vector halve the weight broadcasts per multiply-add, which bound the
+    single-accumulator convolutions on AVX2: at batch 100 the twin's conv2 ran 729 -> 474 us
+    (4 channels x 2 registers), its conv1 307 -> 246 us, the SVI-30 ensemble's conv2 23.3 -> 15.7 ms,
+    PFP's first-layer joint conv 559 -> 511 us (2 channels x 2 registers instead of 3 x 1). The
+    hidden joint conv (two accumulators and three weights per channel) fits one channel only
+    at that width; it keeps 2 x 1 (2.03 ms either way) and its 8-aligned positions.
+    """
+    wide = 2 * lanes
+    if positions % wide == 0 and 2 * channel_tile(wide) >= channel_tile(lanes):
+        return wide
+    return _vector_width(positions, lanes)
 
 
 def _reads_pointwise(sch: s_tir.Schedule, block) -> bool:
