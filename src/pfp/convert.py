@@ -80,7 +80,7 @@ def pool_before_relu(spec: ModelSpec) -> ModelSpec:
     LeNet's two ReLU + pool kernels cost 4 Gaussian evaluations per pooled output instead of 7.
     On the recorded LeNet posterior the logit moments are also slightly closer to SVI's sampled
     ones (relative error of the mean 0.0044 vs 0.0046 on MNIST test, 0.0152 vs 0.0160 on
-    Fashion-MNIST; see the closing note of the change).
+    Fashion-MNIST; see README, "Layer order").
     """
     layers = list(spec.layers)
     reordered = []

@@ -370,12 +370,12 @@ def _schedule_elementwise(sch: s_tir.Schedule, blocks: list) -> None:
                 sch.merge(sch.get_loops(last["block"])[level], sch.get_loops(block)[level])
             last["names"].add(name)
         else:
-            groups.append({"extents": extents, "form": form, "strided": strided, "light": light, "names": {name},
-                           "block": block})
+            groups.append({"extents": extents, "form": form, "names": {name}, "block": block})
     for group in groups:
         extents, loops = group["extents"], sch.get_loops(group["block"])
-        parallel = math.prod(extents) >= (PARALLEL_MIN_LIGHT if group["light"] else PARALLEL_MIN_ELEMENTS)
-        if group["strided"]:  # LLVM vectorises the plane (see above)
+        _, strided, light = group["form"]
+        parallel = math.prod(extents) >= (PARALLEL_MIN_LIGHT if light else PARALLEL_MIN_ELEMENTS)
+        if strided:  # LLVM vectorises the plane (see above)
             if parallel:
                 sch.parallel(loops[0])
             continue
