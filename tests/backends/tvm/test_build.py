@@ -155,6 +155,31 @@ def test_weights_as_params(mlp_case, mlp_params_runner):
     assert_close(var, ref_var, atol_fraction=0.0, what="var")
 
 
+def test_channels_last_weights_are_transposed_at_compile_time():
+    """LeNet's conv2 (16 channels) takes channels-last weights, conv1 (6) the flat form. Bound
+    weights are transposed once, by FoldConstant; weight parameters are transposed in the graph."""
+    from pfp.backends.tvm.schedules import fuse_operators
+
+    spec = build_spec("lenet")
+    params = random_params(spec, seed=3)
+    for joint in (True, False):
+        mod = tb.build_pfp_module(spec, params, batch_size=2, joint=joint)
+        fused = fuse_operators(mod, tb.make_target("host"))
+        kernels = {gv.name_hint: func for gv, func in fused.functions_items() if isinstance(func, tvm.tirx.PrimFunc)}
+        assert not [name for name in kernels if "transpose" in name or "permute" in name], sorted(kernels)
+        conv2 = [func for name, func in kernels.items() if name.startswith("conv2_")]
+        conv1 = [func for name, func in kernels.items() if name.startswith("conv1_")]
+        assert conv2 and all("pfp.channels_last" in func.script() for func in conv2)
+        assert conv1 and not any("pfp.channels_last" in func.script() for func in conv1)
+    x = torch.randn(2, *spec.input_shape, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ref_mean, ref_var = ref.pfp_forward(spec, params, x)
+    as_params = tb.compile_pfp(spec, params, batch_size=2, weights_as_params=True)
+    mean, var = as_params(x.numpy())
+    assert_close(mean, ref_mean, what="mean (weight parameters)")
+    assert_close(var, ref_var, atol_fraction=0.0, what="var (weight parameters)")
+
+
 def test_spec_without_parametric_layers_returns_zero_variance():
     spec = ModelSpec("tiny", (1, 2, 2), (Flatten(), ReLU()))
     runner = tb.compile_pfp(spec, {}, batch_size=2)

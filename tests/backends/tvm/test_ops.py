@@ -191,6 +191,48 @@ def test_conv2d_deterministic(conv_params, stride, padding, height, width):
     assert_close(out, F.conv2d(x, p.weight_mean, p.bias_mean, stride=stride, padding=padding))
 
 
+# the channels-last form: 16 output channels (one channel vector) and 32 (two, split by the schedule)
+CHANNELS_LAST_CASES = [pytest.param(16, 0, id="16ch-pad0"), pytest.param(32, 2, id="32ch-pad2")]
+
+
+def _channels_last(weight: torch.Tensor) -> np.ndarray:
+    return np.ascontiguousarray(weight.detach().numpy().transpose(1, 2, 3, 0))  # (O, C, kh, kw) -> (C, kh, kw, O)
+
+
+@pytest.mark.parametrize("out_channels, padding", CHANNELS_LAST_CASES)
+def test_conv2d_channels_last_matches_reference(out_channels, padding):
+    """Every conv operator in the channels-last form (weights (C, kh, kw, O)) against the PyTorch reference."""
+    p = layer_params((out_channels, CONV_IN, CONV_K, CONV_K), seed=7)
+    x, m, v = _conv_inputs(8, 9)
+    cl = {"padding": padding, "channels_last": True}
+    mean, var = run("conv2d_joint_first", x, _channels_last(p.weight_mean), _channels_last(p.weight_var), p.bias_mean,
+                    p.bias_var, **cl)
+    ref_mean, ref_var = ref.conv2d_first(x, p, 1, padding)
+    assert_close(mean, ref_mean, what="first mean")
+    assert_close(var, ref_var, what="first var")
+    (var_first,) = run("conv2d_var_first", x, _channels_last(p.weight_var), p.bias_var, **cl)
+    assert_close(var_first, ref_var, what="separate first var")
+    mean, var = run("conv2d_joint", m, v, _channels_last(p.weight_mean), _channels_last(p.weight_m2),
+                    _channels_last(p.weight_var), p.bias_mean, p.bias_var, **cl)
+    ref_mean, ref_var = ref.conv2d(m, v, p, 1, padding)
+    assert_close(mean, ref_mean, what="hidden mean")
+    assert_close(var, ref_var, what="hidden var")
+    (var_sep,) = run("conv2d_var", m, v, _channels_last(p.weight_m2), _channels_last(p.weight_var), p.bias_var, **cl)
+    assert_close(var_sep, ref_var, what="separate hidden var")
+    (out,) = run("conv2d", x, _channels_last(p.weight_mean), p.bias_mean, **cl)
+    assert_close(out, F.conv2d(x, p.weight_mean, p.bias_mean, padding=padding), what="deterministic")
+
+
+def test_channels_last_suits_whole_channel_vectors_at_stride_1():
+    assert ops.channels_last_suits(16, 1) and ops.channels_last_suits(32, 1)
+    assert not ops.channels_last_suits(6, 1)  # LeNet's conv1: a partial vector
+    assert not ops.channels_last_suits(16, 2)
+    with pytest.raises(ValueError, match="channels-last form needs stride 1"):
+        ops.make_prim_func(ops.conv2d, [(1, 3, 9, 9), (3, 3, 3, 16), (16,)], stride=2, channels_last=True)
+    with pytest.raises(ValueError, match="does not match input"):  # an OIHW weight given as channels-last
+        ops.make_prim_func(ops.conv2d, [(1, 3, 9, 9), (16, 3, 3, 3), (16,)], channels_last=True)
+
+
 def test_conv2d_output_size_matches_spec_formula():
     assert ops.conv_output_size(28, 5, 1, 2) == 28
     assert ops.conv_output_size(9, 5, 2, 2) == 5

@@ -36,6 +36,12 @@ CASES = {
     "conv2d_joint": (ops.conv2d_joint, [(2, 6, 14, 14), (2, 6, 14, 14), (16, 6, 5, 5), (16, 6, 5, 5), (16, 6, 5, 5),
                                         (16,), (16,)], {}),
     "conv2d_strided": (ops.conv2d, [(1, 3, 9, 9), (4, 3, 3, 3), (4,)], {"stride": 2, "padding": 1}),
+    # channels-last: LeNet's conv2 (16 channels), and 32 channels with padding (two channel vectors)
+    "conv2d_joint_channels_last": (ops.conv2d_joint, [(2, 6, 14, 14), (2, 6, 14, 14), (6, 5, 5, 16), (6, 5, 5, 16),
+                                                      (6, 5, 5, 16), (16,), (16,)], {"channels_last": True}),
+    "conv2d_var_channels_last": (ops.conv2d_var, [(2, 6, 14, 14), (2, 6, 14, 14), (6, 5, 5, 32), (6, 5, 5, 32), (32,)],
+                                 {"channels_last": True, "padding": 2}),
+    "conv2d_channels_last": (ops.conv2d, [(3, 6, 14, 14), (6, 5, 5, 32), (32,)], {"channels_last": True, "padding": 1}),
     "relu_gaussian": (ops.relu_gaussian, [(2, 6, 28, 28), (2, 6, 28, 28)], {}),
     "maxpool2x2_gaussian": (ops.maxpool2x2_gaussian, [(2, 6, 28, 28), (2, 6, 28, 28)], {}),
     # a width (8) and pooled width (4) narrower than 16 lanes: vectors must not straddle rows
@@ -179,6 +185,29 @@ def test_conv_channel_tile_fits_the_register_file(target, joint, twin):
         scheduled = schedule_prim_func(func, target=target)
         assert set(_loops(scheduled, "unroll")) == {tile}
         assert lanes in _loops(scheduled, "vectorized"), scheduled.script()  # full vectors of flat positions
+
+
+@pytest.mark.parametrize("op, shapes, positions", [
+    (ops.conv2d, [(2, 6, 14, 14), (6, 5, 5, 16), (16,)], 5),  # 1 weight operand: 2 registers a position
+    (ops.conv2d_var, [(2, 6, 14, 14)] * 2 + [(6, 5, 5, 16)] * 2 + [(16,)], 2),  # 2 weight operands: 4
+    (ops.conv2d_joint, [(2, 6, 14, 14)] * 2 + [(6, 5, 5, 16)] * 3 + [(16,)] * 2, 2),  # 3 weight operands: 6
+], ids=["twin", "separate_var", "joint"])
+def test_channels_last_conv_vectorises_channels_over_adjacent_positions(op, shapes, positions):
+    """LeNet's conv2 in the channels-last form on AVX2: 16 channels (two registers) a vector, and as
+    many adjacent output positions (a divisor of the 10-wide row) as 12 registers hold."""
+    func = schedule_prim_func(ops.make_prim_func(op, shapes, channels_last=True),
+                              target=tvm.target.Target({"kind": "llvm", "mcpu": "haswell"}))
+    assert set(_loops(func, "unroll")) == {positions}, func.script()
+    assert 16 in _loops(func, "vectorized")
+    assert _loops(func, "parallel") == [2 * 10]  # (example, output row)
+
+
+def test_channels_last_conv_splits_wide_channel_counts():
+    """32 channels: two channel vectors, each its own reduction; (example, row, vector) run in parallel."""
+    func = schedule_prim_func(ops.make_prim_func(ops.conv2d, [(2, 6, 14, 14), (6, 5, 5, 32), (32,)], channels_last=True),
+                              target=tvm.target.Target({"kind": "llvm", "mcpu": "haswell"}))
+    assert _loops(func, "parallel") == [2 * 10 * 2], func.script()
+    assert 16 in _loops(func, "vectorized") and 32 not in _loops(func, "vectorized")
 
 
 def test_flat_conv_vectorises_full_registers():

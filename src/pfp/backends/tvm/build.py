@@ -242,6 +242,18 @@ def _pair(bb: relax.BlockBuilder, value: relax.Expr) -> tuple[relax.Expr, relax.
     return bb.emit(relax.TupleGetItem(value, 0)), bb.emit(relax.TupleGetItem(value, 1))
 
 
+def _conv_layout(bb: relax.BlockBuilder, layer: Conv2d, *weights: relax.Expr) -> tuple[list[relax.Expr], dict]:
+    """The conv weights in the layout the operator takes, and its keyword arguments.
+
+    Channels-last convolutions (:func:`ops.channels_last_suits`) take (C, kh, kw, O) weights: a
+    transpose in the graph, which ``FoldConstant`` evaluates at compile time for bound weights.
+    """
+    kwargs = {"stride": layer.stride, "padding": layer.padding}
+    if not ops.channels_last_suits(layer.out_channels, layer.stride):
+        return list(weights), kwargs
+    return [bb.emit(relax.op.permute_dims(w, [1, 2, 3, 0])) for w in weights], {**kwargs, "channels_last": True}
+
+
 def build_pfp_module(spec: ModelSpec, params: Mapping, *, batch_size: int = 1, joint: bool = True,
                      weights_as_params: bool = False, variance_scale: float = 1.0) -> tvm.IRModule:
     """Relax IRModule of the probabilistic forward pass of ``spec``.
@@ -267,9 +279,13 @@ def build_pfp_module(spec: ModelSpec, params: Mapping, *, batch_size: int = 1, j
                 elif isinstance(layer, (Dense, Conv2d)):
                     name = layer.name
                     wm, wv = weights[f"{name}_weight_mean"], weights[f"{name}_weight_var"]
+                    m2 = None if var is None else weights[f"{name}_weight_m2"]
                     bm, bv = weights[f"{name}_bias_mean"], weights[f"{name}_bias_var"]
                     conv = isinstance(layer, Conv2d)
-                    kw = {"stride": layer.stride, "padding": layer.padding} if conv else {}
+                    kw = {}
+                    if conv:
+                        (wm, wv, *rest), kw = _conv_layout(bb, layer, wm, wv, *([] if m2 is None else [m2]))
+                        m2 = rest[0] if rest else None
                     if not conv:
                         mean = _flatten(bb, mean, batch_size)
                         var = None if var is None else _flatten(bb, var, batch_size)
@@ -286,7 +302,6 @@ def build_pfp_module(spec: ModelSpec, params: Mapping, *, batch_size: int = 1, j
                             mean = bb.emit_te(mean_op, x_in, wm, bm, **kw, primfunc_name_hint=f"{name}_{kind}_mean")
                             var = bb.emit_te(var_op, x_in, wv, bv, **kw, primfunc_name_hint=f"{name}_{kind}_var_first")
                     else:
-                        m2 = weights[f"{name}_weight_m2"]
                         if joint:
                             op = ops.conv2d_joint if conv else ops.dense_joint
                             mean, var = _pair(bb, bb.emit_te(op, mean, var, wm, m2, wv, bm, bv, **kw,
@@ -339,8 +354,8 @@ def build_deterministic_module(spec: ModelSpec, weights: Mapping, *, batch_size:
                     h = bb.emit_te(ops.dense, h, table[f"{layer.name}_weight"], table[f"{layer.name}_bias"],
                                    primfunc_name_hint=f"{layer.name}_dense")
                 elif isinstance(layer, Conv2d):
-                    h = bb.emit_te(ops.conv2d, h, table[f"{layer.name}_weight"], table[f"{layer.name}_bias"],
-                                   stride=layer.stride, padding=layer.padding,
+                    (weight,), kw = _conv_layout(bb, layer, table[f"{layer.name}_weight"])
+                    h = bb.emit_te(ops.conv2d, h, weight, table[f"{layer.name}_bias"], **kw,
                                    primfunc_name_hint=f"{layer.name}_conv2d")
                 elif isinstance(layer, ReLU):
                     h = bb.emit_te(ops.relu, h, primfunc_name_hint=f"relu{index}")

@@ -52,6 +52,7 @@ __all__ = [
     "conv2d_joint_first",
     "conv2d_var",
     "conv2d_var_first",
+    "channels_last_suits",
     "conv_output_size",
     "dense",
     "dense_ensemble",
@@ -302,10 +303,16 @@ def conv_output_size(size: int, kernel: int, stride: int, padding: int) -> int:
     return (size + 2 * padding - kernel) // stride + 1
 
 
-def _conv_shapes(x: te.Tensor, weight: te.Tensor, bias: te.Tensor, stride: int, padding: int):
+def _conv_shapes(x: te.Tensor, weight: te.Tensor, bias: te.Tensor, stride: int, padding: int,
+                 channels_last: bool = False):
     _check(len(x.shape) == 4, f"conv2d: input must be NCHW, got shape {_ints(x.shape)}")
+    _check(len(weight.shape) == 4, f"conv2d: weight must have 4 dims, got shape {_ints(weight.shape)}")
     batch, channels, height, width = _ints(x.shape)
-    out_channels, w_channels, kh, kw = _ints(weight.shape)
+    if channels_last:
+        w_channels, kh, kw, out_channels = _ints(weight.shape)
+        _check(stride == 1, f"conv2d: the channels-last form needs stride 1, got {stride}")
+    else:
+        out_channels, w_channels, kh, kw = _ints(weight.shape)
     _check(w_channels == channels, f"conv2d: weight {_ints(weight.shape)} does not match input {_ints(x.shape)}")
     _check(_ints(bias.shape) == (out_channels,), f"conv2d: bias {_ints(bias.shape)} does not match weight")
     _check(stride >= 1 and padding >= 0, f"conv2d: invalid stride {stride} / padding {padding}")
@@ -327,6 +334,24 @@ FLAT_ROW_ANNOTATION = "pfp.flat_row"
 #: Annotation on a block of a load or two per element (a convolution's padded input, its bias
 #: epilogue): the schedule parallelises it only when large (see schedules.PARALLEL_MIN_LIGHT).
 LIGHT_ANNOTATION = "pfp.light"
+#: Annotation on a channels-last accumulator block (see :func:`channels_last_suits`).
+CHANNELS_LAST_ANNOTATION = "pfp.channels_last"
+#: Output channels a channels-last convolution vectorises at a time: two AVX2 registers, one
+#: AVX-512 register, four NEON registers.
+CHANNEL_VECTOR = 16
+
+
+def channels_last_suits(out_channels: int, stride: int) -> bool:
+    """Whether a convolution should take the channels-last form (``channels_last=True`` of the conv ops).
+
+    That form vectorises the output channels: each input element is broadcast once and
+    multiplies a vector of weights, ``(C, kh, kw, O)``-ordered so that the weights of consecutive
+    channels are adjacent; the accumulator is ``(B, oh, ow, O)``. It computes exactly the output
+    positions, where the flat form computes whole padded rows (LeNet's conv2: 136 positions for
+    100), and needs whole channel vectors: stride 1 and ``out_channels`` a multiple of
+    :data:`CHANNEL_VECTOR`.
+    """
+    return stride == 1 and out_channels % CHANNEL_VECTOR == 0
 
 
 class _ConvGrid:
@@ -342,11 +367,12 @@ class _ConvGrid:
     """
 
     def __init__(self, x: te.Tensor, out_shape: tuple[int, ...], reduce_shape: tuple[int, int, int], stride: int,
-                 padding: int, align: int = FLAT_ALIGN) -> None:
+                 padding: int, align: int = FLAT_ALIGN, channels_last: bool = False) -> None:
         self.batch, self.channels, self.height, self.width = _ints(x.shape)
         self.out_shape, self.stride, self.padding = out_shape, stride, padding
         _, kh, kw = reduce_shape
-        self.flat = stride == 1
+        self.channels_last = channels_last
+        self.flat = stride == 1 and not channels_last
         self.row = self.width + 2 * padding
         out_h, out_w = out_shape[2:]
         self.positions = -(-((out_h - 1) * self.row + out_w) // align) * align
@@ -355,7 +381,21 @@ class _ConvGrid:
 
     @property
     def acc_shape(self) -> tuple[int, ...]:
+        if self.channels_last:
+            batch, out_channels, out_h, out_w = self.out_shape
+            return (batch, out_h, out_w, out_channels)
         return (*self.out_shape[:2], self.positions) if self.flat else self.out_shape
+
+    def accumulate(self, fcompute: Callable, name: str):
+        """The accumulator block(s): ``fcompute(b, o, *position)`` summed per output."""
+        if not self.channels_last:
+            return te.compute(self.acc_shape, fcompute, name=name)
+        return te.compute(self.acc_shape, lambda b, i, j, o: fcompute(b, o, i, j), name=name,
+                          attrs={CHANNELS_LAST_ANNOTATION: 1})
+
+    def weight(self, w: te.Tensor, o, c, ry, rx) -> tirx.PrimExpr:
+        """Weight of output channel ``o``, input channel ``c``, tap (ry, rx) in this form's layout."""
+        return w[c, ry, rx, o] if self.channels_last else w[o, c, ry, rx]
 
     def prepare(self, x: te.Tensor, name: str) -> te.Tensor:
         """The input as the reductions read it: padded (and, when flat, laid out in rows of ``Wp``)."""
@@ -390,6 +430,8 @@ class _ConvGrid:
 
     def at(self, acc: te.Tensor, b, o, i, j) -> tirx.PrimExpr:
         """The accumulator of output (b, o, i, j)."""
+        if self.channels_last:
+            return acc[b, i, j, o]
         return acc[b, o, i * self.row + j] if self.flat else acc[b, o, i, j]
 
     def epilogue(self, acc: Sequence[te.Tensor], biases: Sequence[te.Tensor], names: Sequence[str]) -> list[te.Tensor]:
@@ -408,29 +450,37 @@ def _conv_axes(reduce_shape):
 
 
 def conv2d_joint_first(x: te.Tensor, weight_mean: te.Tensor, weight_var: te.Tensor, bias_mean: te.Tensor,
-                       bias_var: te.Tensor, stride: int = 1, padding: int = 0) -> list[te.Tensor]:
-    """Gaussian conv2d (NCHW) on a deterministic input: [mean, var] in one pair reduction."""
-    out_shape, reduce_shape = _conv_shapes(x, weight_mean, bias_mean, stride, padding)
-    grid = _ConvGrid(x, out_shape, reduce_shape, stride, padding)
+                       bias_var: te.Tensor, stride: int = 1, padding: int = 0,
+                       channels_last: bool = False) -> list[te.Tensor]:
+    """Gaussian conv2d (NCHW) on a deterministic input: [mean, var] in one pair reduction.
+
+    Weights are (O, C, kh, kw), or (C, kh, kw, O) with ``channels_last`` (see :func:`channels_last_suits`).
+    """
+    out_shape, reduce_shape = _conv_shapes(x, weight_mean, bias_mean, stride, padding, channels_last)
+    grid = _ConvGrid(x, out_shape, reduce_shape, stride, padding, channels_last=channels_last)
     xp = grid.prepare(x, "pad_x")
     rc, ry, rx = _conv_axes(reduce_shape)
     pair = _pair_sum()
 
     def fcompute(b, o, *position):
         xv = grid.read(xp, b, rc, position, ry, rx)
-        return pair((xv * weight_mean[o, rc, ry, rx], xv * xv * weight_var[o, rc, ry, rx]), axis=[rc, ry, rx])
+        return pair((xv * grid.weight(weight_mean, o, rc, ry, rx), xv * xv * grid.weight(weight_var, o, rc, ry, rx)),
+                    axis=[rc, ry, rx])
 
-    acc = te.compute(grid.acc_shape, fcompute, name="conv2d_joint_first_acc")
+    acc = grid.accumulate(fcompute, "conv2d_joint_first_acc")
     return grid.epilogue(acc, (bias_mean, bias_var), ("conv2d_mean", "conv2d_var"))
 
 
 def conv2d_joint(mean: te.Tensor, var: te.Tensor, weight_mean: te.Tensor, weight_m2: te.Tensor,
                  weight_var: te.Tensor, bias_mean: te.Tensor, bias_var: te.Tensor, stride: int = 1,
-                 padding: int = 0) -> list[te.Tensor]:
-    """Gaussian conv2d (NCHW) on Gaussian inputs: [mean, var] in one pair reduction (all-positive var)."""
-    out_shape, reduce_shape = _conv_shapes(mean, weight_mean, bias_mean, stride, padding)
+                 padding: int = 0, channels_last: bool = False) -> list[te.Tensor]:
+    """Gaussian conv2d (NCHW) on Gaussian inputs: [mean, var] in one pair reduction (all-positive var).
+
+    Weights are (O, C, kh, kw), or (C, kh, kw, O) with ``channels_last`` (see :func:`channels_last_suits`).
+    """
+    out_shape, reduce_shape = _conv_shapes(mean, weight_mean, bias_mean, stride, padding, channels_last)
     _check(_ints(var.shape) == _ints(mean.shape), "conv2d: mean and variance inputs differ in shape")
-    grid = _ConvGrid(mean, out_shape, reduce_shape, stride, padding, FLAT_ALIGN_TWO_INPUTS)
+    grid = _ConvGrid(mean, out_shape, reduce_shape, stride, padding, FLAT_ALIGN_TWO_INPUTS, channels_last)
     mp = grid.prepare(mean, "pad_mean")
     vp = grid.prepare(var, "pad_var")
     rc, ry, rx = _conv_axes(reduce_shape)
@@ -438,61 +488,64 @@ def conv2d_joint(mean: te.Tensor, var: te.Tensor, weight_mean: te.Tensor, weight
 
     def fcompute(b, o, *position):
         m = grid.read(mp, b, rc, position, ry, rx)
-        return pair((m * weight_mean[o, rc, ry, rx],
-                     grid.read(vp, b, rc, position, ry, rx) * weight_m2[o, rc, ry, rx]
-                     + m * m * weight_var[o, rc, ry, rx]),
+        return pair((m * grid.weight(weight_mean, o, rc, ry, rx),
+                     grid.read(vp, b, rc, position, ry, rx) * grid.weight(weight_m2, o, rc, ry, rx)
+                     + m * m * grid.weight(weight_var, o, rc, ry, rx)),
                     axis=[rc, ry, rx])
 
-    acc = te.compute(grid.acc_shape, fcompute, name="conv2d_joint_acc")
+    acc = grid.accumulate(fcompute, "conv2d_joint_acc")
     return grid.epilogue(acc, (bias_mean, bias_var), ("conv2d_mean", "conv2d_var"))
 
 
-def conv2d(x: te.Tensor, weight: te.Tensor, bias: te.Tensor, stride: int = 1, padding: int = 0) -> te.Tensor:
-    """Ordinary conv2d NCHW + bias (deterministic twin; also the separate-path mean)."""
-    out_shape, reduce_shape = _conv_shapes(x, weight, bias, stride, padding)
-    grid = _ConvGrid(x, out_shape, reduce_shape, stride, padding)
+def conv2d(x: te.Tensor, weight: te.Tensor, bias: te.Tensor, stride: int = 1, padding: int = 0,
+           channels_last: bool = False) -> te.Tensor:
+    """Ordinary conv2d NCHW + bias (deterministic twin; also the separate-path mean).
+
+    The weight is (O, C, kh, kw), or (C, kh, kw, O) with ``channels_last`` (see :func:`channels_last_suits`).
+    """
+    out_shape, reduce_shape = _conv_shapes(x, weight, bias, stride, padding, channels_last)
+    grid = _ConvGrid(x, out_shape, reduce_shape, stride, padding, channels_last=channels_last)
     xp = grid.prepare(x, "pad_x")
     rc, ry, rx = _conv_axes(reduce_shape)
-    acc = te.compute(
-        grid.acc_shape,
-        lambda b, o, *position: te.sum(grid.read(xp, b, rc, position, ry, rx) * weight[o, rc, ry, rx],
+    acc = grid.accumulate(
+        lambda b, o, *position: te.sum(grid.read(xp, b, rc, position, ry, rx) * grid.weight(weight, o, rc, ry, rx),
                                        axis=[rc, ry, rx]),
-        name="conv2d_acc")
+        "conv2d_acc")
     return grid.epilogue([acc], [bias], ["conv2d"])[0]
 
 
 def conv2d_var_first(x: te.Tensor, weight_var: te.Tensor, bias_var: te.Tensor, stride: int = 1,
-                     padding: int = 0) -> te.Tensor:
+                     padding: int = 0, channels_last: bool = False) -> te.Tensor:
     """Separate-path variance of a first conv layer: conv(x^2, sigma_w^2) + var_b."""
-    out_shape, reduce_shape = _conv_shapes(x, weight_var, bias_var, stride, padding)
-    grid = _ConvGrid(x, out_shape, reduce_shape, stride, padding)
+    out_shape, reduce_shape = _conv_shapes(x, weight_var, bias_var, stride, padding, channels_last)
+    grid = _ConvGrid(x, out_shape, reduce_shape, stride, padding, channels_last=channels_last)
     xp = grid.prepare(x, "pad_x")
     rc, ry, rx = _conv_axes(reduce_shape)
 
     def fcompute(b, o, *position):
         xv = grid.read(xp, b, rc, position, ry, rx)
-        return te.sum(xv * xv * weight_var[o, rc, ry, rx], axis=[rc, ry, rx])
+        return te.sum(xv * xv * grid.weight(weight_var, o, rc, ry, rx), axis=[rc, ry, rx])
 
-    acc = te.compute(grid.acc_shape, fcompute, name="conv2d_var_first_acc")
+    acc = grid.accumulate(fcompute, "conv2d_var_first_acc")
     return grid.epilogue([acc], [bias_var], ["conv2d_var"])[0]
 
 
 def conv2d_var(mean: te.Tensor, var: te.Tensor, weight_m2: te.Tensor, weight_var: te.Tensor,
-               bias_var: te.Tensor, stride: int = 1, padding: int = 0) -> te.Tensor:
+               bias_var: te.Tensor, stride: int = 1, padding: int = 0, channels_last: bool = False) -> te.Tensor:
     """Separate-path variance of a hidden conv layer: conv(var, E[w^2]) + conv(mu^2, sigma_w^2) + var_b."""
-    out_shape, reduce_shape = _conv_shapes(mean, weight_var, bias_var, stride, padding)
+    out_shape, reduce_shape = _conv_shapes(mean, weight_var, bias_var, stride, padding, channels_last)
     _check(_ints(var.shape) == _ints(mean.shape), "conv2d: mean and variance inputs differ in shape")
-    grid = _ConvGrid(mean, out_shape, reduce_shape, stride, padding, FLAT_ALIGN_TWO_INPUTS)
+    grid = _ConvGrid(mean, out_shape, reduce_shape, stride, padding, FLAT_ALIGN_TWO_INPUTS, channels_last)
     mp = grid.prepare(mean, "pad_mean")
     vp = grid.prepare(var, "pad_var")
     rc, ry, rx = _conv_axes(reduce_shape)
 
     def fcompute(b, o, *position):
         m = grid.read(mp, b, rc, position, ry, rx)
-        return te.sum(grid.read(vp, b, rc, position, ry, rx) * weight_m2[o, rc, ry, rx]
-                      + m * m * weight_var[o, rc, ry, rx], axis=[rc, ry, rx])
+        return te.sum(grid.read(vp, b, rc, position, ry, rx) * grid.weight(weight_m2, o, rc, ry, rx)
+                      + m * m * grid.weight(weight_var, o, rc, ry, rx), axis=[rc, ry, rx])
 
-    acc = te.compute(grid.acc_shape, fcompute, name="conv2d_var_acc")
+    acc = grid.accumulate(fcompute, "conv2d_var_acc")
     return grid.epilogue([acc], [bias_var], ["conv2d_var"])[0]
 
 
