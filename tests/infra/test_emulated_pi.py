@@ -226,7 +226,8 @@ def test_tune_stage_uses_the_emulated_board_and_keeps_its_timings_apart(board, t
          "ece_after": 0.1}))
     (workspace / "params.yaml").write_text(yaml.safe_dump({
         "models": ["mlp"], "train": {"mlp": {}},
-        "tune": {"target": "rasp4b", "batch_sizes": [1], "variants": ["pfp"], "trials_per_task": 1, "number": 1,
+        # hand schedules only: the Meta Scheduler's search on the board is test_meta_scheduler_tuning_on_the_board's
+        "tune": {"target": "rasp4b", "batch_sizes": [1], "variants": ["pfp"], "trials_per_task": 0, "number": 1,
                  "min_repeat_ms": 1, "population_size": 4, "rpc": {"tracker": board, "key": KEY, "emulated": True}},
         "benchmark": {"batch_sizes": [1], "svi_samples": 3, "repeat": 1, "tvm_number": 1, "tvm_repeat": 1}}))
     _end_sessions()

@@ -156,19 +156,20 @@ def test_weights_as_params(mlp_case, mlp_params_runner):
 
 
 def test_channels_last_weights_are_transposed_at_compile_time():
-    """LeNet's conv2 (16 channels) takes channels-last weights, conv1 (6) the flat form. Bound
-    weights are transposed once, by FoldConstant; weight parameters are transposed in the graph."""
+    """LeNet's conv2 (16 channels) takes channels-last weights in every variant, conv1 (6) the flat form.
+    Bound weights are transposed once, by FoldConstant; weight parameters are transposed in the graph."""
     from pfp.backends.tvm.schedules import fuse_operators
 
     spec = build_spec("lenet")
     params = random_params(spec, seed=3)
-    for joint in (True, False):
-        mod = tb.build_pfp_module(spec, params, batch_size=2, joint=joint)
+    stacked = {name: (torch.stack([p.weight_mean] * 3), torch.stack([p.bias_mean] * 3)) for name, p in params.items()}
+    for mod in (tb.build_pfp_module(spec, params, batch_size=2), tb.build_pfp_module(spec, params, batch_size=2, joint=False),
+                tb.build_deterministic_module(spec, params, batch_size=2), tb.build_ensemble_module(spec, stacked, batch_size=2)):
         fused = fuse_operators(mod, tb.make_target("host"))
         kernels = {gv.name_hint: func for gv, func in fused.functions_items() if isinstance(func, tvm.tirx.PrimFunc)}
         assert not [name for name in kernels if "transpose" in name or "permute" in name], sorted(kernels)
-        conv2 = [func for name, func in kernels.items() if name.startswith("conv2_")]
-        conv1 = [func for name, func in kernels.items() if name.startswith("conv1_")]
+        conv2 = [func for name, func in kernels.items() if "conv2_" in name]  # the twin's is fused with its ReLU
+        conv1 = [func for name, func in kernels.items() if "conv1_" in name]
         assert conv2 and all("pfp.channels_last" in func.script() for func in conv2)
         assert conv1 and not any("pfp.channels_last" in func.script() for func in conv1)
     x = torch.randn(2, *spec.input_shape, generator=torch.Generator().manual_seed(4))

@@ -48,6 +48,8 @@ CASES = {
     "maxpool2x2_gaussian_small": (ops.maxpool2x2_gaussian, [(3, 16, 8, 8), (3, 16, 8, 8)], {}),
     "dense_ensemble_shared": (ops.dense_ensemble, [(2, 64), (5, 7, 64), (5, 7)], {"batch": 2}),
     "conv2d_ensemble": (ops.conv2d_ensemble, [(6, 2, 8, 8), (3, 4, 2, 3, 3), (3, 4)], {"batch": 2, "padding": 1}),
+    "conv2d_ensemble_channels_last": (ops.conv2d_ensemble, [(2, 2, 8, 8), (3, 2, 3, 3, 16), (3, 16)],
+                                      {"batch": 2, "padding": 1, "channels_last": True}),
 }
 
 

@@ -242,16 +242,19 @@ def _pair(bb: relax.BlockBuilder, value: relax.Expr) -> tuple[relax.Expr, relax.
     return bb.emit(relax.TupleGetItem(value, 0)), bb.emit(relax.TupleGetItem(value, 1))
 
 
-def _conv_layout(bb: relax.BlockBuilder, layer: Conv2d, *weights: relax.Expr) -> tuple[list[relax.Expr], dict]:
+def _conv_layout(bb: relax.BlockBuilder, layer: Conv2d, *weights: relax.Expr,
+                 stacked: bool = False) -> tuple[list[relax.Expr], dict]:
     """The conv weights in the layout the operator takes, and its keyword arguments.
 
-    Channels-last convolutions (:func:`ops.channels_last_suits`) take (C, kh, kw, O) weights: a
-    transpose in the graph, which ``FoldConstant`` evaluates at compile time for bound weights.
+    Channels-last convolutions (:func:`ops.channels_last_suits`) take (C, kh, kw, O) weights (per
+    member when ``stacked``: (S, C, kh, kw, O)): a transpose in the graph, which ``FoldConstant``
+    evaluates at compile time for bound weights.
     """
     kwargs = {"stride": layer.stride, "padding": layer.padding}
     if not ops.channels_last_suits(layer.out_channels, layer.stride):
         return list(weights), kwargs
-    return [bb.emit(relax.op.permute_dims(w, [1, 2, 3, 0])) for w in weights], {**kwargs, "channels_last": True}
+    axes = [0, 2, 3, 4, 1] if stacked else [1, 2, 3, 0]
+    return [bb.emit(relax.op.permute_dims(w, axes)) for w in weights], {**kwargs, "channels_last": True}
 
 
 def build_pfp_module(spec: ModelSpec, params: Mapping, *, batch_size: int = 1, joint: bool = True,
@@ -405,8 +408,8 @@ def build_ensemble_module(spec: ModelSpec, stacked: Mapping, *, batch_size: int 
                     h = bb.emit_te(ops.dense_ensemble, h, table[f"{layer.name}_weight"], table[f"{layer.name}_bias"],
                                    batch=batch_size, primfunc_name_hint=f"{layer.name}_dense_ensemble")
                 elif isinstance(layer, Conv2d):
-                    h = bb.emit_te(ops.conv2d_ensemble, h, table[f"{layer.name}_weight"], table[f"{layer.name}_bias"],
-                                   batch=batch_size, stride=layer.stride, padding=layer.padding,
+                    (weight,), kw = _conv_layout(bb, layer, table[f"{layer.name}_weight"], stacked=True)
+                    h = bb.emit_te(ops.conv2d_ensemble, h, weight, table[f"{layer.name}_bias"], batch=batch_size, **kw,
                                    primfunc_name_hint=f"{layer.name}_conv2d_ensemble")
                 elif isinstance(layer, ReLU):
                     h = bb.emit_te(ops.relu, h, primfunc_name_hint=f"relu{index}")

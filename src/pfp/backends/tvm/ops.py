@@ -393,9 +393,10 @@ class _ConvGrid:
         return te.compute(self.acc_shape, lambda b, i, j, o: fcompute(b, o, i, j), name=name,
                           attrs={CHANNELS_LAST_ANNOTATION: 1})
 
-    def weight(self, w: te.Tensor, o, c, ry, rx) -> tirx.PrimExpr:
-        """Weight of output channel ``o``, input channel ``c``, tap (ry, rx) in this form's layout."""
-        return w[c, ry, rx, o] if self.channels_last else w[o, c, ry, rx]
+    def weight(self, w: te.Tensor, o, c, ry, rx, *lead) -> tirx.PrimExpr:
+        """Weight of output channel ``o``, input channel ``c``, tap (ry, rx) in this form's layout
+        (after the ``lead`` indices, e.g. an ensemble member's)."""
+        return w[(*lead, c, ry, rx, o)] if self.channels_last else w[(*lead, o, c, ry, rx)]
 
     def prepare(self, x: te.Tensor, name: str) -> te.Tensor:
         """The input as the reductions read it: padded (and, when flat, laid out in rows of ``Wp``)."""
@@ -577,22 +578,25 @@ def dense_ensemble(x: te.Tensor, weight: te.Tensor, bias: te.Tensor, batch: int)
 
 
 def conv2d_ensemble(x: te.Tensor, weight: te.Tensor, bias: te.Tensor, batch: int, stride: int = 1,
-                    padding: int = 0) -> te.Tensor:
-    """S weight draws of a conv2d (NCHW): x (B or S*B, C, H, W), weight (S, O, C, kh, kw) -> (S*B, O, oh, ow)."""
+                    padding: int = 0, channels_last: bool = False) -> te.Tensor:
+    """S weight draws of a conv2d (NCHW): x (B or S*B, C, H, W), weight (S, O, C, kh, kw) -> (S*B, O, oh, ow).
+
+    With ``channels_last`` each member's weight is (C, kh, kw, O): weight (S, C, kh, kw, O).
+    """
     members = _ints(weight.shape)[0]
     rows = _ints(x.shape)[0]
     out_shape, reduce_shape = _conv_shapes(x, te.placeholder(_ints(weight.shape)[1:], DTYPE),
-                                           te.placeholder(_ints(bias.shape)[1:], DTYPE), stride, padding)
+                                           te.placeholder(_ints(bias.shape)[1:], DTYPE), stride, padding, channels_last)
     _check(_ints(bias.shape)[0] == members, f"conv2d_ensemble: bias {_ints(bias.shape)} does not match weight")
     row = _member_rows(x, members, batch, rows)
-    grid = _ConvGrid(x, (members * batch, *out_shape[1:]), reduce_shape, stride, padding)
+    grid = _ConvGrid(x, (members * batch, *out_shape[1:]), reduce_shape, stride, padding, channels_last=channels_last)
     xp = grid.prepare(x, "pad_x")
     rc, ry, rx = _conv_axes(reduce_shape)
-    acc = te.compute(
-        grid.acc_shape,
-        lambda n, o, *position: te.sum(grid.read(xp, row(n), rc, position, ry, rx) * weight[n // batch, o, rc, ry, rx],
-                                       axis=[rc, ry, rx]),
-        name="conv2d_ensemble_acc")
+
+    acc = grid.accumulate(
+        lambda n, o, *position: te.sum(grid.read(xp, row(n), rc, position, ry, rx)
+                                       * grid.weight(weight, o, rc, ry, rx, n // batch), axis=[rc, ry, rx]),
+        "conv2d_ensemble_acc")
     return te.compute(grid.out_shape, lambda n, o, i, j: grid.at(acc, n, o, i, j) + bias[n // batch, o],
                       name="conv2d_ensemble")
 
