@@ -8,7 +8,7 @@ short Meta Scheduler tuning measures its candidates on the board.
 
 The runtime folder is cached outside the repo (``~/.cache/pfp/emulated-pi/<versions>``, or
 ``$PFP_EMULATED_PI_CACHE``): a cold build takes about a minute, then `build` is a no-op. The
-tuning pays the first-tuning-in-the-process overhead (~50 s here); about 2-3 minutes in all.
+Meta Scheduler test tunes three small tasks on the board; about 2 minutes in all.
 """
 
 from __future__ import annotations

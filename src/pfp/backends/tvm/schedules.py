@@ -247,9 +247,11 @@ def _schedule_conv_channels_last(sch: s_tir.Schedule, block, target=None):
 
     A position holds one channel vector per weight operand: its accumulators, and the product
     of each weight operand beyond one per accumulator, which is formed before it is added. On
-    AVX2 at batch 100 this picks LeNet's conv2 fastest of 1, 2 or 5 positions: the twin 5
-    (495 -> 353 us from the flat form; 2 positions: 498), the hidden joint 2 (2026 -> 1469 us),
-    the separate variance 2 (1279 -> 913 us; 5 positions: 1495).
+    AVX2 this gives LeNet's conv2 the fastest of 2 or 5 positions: 5 for the twin, 2 for the
+    hidden joint and separate variance convs (at batch 100 the variance took 1495 us with 5,
+    913 with 2; the twin 498 with 2, 353 with 5). Against the flat form, measured side by side
+    at batch 100 / 1: joint 2347 -> 1732 / 32.0 -> 21.2 us, twin 511 -> 370 / 11.1 -> 7.2 us,
+    separate variance 1410 -> 1054 / 23.5 -> 15.1 us.
     """
     b, i, j, o, rc, ry, rx = sch.get_loops(block)
     work = math.prod(_extent(sch, loop) for loop in (b, i, j, o, rc, ry, rx))

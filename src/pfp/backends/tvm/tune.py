@@ -25,12 +25,15 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import json
+import linecache
 import logging
 import os
 import platform
 import shutil
 import socket
+import sys
 import tempfile
 import time
 from collections.abc import Mapping
@@ -418,6 +421,7 @@ def tune_module(mod: tvm.IRModule, target=None, config: TuneConfig | None = None
                     len(pending), ", ".join(t.task_name for _, t in pending), target, config.trials_per_task,
                     budget, f"RPC {config.rpc_tracker} key {config.rpc_key}" if config.uses_rpc else "local",
                     work_dir)
+        import_tensor_intrinsics()
         with _unnamed_handlers_detached():
             contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
                 [task for _, task in pending], work_dir=str(work_dir), num_threads=config.num_threads,
@@ -520,6 +524,40 @@ def _best_meta_schedule_ms(database: ms.database.Database, task) -> float | None
         value = float(np.median([float(v) for v in record.run_secs])) * 1e3
         best = value if best is None else min(best, value)
     return best
+
+
+def _light_stack(context: int = 1) -> list[inspect.FrameInfo]:
+    """``inspect.stack`` without ``inspect.getmodule``: source lines straight from ``linecache``."""
+    frames = []
+    frame = sys._getframe(1)
+    while frame is not None:
+        filename, lineno = frame.f_code.co_filename, frame.f_lineno or 1
+        lines = linecache.getlines(filename, frame.f_globals)
+        start = max(0, min(lineno - 1 - context // 2, len(lines) - context))
+        code_context = lines[start:start + context] if lines and context > 0 else None
+        index = lineno - 1 - start if code_context else None
+        frames.append(inspect.FrameInfo(frame, filename, lineno, frame.f_code.co_name, code_context, index))
+        frame = frame.f_back
+    return frames
+
+
+def import_tensor_intrinsics() -> None:
+    """Import ``tvm.s_tir.tensor_intrin`` (the Meta Scheduler needs it) in seconds, not minutes.
+
+    Its modules define some 250 TVMScript functions, and the parser calls ``inspect.stack()``
+    for each one. That looks up every frame's module by scanning ``sys.modules``, which is slow
+    when torch and pyro are loaded: the first tuning in a stage or test process took 80-120 s
+    here, nearly all of it in this import. The same frames and source lines are handed to the
+    parser from ``linecache`` while the import runs.
+    """
+    if "tvm.s_tir.tensor_intrin" in sys.modules:
+        return
+    original = inspect.stack
+    inspect.stack = _light_stack
+    try:
+        import tvm.s_tir.tensor_intrin  # noqa: F401
+    finally:
+        inspect.stack = original
 
 
 @contextlib.contextmanager
