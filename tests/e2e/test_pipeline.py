@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -164,8 +165,8 @@ def test_pipeline_end_to_end(tmp_path, mlflow_server):
     second = _run_flow(workdir, params_file, tmp_path / "second.json", mlflow_server, tmp_path / "prefect")
     assert second["stages"] == {stage: "skipped" for stage in STAGES}
 
-    # One evaluate parameter changed: DVC finds only the evaluation stages out of date (the report
-    # reruns after them if their metrics change); running them again would repeat the first run's checks
+    # One evaluate parameter changed: DVC finds only the evaluation stages out of date, and `dvc repro`
+    # (without the flow: its runs were checked above) reruns them and the report that reads their metrics
     from flows.pipeline import prepare_workspace
 
     TINY = {**TINY_PARAMS, "evaluate": {**TINY_PARAMS["evaluate"], "logit_samples": 30}}
@@ -174,3 +175,8 @@ def test_pipeline_end_to_end(tmp_path, mlflow_server):
     status = subprocess.run([str(BIN / "dvc"), "status", "--json"], cwd=workdir, env=env, capture_output=True, text=True)
     assert status.returncode == 0, status.stderr
     assert set(json.loads(status.stdout)) == {"evaluate@mlp", "evaluate@lenet"}
+    stage_env = {**env, "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}", "MLFLOW_TRACKING_URI": mlflow_server,
+                 "PFP_MLFLOW_EXPERIMENT": "pfp-e2e", "OMP_NUM_THREADS": "1"}
+    repro = subprocess.run([str(BIN / "dvc"), "repro"], cwd=workdir, env=stage_env, capture_output=True, text=True, timeout=900)
+    assert repro.returncode == 0, repro.stdout[-3000:] + repro.stderr[-3000:]
+    assert set(re.findall(r"Running stage '([^']+)'", repro.stdout)) == {"evaluate@mlp", "evaluate@lenet", "report"}
