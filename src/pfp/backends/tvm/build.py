@@ -242,9 +242,9 @@ def _pair(bb: relax.BlockBuilder, value: relax.Expr) -> tuple[relax.Expr, relax.
     return bb.emit(relax.TupleGetItem(value, 0)), bb.emit(relax.TupleGetItem(value, 1))
 
 
-def _conv_layout(bb: relax.BlockBuilder, layer: Conv2d, *weights: relax.Expr,
-                 stacked: bool = False) -> tuple[list[relax.Expr], dict]:
-    """The conv weights in the layout the operator takes, and its keyword arguments.
+def _conv_layout(bb: relax.BlockBuilder, layer: Conv2d, *weights: relax.Expr | None,
+                 stacked: bool = False) -> tuple[list[relax.Expr | None], dict]:
+    """The conv weights in the layout the operator takes (None stays None), and its keyword arguments.
 
     Channels-last convolutions (:func:`ops.channels_last_suits`) take (C, kh, kw, O) weights (per
     member when ``stacked``: (S, C, kh, kw, O)): a transpose in the graph, which ``FoldConstant``
@@ -254,7 +254,8 @@ def _conv_layout(bb: relax.BlockBuilder, layer: Conv2d, *weights: relax.Expr,
     if not ops.channels_last_suits(layer.out_channels, layer.stride):
         return list(weights), kwargs
     axes = [0, 2, 3, 4, 1] if stacked else [1, 2, 3, 0]
-    return [bb.emit(relax.op.permute_dims(w, axes)) for w in weights], {**kwargs, "channels_last": True}
+    return ([None if w is None else bb.emit(relax.op.permute_dims(w, axes)) for w in weights],
+            {**kwargs, "channels_last": True})
 
 
 def build_pfp_module(spec: ModelSpec, params: Mapping, *, batch_size: int = 1, joint: bool = True,
@@ -286,9 +287,8 @@ def build_pfp_module(spec: ModelSpec, params: Mapping, *, batch_size: int = 1, j
                     bm, bv = weights[f"{name}_bias_mean"], weights[f"{name}_bias_var"]
                     conv = isinstance(layer, Conv2d)
                     kw = {}
-                    if conv:
-                        (wm, wv, *rest), kw = _conv_layout(bb, layer, wm, wv, *([] if m2 is None else [m2]))
-                        m2 = rest[0] if rest else None
+                    if conv:  # m2 is None for a first layer
+                        (wm, wv, m2), kw = _conv_layout(bb, layer, wm, wv, m2)
                     if not conv:
                         mean = _flatten(bb, mean, batch_size)
                         var = None if var is None else _flatten(bb, var, batch_size)

@@ -195,11 +195,11 @@ def _schedule_conv(sch: s_tir.Schedule, block, lanes: int, target=None):
     into vectors of consecutive positions (:func:`_conv_position_lanes`); NCHW (b, o, i, j) ones
     vectorise the output row. Returns the fused outer loop and the block, or None for other blocks.
     """
+    if CHANNELS_LAST_ANNOTATION in sch.get(block).annotations:
+        return _schedule_conv_channels_last(sch, block, target)
     types = _iter_types(sch, block)
     loops = sch.get_loops(block)
     work = math.prod(_extent(sch, loop) for loop in loops)
-    if CHANNELS_LAST_ANNOTATION in sch.get(block).annotations:
-        return _schedule_conv_channels_last(sch, block, target)
     if types == [_DATA_PAR] * 3 + [_COMM_REDUCE] * 3:
         b, o, p, rc, ry, rx = loops
     elif types == [_DATA_PAR] * 4 + [_COMM_REDUCE] * 3:
