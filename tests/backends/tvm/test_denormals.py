@@ -15,7 +15,8 @@ import tvm  # noqa: E402
 from tvm import s_tir, te  # noqa: E402
 
 from pfp.backends.tvm import build as tb  # noqa: E402
-from pfp.backends.tvm.denormals import FloatControl, float_control, register_pipeline  # noqa: E402
+from pfp.backends.tvm.denormals import FloatControl, float_control  # noqa: E402
+from pfp.backends.tvm.lowering import register_pipeline  # noqa: E402
 from pfp.spec import Architecture, build_spec  # noqa: E402
 
 from .helpers import random_params  # noqa: E402
@@ -37,7 +38,7 @@ def _kernel(fcompute, parallel: bool) -> tvm.tirx.PrimFunc:
 
 
 def _build(func, target, flush: bool):
-    return tvm.tirx.build(tvm.IRModule({"main": func}), target=target, pipeline=register_pipeline() if flush else "default")
+    return tvm.tirx.build(tvm.IRModule({"main": func}), target=target, pipeline=register_pipeline(flush))
 
 
 def _run(lib, x: np.ndarray) -> np.ndarray:

@@ -16,6 +16,7 @@ import tvm  # noqa: E402
 from pfp.backends import torch_ref as ref  # noqa: E402
 from pfp.backends.tvm import build as tb  # noqa: E402
 from pfp.backends.tvm import ops  # noqa: E402
+from pfp.backends.tvm.lowering import register_pipeline  # noqa: E402
 from pfp.backends.tvm.schedules import MAX_VECTOR_LANES, schedule_prim_func  # noqa: E402
 from pfp.spec import Architecture, build_spec  # noqa: E402
 
@@ -60,7 +61,8 @@ def _inputs(shapes, seed=0):
 
 
 def _run(func, inputs, output_shapes):
-    executable = tvm.compile(func, target=TARGET)
+    # lowered as compiled modules are (e.g. the joint conv's accumulation order, see pfp.backends.tvm.lowering)
+    executable = tvm.tirx.build(tvm.IRModule({"main": func}), target=TARGET, pipeline=register_pipeline())
     device = tvm.cpu()
     args = [tvm.runtime.tensor(a, device) for a in inputs]
     outputs = [tvm.runtime.empty(shape, "float32", device) for shape in output_shapes]

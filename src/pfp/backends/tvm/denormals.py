@@ -11,22 +11,20 @@ caller's control word on exit. The worker threads of a parallel loop do the same
 share of the loop, each with its own saved word, so no thread is left in a changed mode.
 
 This runs after the TIR lowering pipeline, where parallel loops are still ``For`` nodes and the
-compute body is the ``compute_scope`` attribute that ``MakePackedAPI`` adds.
+compute body is the ``compute_scope`` attribute that ``MakePackedAPI`` adds (see
+:func:`pfp.backends.tvm.lowering.register_pipeline`).
 """
 
 from __future__ import annotations
 
 import enum
-import functools
 
 import tvm
 from tvm import tirx
 from tvm.target import codegen
 
-__all__ = ["FloatControl", "flush_denormals", "float_control", "register_pipeline", "PIPELINE_NAME"]
+__all__ = ["FloatControl", "FlushDenormals", "flush_denormals", "float_control"]
 
-#: Name of the TIR pipeline registered by :func:`register_pipeline`.
-PIPELINE_NAME = "pfp_flush_denormals"
 
 _MXCSR_FTZ_DAZ = 0x8040  # bit 15 flush-to-zero, bit 6 denormals-are-zero
 _FPCR_FZ = 1 << 24  # AArch64: flush denormal inputs and results to zero (single and double)
@@ -131,16 +129,3 @@ class FlushDenormals:
     def transform_function(self, func: tirx.PrimFunc, _mod, _ctx) -> tirx.PrimFunc:
         target = func.attrs.get("target") if func.attrs is not None else None
         return func if target is None else flush_denormals(func, target)
-
-
-@functools.cache
-def register_pipeline() -> str:
-    """Register the default S-TIR lowering followed by :class:`FlushDenormals` (once per process); returns its name."""
-    from tvm.s_tir.pipeline import default_s_tir_pipeline
-
-    def factory():
-        lower, finalize_host, finalize_device = default_s_tir_pipeline()
-        return tvm.transform.Sequential([lower, FlushDenormals()], name=PIPELINE_NAME), finalize_host, finalize_device
-
-    tvm.tirx.compilation_pipeline.register_tir_pipeline(PIPELINE_NAME, factory)
-    return PIPELINE_NAME

@@ -33,6 +33,7 @@ import math
 import tvm
 from tvm import relax, s_tir, tirx
 
+from pfp.backends.tvm.lowering import REASSOCIATE_ANNOTATION
 from pfp.backends.tvm.ops import CHANNEL_VECTOR, CHANNELS_LAST_ANNOTATION, FLAT_ROW_ANNOTATION, LIGHT_ANNOTATION
 
 __all__ = ["HAND_SCHEDULE_VERSION", "HandSchedule", "apply_hand_schedule", "compile_scheduled", "fuse_operators",
@@ -41,7 +42,7 @@ __all__ = ["HAND_SCHEDULE_VERSION", "HandSchedule", "apply_hand_schedule", "comp
 logger = logging.getLogger(__name__)
 
 #: Bump when the rules below change: tuning work dirs then measure the hand schedules again.
-HAND_SCHEDULE_VERSION = 11
+HAND_SCHEDULE_VERSION = 12
 #: Batch rows that share one load of a weight vector in a dense reduction (register tile): the first that divides the batch.
 BATCH_TILES = (4, 5, 3, 2)
 #: Outputs computed side by side in a dense reduction with few rows (independent accumulator chains).
@@ -252,6 +253,15 @@ def _schedule_conv_channels_last(sch: s_tir.Schedule, block, target=None):
     913 with 2; the twin 498 with 2, 353 with 5). Against the flat form, measured side by side
     at batch 100 / 1: joint 2347 -> 1732 / 32.0 -> 21.2 us, twin 511 -> 370 / 11.1 -> 7.2 us,
     separate variance 1410 -> 1054 / 23.5 -> 15.1 us.
+
+    A joint block (two accumulators) is marked for :class:`~pfp.backends.tvm.lowering.ReassociateAccumulation`:
+    its variance update ``acc + (var * E[w^2] + mu^2 * sigma_w^2)`` then compiles to two
+    multiply-adds into the accumulator instead of a multiply, a multiply-add and an add with the
+    products held in registers, which made LLVM spill 17 vectors per 5 kernel taps (no spills
+    after). Measured side by side (min of 20-25 interleaved rounds, 3 runs), LeNet's conv2 ran
+    0.76-0.95x the time at batch 100 and 0.83-0.93x at batch 1. The single-accumulator variance
+    conv keeps the sum of products: its add-only chain is shorter than two dependent multiply-adds
+    (1.09-1.36x slower reassociated), as is the flat form of the joint conv (1.46x at batch 100).
     """
     b, i, j, o, rc, ry, rx = sch.get_loops(block)
     work = math.prod(_extent(sch, loop) for loop in (b, i, j, o, rc, ry, rx))
@@ -271,6 +281,8 @@ def _schedule_conv_channels_last(sch: s_tir.Schedule, block, target=None):
         outer = sch.fuse(b, i)
     sch.unroll(j_inner)
     sch.vectorize(o)
+    if len(sch.get(block).writes) > 1:
+        sch.annotate(block, REASSOCIATE_ANNOTATION, 1)
     if work >= PARALLEL_MIN_WORK:
         sch.parallel(outer)
     sch.decompose_reduction(block, rc)
@@ -558,13 +570,13 @@ def compile_scheduled(mod: tvm.IRModule, target, database=None, *, flush_denorma
     # the CPU backend's pass lists (tvm.relax.pipeline's dispatcher misses them in 0.27)
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
-    from pfp.backends.tvm import denormals
     from pfp.backends.tvm.build import make_target
+    from pfp.backends.tvm.lowering import register_pipeline
 
     target = make_target(target)
     lower = cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target)
     mod = fuse_operators(mod, target)
-    tir_pipeline = denormals.register_pipeline() if flush_denormals else "default"
+    tir_pipeline = register_pipeline(flush_denormals)
 
     @tvm.transform.module_pass(opt_level=3, name="PFPScheduledPipeline")
     def pipeline(mod: tvm.IRModule, _ctx) -> tvm.IRModule:

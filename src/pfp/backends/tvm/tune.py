@@ -176,12 +176,12 @@ def lean_build(mod: tvm.IRModule, target: tvm.target.Target, _params=None) -> tv
     """``default_build`` without importing ``tvm.s_tir.tensor_intrin`` (~60 s per builder worker here).
 
     Valid for schedules that use no tensor intrinsics (no tensorize), i.e. the llvm CPU
-    targets PFP tunes for. Candidates are lowered like the compiled modules, with subnormals
-    flushed to zero (:mod:`pfp.backends.tvm.denormals`), so what is measured is what ships.
+    targets PFP tunes for. Candidates are lowered like the compiled modules (our TIR pipeline,
+    :func:`pfp.backends.tvm.lowering.register_pipeline`), so what is measured is what ships.
     """
     from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
 
-    from pfp.backends.tvm.denormals import register_pipeline
+    from pfp.backends.tvm.lowering import register_pipeline
 
     mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod)
     return tvm.tirx.build(mod, target=target, pipeline=register_pipeline())  # what the deprecated tvm.driver.build calls
