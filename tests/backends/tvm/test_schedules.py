@@ -24,6 +24,14 @@ from .helpers import assert_close, random_params  # noqa: E402
 
 TARGET = tvm.target.Target({"kind": "llvm"})
 
+def _pool_then_relu_gaussian(mean, var):
+    return ops.relu_gaussian(*ops.maxpool2x2_gaussian(mean, var))
+
+
+def _pool_then_relu(x):
+    return ops.relu(ops.maxpool2x2(x))
+
+
 # (operator, input shapes, kwargs): dense batch 8 exercises the 4-row register tile, K=100 the
 # rfactor remainder, the conv cases padding and stride, the ensembles a shared and a per-member input
 CASES = {
@@ -47,6 +55,8 @@ CASES = {
     "maxpool2x2_gaussian": (ops.maxpool2x2_gaussian, [(2, 6, 28, 28), (2, 6, 28, 28)], {}),
     # a width (8) and pooled width (4) narrower than 16 lanes: vectors must not straddle rows
     "maxpool2x2_gaussian_small": (ops.maxpool2x2_gaussian, [(3, 16, 8, 8), (3, 16, 8, 8)], {}),
+    # max-pool then ReLU in one function (as FuseOps makes them), small enough to share one loop
+    "maxpool_relu_gaussian_chain": (_pool_then_relu_gaussian, [(1, 16, 10, 10)] * 2, {}),
     "dense_ensemble_shared": (ops.dense_ensemble, [(2, 64), (5, 7, 64), (5, 7)], {"batch": 2}),
     "conv2d_ensemble": (ops.conv2d_ensemble, [(6, 2, 8, 8), (3, 4, 2, 3, 3), (3, 4)], {"batch": 2, "padding": 1}),
     "conv2d_ensemble_channels_last": (ops.conv2d_ensemble, [(2, 2, 8, 8), (3, 2, 3, 3, 16), (3, 16)],
@@ -92,9 +102,9 @@ def test_large_operators_run_in_parallel(name):
     assert "T.parallel" in schedule_prim_func(ops.make_prim_func(op, shapes, **kwargs)).script()
 
 
-@pytest.mark.parametrize(("batch", "parallel_light"), [(1, False), (2, False), (4, True)])
+@pytest.mark.parametrize(("batch", "parallel_light"), [(1, False), (4, False), (8, True)])
 def test_small_padding_and_bias_blocks_stay_on_one_thread(batch, parallel_light):
-    """LeNet's conv2 pads 6 x 18 x 14 floats per example and adds the bias to 16 x 10 x 10: one thread below 4096 each.
+    """LeNet's conv2 pads 6 x 18 x 14 floats per example and adds the bias to 16 x 10 x 10: one thread below 8192 each.
 
     Only the reduction, over (example, pair of output channels), then wakes the thread pool.
     """
@@ -149,6 +159,24 @@ def test_pooling_vectorises_row_by_row():
     # the twin's whole 2x2 window (rows and columns strided) is not one run: still row by row
     twin = schedule_prim_func(ops.make_prim_func(ops.maxpool2x2, [(2, 6, 28, 28)]))
     assert _loops(twin, "vectorized") == [14], twin.script()
+
+
+@pytest.mark.parametrize(("op", "inputs", "batch", "parallel"), [
+    (_pool_then_relu_gaussian, 2, 1, [6]),  # LeNet's first pool at batch 1: one launch for three stages
+    (_pool_then_relu_gaussian, 2, 10, [60, 60, 60]),  # its row stage has 47k elements: each stage its own loop
+    (_pool_then_relu, 1, 10, [60]),  # the twin's pool and ReLU (12k elements)
+    (_pool_then_relu, 1, 100, [600, 600]),
+], ids=["pfp_b1", "pfp_b10", "twin_b10", "twin_b100"])
+def test_small_image_stages_share_one_parallel_loop(op, inputs, batch, parallel):
+    """Stages that feed each other run under one (batch, channel) loop up to CHAIN_MAX_ELEMENTS elements,
+    each stage keeping its own vectorisation below it."""
+    func = schedule_prim_func(ops.make_prim_func(op, [(batch, 6, 28, 28)] * inputs))
+    assert _loops(func, "parallel") == parallel, func.script()
+    assert 14 in _loops(func, "vectorized")  # the vertical pairs (or the twin's window) row by row
+    if len(parallel) == 1:  # every stage's nest is inside the shared loop
+        body = func.script().split("T.parallel", 1)[1]
+        names = ("maxpool_row_mean", "maxpool_var", "relu_mean") if inputs == 2 else ("maxpool", "relu")
+        assert all(f'T.sblock("{name}")' in body for name in names), func.script()
 
 
 def test_strided_pool_pairs_are_vectorised_by_llvm_with_shuffles():
