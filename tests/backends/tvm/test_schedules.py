@@ -179,6 +179,27 @@ def test_small_image_stages_share_one_parallel_loop(op, inputs, batch, parallel)
         assert all(f'T.sblock("{name}")' in body for name in names), func.script()
 
 
+def _dense_mean_then_relu_gaussian(x, var, weight, bias):
+    return ops.relu_gaussian(ops.dense(x, weight, bias), var)
+
+
+def test_heavy_consumers_of_a_reduction_keep_their_own_loop():
+    """The separate path's dense mean + Gaussian ReLU (one function after FuseOps): the bias epilogue
+    runs in the dense's parallel loop, the ReLU's mean and variance in one loop of whole vectors
+    after it (under the dense's register tile they ran 4 lanes at a time, each on its own)."""
+    func = schedule_prim_func(ops.make_prim_func(_dense_mean_then_relu_gaussian,
+                                                 [(100, 400), (100, 120), (120, 400), (120,)]))
+    script = func.script()
+    dense_loop, relu_loop = script.split("T.parallel")[1:]
+    assert 'T.sblock("dense")' in dense_loop and "relu" not in dense_loop, script
+    assert 'T.sblock("relu_mean")' in relu_loop and 'T.sblock("relu_var")' in relu_loop
+    assert max(_loops(func, "vectorized")) >= 8
+    # the twin's ReLU (a max) is light: it stays in the dense's loop
+    twin = schedule_prim_func(ops.make_prim_func(lambda x, w, b: ops.relu(ops.dense(x, w, b)),
+                                                 [(100, 400), (120, 400), (120,)]))
+    assert twin.script().count("T.parallel") == 1, twin.script()
+
+
 def test_strided_pool_pairs_are_vectorised_by_llvm_with_shuffles():
     """Columns 2j and 2j+1 as contiguous loads + shuffles, not one scalar load and lane insert each.
 

@@ -14,11 +14,12 @@ schedule from this module unless the tuning database has a faster one:
   positions for stride-1 convolutions (see :class:`pfp.backends.tvm.ops._ConvGrid`), by output
   row otherwise; output channels are tiled as far as the registers allow; the (batch,
   out-channel) loop is parallelised;
-* the bias epilogue and elementwise consumers (ReLU, the final lane sum) are computed inside
-  the parallel loop of their producer; remaining elementwise / pooling blocks are merged with
-  their siblings, vectorised over the spatial axes (pointwise blocks over the H x W plane,
+* the bias epilogue and light elementwise consumers (ReLU, the final lane sum) are computed
+  inside the parallel loop of their producer (heavy ones, the Gaussian ReLU, keep their own);
+  remaining elementwise / pooling blocks are merged with their siblings, vectorised over the spatial axes (pointwise blocks over the H x W plane,
   pooling blocks row by row, never a vector across a row boundary) and, when large,
-  parallelised over (batch, channel).
+  parallelised over (batch, channel); small chains of image stages (a max-pool, then the ReLU)
+  share one (batch, channel) loop.
 
 The rules look at each block's iteration types, not at names, so they also apply to the
 functions ``FuseOps``/``FuseTIR`` produce (e.g. dense + ReLU in one function).
@@ -31,6 +32,7 @@ import logging
 import math
 
 import tvm
+import tvm_ffi
 from tvm import relax, s_tir, tirx
 
 from pfp.backends.tvm.lowering import REASSOCIATE_ANNOTATION
@@ -69,6 +71,8 @@ PARALLEL_MIN_LIGHT = 8192
 MAX_VECTOR_LANES = 64
 #: Window (pooling) blocks vectorise row by row when rows are at least this long.
 MIN_VECTOR_ROW = 8
+#: Consumers of a reduction with more nodes than this in their body stay out of its loop (see :func:`_attach_consumers`).
+HEAVY_BLOCK_NODES = 160
 #: Image stages that feed each other share one (batch, channel) loop when none has more elements
 #: than this (see :func:`_schedule_small_image_chain`).
 CHAIN_MAX_ELEMENTS = 16384
@@ -557,8 +561,26 @@ def apply_hand_schedule(sch: s_tir.Schedule, *, lanes: int | None = None, target
                                 if sch.get(block).name_hint not in placed and not _is_reduction(sch, block)])
 
 
+def _block_size(sch: s_tir.Schedule, block) -> int:
+    """Nodes in a block's body: a measure of its work per element (a bias add ~30, a Gaussian ReLU ~240)."""
+    count = 0
+
+    def visit(_node) -> None:
+        nonlocal count
+        count += 1
+
+    tvm_ffi.structural_walk(sch.get(block).body, visit)
+    return count
+
+
 def _attach_consumers(sch: s_tir.Schedule, producer, loop) -> None:
-    """Move the chain of consumers of ``producer`` under ``loop`` where their indexing allows."""
+    """Move the chain of consumers of ``producer`` under ``loop`` where their indexing allows.
+
+    Heavy consumers (more than :data:`HEAVY_BLOCK_NODES`, e.g. the Gaussian ReLU after a joint
+    layer) stay at the root: under a register tile they would run a few lanes at a time and apart
+    from their sibling, where :func:`_schedule_elementwise` merges mean and variance into one loop
+    and vectorises whole rows.
+    """
     frontier = [producer]
     seen = {sch.get(producer).name_hint}
     while frontier:
@@ -568,6 +590,8 @@ def _attach_consumers(sch: s_tir.Schedule, producer, loop) -> None:
             if consumer_name in seen:
                 continue
             seen.add(consumer_name)
+            if _block_size(sch, consumer) > HEAVY_BLOCK_NODES:
+                continue
             try:
                 sch.reverse_compute_at(consumer, loop)
             except (s_tir.ScheduleError, tvm.error.InternalError, ValueError):  # its indexing does not match (a pooling window, a flat conv's rows): stays at root
