@@ -16,8 +16,9 @@ schedule from this module unless the tuning database has a faster one:
   out-channel) loop is parallelised;
 * the bias epilogue and light elementwise consumers (ReLU, the final lane sum) are computed
   inside the parallel loop of their producer (heavy ones, the Gaussian ReLU, keep their own);
-  remaining elementwise / pooling blocks are merged with their siblings, vectorised over the spatial axes (pointwise blocks over the H x W plane,
-  pooling blocks row by row, never a vector across a row boundary) and, when large,
+  remaining elementwise / pooling blocks are merged with their siblings, vectorised over the
+  spatial axes (pointwise blocks over the H x W plane, pooling blocks row by row, never a
+  vector across a row boundary) and, when large,
   parallelised over (batch, channel); small chains of image stages (a max-pool, then the ReLU)
   share one (batch, channel) loop.
 
