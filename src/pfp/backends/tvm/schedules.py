@@ -18,9 +18,8 @@ schedule from this module unless the tuning database has a faster one:
   inside the parallel loop of their producer (heavy ones, the Gaussian ReLU, keep their own);
   remaining elementwise / pooling blocks are merged with their siblings, vectorised over the
   spatial axes (pointwise blocks over the H x W plane, pooling blocks row by row, never a
-  vector across a row boundary) and, when large,
-  parallelised over (batch, channel); small chains of image stages (a max-pool, then the ReLU)
-  share one (batch, channel) loop.
+  vector across a row boundary) and, when large, parallelised over (batch, channel); small
+  chains of image stages (a max-pool, then the ReLU) share one (batch, channel) loop.
 
 The rules look at each block's iteration types, not at names, so they also apply to the
 functions ``FuseOps``/``FuseTIR`` produce (e.g. dense + ReLU in one function).
@@ -465,11 +464,12 @@ def _schedule_small_image_chain(sch: s_tir.Schedule, blocks: list) -> set[str]:
 
     Each parallel loop is a launch of the thread pool (about 1 us on our 2-core hosts, as much as a
     small stage's work), so a chain of stages pays one launch instead of one per stage. Below the
-    shared loop every stage keeps its own form (see :func:`_schedule_elementwise`). Only small
-    chains: at LeNet's first pool at batch 10 and 100 the chained form ran 1.05x and 1.2x slower
-    (its row stage's results are read back right away), while at batch 1 the two Gaussian pool
-    kernels ran 0.78x and 0.63x the time (9.9 -> 7.8 us, 5.8 -> 3.6 us; the second one parallel
-    now), side by side. Returns the names of the blocks it scheduled (none if it did not apply).
+    shared loop every stage keeps its own form (see :func:`_schedule_elementwise`). Side by side
+    at batch 1, LeNet's Gaussian pool + ReLU kernels ran 10.4 -> 8.9 us and 7.5 -> 4.0 us (the
+    second one parallel now), the twin's 0.62x and 0.89x the time. Only small chains: chaining
+    every size made the first Gaussian pool 1.05x slower at batch 10 and 1.2x at batch 100 (its
+    row stage's results are read back right away). Returns the names of the blocks it scheduled
+    (none if it did not apply).
     """
     chain = [block for block in blocks if len(sch.get_loops(block)) == 4
              and LIGHT_ANNOTATION not in sch.get(block).annotations]
