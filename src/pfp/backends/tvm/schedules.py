@@ -420,9 +420,7 @@ def _schedule_elementwise(sch: s_tir.Schedule, blocks: list) -> None:
             sch.split(loops[-1], [None, int(row)])
             loops = sch.get_loops(block)
         extents = tuple(_extent(sch, loop) for loop in loops)
-        pointwise = _reads_pointwise(sch, block)
-        strided = not pointwise and len(loops) > 3 and _reads_strided_plane(sch, block)
-        by_rows = not pointwise and not strided and len(loops) > 3 and extents[-1] >= MIN_VECTOR_ROW
+        strided, by_rows = _plane_form(sch, block, extents[-1]) if len(loops) > 3 else (False, False)
         if len(loops) >= 3:
             sch.fuse(*loops[:2])
             if not by_rows and len(loops) > 3:
@@ -443,20 +441,30 @@ def _schedule_elementwise(sch: s_tir.Schedule, blocks: list) -> None:
         extents, loops = group["extents"], sch.get_loops(group["block"])
         _, strided, light = group["form"]
         parallel = math.prod(extents) >= (PARALLEL_MIN_LIGHT if light else PARALLEL_MIN_ELEMENTS)
-        if strided:  # LLVM vectorises the plane (see above)
-            if parallel:
-                sch.parallel(loops[0])
-            continue
-        split_outer = _vectorise(sch, loops[-1], _contiguous_lanes(_extent(sch, loops[-1])))
+        split_outer = _vectorise_innermost_loop(sch, loops[-1], strided)
         outer = loops[0] if len(extents) >= 3 else split_outer  # (batch, channel), else the rows of the split
         if outer is not None and parallel:
             sch.parallel(outer)
 
 
-def _inner_form(sch: s_tir.Schedule, block) -> tuple[bool, bool]:
-    """(pointwise, strided) of an image block (see :func:`_schedule_elementwise`)."""
-    pointwise = _reads_pointwise(sch, block)
-    return pointwise, not pointwise and _reads_strided_plane(sch, block)
+def _plane_form(sch: s_tir.Schedule, block, width: int) -> tuple[bool, bool]:
+    """(strided, by_rows) of a block over an image plane with rows ``width`` long.
+
+    Strided: it reads its plane as one strided run (left to LLVM, see :func:`_schedule_elementwise`);
+    by rows: any other window read, vectorised one row at a time when rows are long enough.
+    Pointwise blocks are neither: their whole plane is one contiguous run.
+    """
+    if _reads_pointwise(sch, block):
+        return False, False
+    strided = _reads_strided_plane(sch, block)
+    return strided, not strided and width >= MIN_VECTOR_ROW
+
+
+def _vectorise_innermost_loop(sch: s_tir.Schedule, loop, strided: bool):
+    """Vectorise an elementwise nest's innermost loop (a row, or the fused plane) unless LLVM takes a strided one."""
+    if strided:  # LLVM vectorises the plane (see _schedule_elementwise)
+        return None
+    return _vectorise(sch, loop, _contiguous_lanes(_extent(sch, loop)))
 
 
 def _schedule_small_image_chain(sch: s_tir.Schedule, blocks: list) -> set[str]:
@@ -483,18 +491,28 @@ def _schedule_small_image_chain(sch: s_tir.Schedule, blocks: list) -> set[str]:
     sinks = [name for name in names if not consumers[name]]
     if len(sinks) == len(names) or len({extents[name] for name in sinks}) != 1:  # no stage feeds another
         return set()
-    forms = {name: _inner_form(sch, sch.get_sblock(name)) for name in names}
+    forms = {name: _plane_form(sch, sch.get_sblock(name), extents[name][-1]) for name in names}
+
+    def fuse_plane(name: str) -> None:  # (row, column) -> one loop unless the block is vectorised by rows
+        if not forms[name][1]:
+            sch.fuse(*sch.get_loops(sch.get_sblock(name))[-2:])
+
+    def merge(first: str, name: str, levels: range) -> None:  # loop handles change on merging: looked up again
+        for level in levels:
+            sch.merge(sch.get_loops(sch.get_sblock(first))[level], sch.get_loops(sch.get_sblock(name))[level])
+
     # the sinks (the ReLU's mean and variance) share one nest; every producer goes under its (b, c) loop
     for name in sinks:
         sch.fuse(*sch.get_loops(sch.get_sblock(name))[:2])
+        fuse_plane(name)
     anchor = sinks[0]
     for name in sinks[1:]:
-        for level in range(3):
-            sch.merge(sch.get_loops(sch.get_sblock(anchor))[level], sch.get_loops(sch.get_sblock(name))[level])
+        merge(anchor, name, range(len(sch.get_loops(sch.get_sblock(anchor)))))
     outer = sch.get_loops(sch.get_sblock(anchor))[0]
     for name in reversed(names):
         if name not in sinks:
             sch.compute_at(sch.get_sblock(name), outer)
+            fuse_plane(name)
     # each stage below the shared loop: siblings merged, then vectorised as in _schedule_elementwise
     stages: list[list[str]] = []
     for name in names:
@@ -505,20 +523,10 @@ def _schedule_small_image_chain(sch: s_tir.Schedule, blocks: list) -> set[str]:
         if stage is None:
             stages.append([name])
             continue
-        first = sch.get_sblock(stage[0])
-        for level in range(1, 3):
-            sch.merge(sch.get_loops(first)[level], sch.get_loops(sch.get_sblock(name))[level])
+        merge(stage[0], name, range(1, len(sch.get_loops(sch.get_sblock(name)))))
         stage.append(name)
     for stage in stages:
-        pointwise, strided = forms[stage[0]]
-        row, column = sch.get_loops(sch.get_sblock(stage[0]))[1:]
-        if strided:  # LLVM's loop vectoriser deinterleaves the plane
-            sch.fuse(row, column)
-        elif not pointwise and _extent(sch, column) >= MIN_VECTOR_ROW:
-            sch.vectorize(column)
-        else:
-            plane = sch.fuse(row, column)
-            _vectorise(sch, plane, _contiguous_lanes(_extent(sch, plane)))
+        _vectorise_innermost_loop(sch, sch.get_loops(sch.get_sblock(stage[0]))[-1], forms[stage[0]][0])
     if sum(math.prod(shape) for shape in extents.values()) >= PARALLEL_MIN_ELEMENTS:
         sch.parallel(outer)
     return set(names)
