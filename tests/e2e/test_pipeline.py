@@ -75,9 +75,14 @@ def mlflow_server(tmp_path_factory):
     log.close()
 
 
+def _pipeline_env(tracking_uri: str) -> dict:
+    """The environment the flow and its stages run in: our tracking server and experiment, one OpenMP thread."""
+    return {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "DVC_NO_ANALYTICS": "1", "PFP_MLFLOW_EXPERIMENT": "pfp-e2e",
+            "OMP_NUM_THREADS": "1"}
+
+
 def _run_flow(workdir: Path, params_file: Path, summary: Path, tracking_uri: str, prefect_home: Path) -> dict:
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "PREFECT_HOME": str(prefect_home), "DVC_NO_ANALYTICS": "1",
-           "PFP_MLFLOW_EXPERIMENT": "pfp-e2e", "OMP_NUM_THREADS": "1"}
+    env = {**_pipeline_env(tracking_uri), "PREFECT_HOME": str(prefect_home)}
     result = subprocess.run([sys.executable, "-m", "flows.pipeline", "--workdir", str(workdir), "--params", str(params_file),
                              "--summary", str(summary)], cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
@@ -175,8 +180,7 @@ def test_pipeline_end_to_end(tmp_path, mlflow_server):
     status = subprocess.run([str(BIN / "dvc"), "status", "--json"], cwd=workdir, env=env, capture_output=True, text=True)
     assert status.returncode == 0, status.stderr
     assert set(json.loads(status.stdout)) == {"evaluate@mlp", "evaluate@lenet"}
-    stage_env = {**env, "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}", "MLFLOW_TRACKING_URI": mlflow_server,
-                 "PFP_MLFLOW_EXPERIMENT": "pfp-e2e", "OMP_NUM_THREADS": "1"}
+    stage_env = {**_pipeline_env(mlflow_server), "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}"}
     repro = subprocess.run([str(BIN / "dvc"), "repro"], cwd=workdir, env=stage_env, capture_output=True, text=True, timeout=900)
     assert repro.returncode == 0, repro.stdout[-3000:] + repro.stderr[-3000:]
     assert set(re.findall(r"Running stage '([^']+)'", repro.stdout)) == {"evaluate@mlp", "evaluate@lenet", "report"}
