@@ -674,17 +674,15 @@ def compile_scheduled(mod: tvm.IRModule, target, database=None, *, flush_denorma
 
     :func:`fuse_operators` first (the functions the tuning tasks were extracted from), then the
     database's best schedule per function, then the hand schedule for every function the
-    database does not cover, then the CPU backend's lowering. With ``flush_denormals`` every
-    kernel computes with subnormal floats flushed to zero (see :mod:`pfp.backends.tvm.denormals`).
+    database does not cover, then the VM lowering
+    (:func:`~pfp.backends.tvm.lowering.vm_lowering_passes`). With ``flush_denormals`` every kernel
+    computes with subnormal floats flushed to zero (see :mod:`pfp.backends.tvm.denormals`).
     """
-    # the CPU backend's pass lists (tvm.relax.pipeline's dispatcher misses them in 0.27)
-    from tvm.relax.backend.cpu_generic import pipeline as cpu
-
     from pfp.backends.tvm.build import make_target
-    from pfp.backends.tvm.lowering import register_pipeline
+    from pfp.backends.tvm.lowering import register_pipeline, vm_lowering_passes
 
     target = make_target(target)
-    lower = cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target)
+    lower = vm_lowering_passes(target)
     mod = fuse_operators(mod, target)
     tir_pipeline = register_pipeline(flush_denormals)
 
