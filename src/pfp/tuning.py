@@ -96,7 +96,8 @@ def _tune_config(params: TuneParams, work_dir: Path):
                       target=params.target.value, work_dir=str(work_dir), number=params.number, repeat=1,
                       min_repeat_ms=params.min_repeat_ms, population_size=params.population_size,
                       genetic_num_iters=2, init_min_unmeasured=min(16, params.population_size),
-                      rpc_tracker=params.rpc.tracker, rpc_key=params.rpc.key, search=params.trials_per_task > 0)
+                      rpc_tracker=params.rpc.tracker, rpc_key=params.rpc.key, search=params.trials_per_task > 0,
+                      finalists=params.finalists, selection_rounds=params.selection_rounds)
 
 
 def tune_model(posterior: Posterior, pfp_model: PFPModel, params: TuneParams, out_dir: str | Path, *,

@@ -165,7 +165,8 @@ def test_meta_scheduler_tuning_on_the_board(board, tmp_path):
     config = tune.TuneConfig(trials_per_task=trials, max_trials_global=3 * trials, num_trials_per_iter=trials,
                              target="rasp4b", work_dir=str(tmp_path / "tune"), builder_workers=1, number=1, repeat=1,
                              min_repeat_ms=1, population_size=16, genetic_num_iters=1, init_min_unmeasured=4, seed=0,
-                             session_timeout_sec=SESSION_TIMEOUT, rpc_tracker=board, rpc_key=KEY)
+                             session_timeout_sec=SESSION_TIMEOUT, rpc_tracker=board, rpc_key=KEY,
+                             finalists=1, selection_rounds=1)  # a short run-off: one emulated round
     report = tune.TuneReport()
     _end_sessions()
     database = tune.tune_module(mod, config=config, report=report)
@@ -175,11 +176,14 @@ def test_meta_scheduler_tuning_on_the_board(board, tmp_path):
     assert (work_dir / "database_workload.json").stat().st_size > 0
     assert (work_dir / "database_tuning_record.json").stat().st_size > 0
     assert {"fc1_dense_joint_first", "fc2_dense_joint", "fc3_dense_joint"} <= set(report.tuned)
-    records = database.get_all_tuning_records()
+    records = tune.open_database(work_dir).get_all_tuning_records()
     assert report.new_records == len(records) >= 3 * trials
     failed = [r for r in records if r.run_secs is None or not len(r.run_secs)
               or any(float(s) >= 1e9 for s in r.run_secs)]  # failed runs are recorded as 1e10 s
     assert not failed, f"{len(failed)} of {len(records)} candidates did not run on the emulated board"
+    # the run-off measured each task's hand schedule and best record again, on the board
+    assert {"fc1_dense_joint_first", "fc2_dense_joint", "fc3_dense_joint"} <= set(report.side_by_side)
+    assert all(report.hand_ms[name] > 0 and report.tuned_ms[name] > 0 for name in report.side_by_side)
 
     # the tuned module runs on the board and agrees with the host build
     x = torch.randn(1, *spec.input_shape, generator=torch.Generator().manual_seed(1)).numpy()

@@ -97,10 +97,71 @@ def test_local_tuning_writes_database(local_tuning):
     assert kept["fused_relu_gaussian2"] == "hand"
     for name in report.tuned:
         assert kept[name] == ("meta_schedule" if report.tuned_ms[name] < report.hand_ms[name] else "hand")
-    assert report.new_records == tune.count_records(database) > 0
-    assert len(database.get_all_tuning_records()) == report.records_after
-    successful = [r for r in database.get_all_tuning_records() if r.run_secs is not None and len(r.run_secs)]
+    records = tune.open_database(work_dir)  # every record; tune_module returns the run-off's database
+    assert report.new_records == tune.count_records(records) > 0
+    assert len(records.get_all_tuning_records()) == report.records_after
+    successful = [r for r in records.get_all_tuning_records() if r.run_secs is not None and len(r.run_secs)]
     assert successful, "no candidate was measured successfully"
+
+
+def _selected(database, task) -> tuple[str, float]:
+    """("hand" | "meta_schedule", seconds) of the record a compiled module takes for ``task``."""
+    from tvm import s_tir
+
+    from pfp.backends.tvm.schedules import apply_hand_schedule
+
+    (record,) = database.get_top_k(database.commit_workload(task.dispatched[0]), 1)
+    sch = s_tir.Schedule(task.dispatched[0])
+    apply_hand_schedule(sch, target=task.target)
+    return ("hand" if str(record.trace) == str(sch.trace) else "meta_schedule"), float(record.run_secs[0])
+
+
+def test_run_off_decides_what_is_compiled(case, local_tuning):
+    """Every task with a Meta Scheduler record is measured against its hand schedule side by side,
+    and the database tune_module returns compiles the faster one."""
+    config, database, report = local_tuning
+    selection = Path(config.work_dir) / tune.SELECTION_DIR
+    assert (selection / "database_tuning_record.json").stat().st_size > 0
+    assert sorted(report.side_by_side) == sorted(report.tuned)  # the untunable ReLU has only its hand schedule
+    kept = report.kept()
+    for task in tune.extract_tuning_tasks(case[0], TARGET):
+        if task.task_name not in report.side_by_side:
+            continue
+        kind, seconds = _selected(database, task)
+        assert kind == kept[task.task_name]
+        expected = report.hand_ms[task.task_name] if kind == "hand" else report.tuned_ms[task.task_name]
+        assert seconds * 1e3 == pytest.approx(expected)
+        # hand + up to `finalists` Meta Scheduler records, one median each
+        count = tune.count_records(database, task.dispatched[0])
+        assert 2 <= count <= 1 + config.finalists
+    assert tune.compiling_database(config.work_dir).get_all_tuning_records()  # what compile_module(TUNED) opens
+
+
+def test_a_stale_fast_record_is_measured_again(case, local_tuning, tmp_path):
+    """A record timed when the host was quiet (here: 1 ns, impossible) does not win without a new measurement."""
+    mod = case[0]
+    config, _, _ = local_tuning
+    copy = tmp_path / "copy"
+    shutil.copytree(config.work_dir, copy)
+    records = tune.open_database(copy)
+    task = next(t for t in tune.extract_tuning_tasks(mod, TARGET) if t.task_name == "fc1_dense_joint_first")
+    workload = records.commit_workload(task.dispatched[0])
+    best = records.get_top_k(workload, 1)[0]
+    records.commit_tuning_record(tune.ms.database.TuningRecord(best.trace, workload, [1e-9], best.target,
+                                                               best.args_info))
+    assert float(tune.open_database(copy).get_top_k(workload, 1)[0].run_secs[0]) == 1e-9  # the search's best now
+
+    report = tune.TuneReport()
+    selection = tune.tune_module(mod, config=fast_config(copy), report=report)
+    assert report.tuned == [] and "fc1_dense_joint_first" in report.side_by_side
+    kind, seconds = _selected(selection, task)
+    assert seconds > 1e-8 and report.tuned_ms["fc1_dense_joint_first"] > 1e-5  # measured, not copied
+    assert seconds * 1e3 == pytest.approx(min(report.hand_ms["fc1_dense_joint_first"],
+                                              report.tuned_ms["fc1_dense_joint_first"]))
+    x = case[1]
+    mean, var = run_local(tune.compile_tuned(mod, TARGET, selection), x)
+    assert_close(mean, case[2], what="run-off mean")
+    assert_close(var, case[3], what="run-off var")
 
 
 def test_tuned_module_matches_untuned_and_reference(case, local_tuning):
@@ -129,21 +190,23 @@ def test_compile_best_keeps_the_faster_module(case, local_tuning):
 def test_second_call_reuses_the_database(case, local_tuning):
     mod = case[0]
     config, database, first = local_tuning
-    before = tune.count_records(database)
+    before = tune.count_records(tune.open_database(config.work_dir))
     report = tune.TuneReport()
     again = tune.tune_module(mod, config=config, report=report)
     assert report.tuned == [] and sorted(report.skipped) == sorted(first.tuned)
     assert report.new_records == 0
-    assert tune.count_records(again) == before  # reloaded from the JSON files, nothing dropped
+    assert tune.count_records(tune.open_database(config.work_dir)) == before  # reloaded from the JSON files
+    assert tune.count_records(again) == tune.count_records(database)  # a new run-off, as many finalists
 
 
 def test_resume_from_records_without_state_file(case, local_tuning, tmp_path):
     """An interrupted run leaves records but no state entry: tasks with enough records are skipped."""
     mod = case[0]
-    config, database, first = local_tuning
+    config, _, first = local_tuning
     copy = tmp_path / "copy"
     shutil.copytree(config.work_dir, copy)
     (copy / tune.STATE_FILE).unlink()
+    database = tune.open_database(config.work_dir)  # every record (the fixture's is the run-off's)
 
     tasks = tune.extract_tuning_tasks(mod, TARGET)
     records = {t.task_name: tune.count_records(database, t.dispatched[0]) for t in tasks}

@@ -491,11 +491,11 @@ def compile_module(mod: tvm.IRModule, target: TargetName | str | Mapping | tvm.t
     if database is None:
         raise ValueError("Schedule.TUNED needs the tuning database (or its work dir)")
     if isinstance(database, (str, Path)):
-        from pfp.backends.tvm.tune import open_database
+        from pfp.backends.tvm.tune import compiling_database
 
         if not Path(database).is_dir():
             raise FileNotFoundError(f"{database}: tuning database folder not found")
-        database = open_database(database)
+        database = compiling_database(database)
     return compile_scheduled(mod, target, database)
 
 

@@ -19,6 +19,13 @@ Resuming: the JSON database (``work_dir/database_workload.json`` and
 ``database_tuning_record.json``) is never deleted. Tasks already finished (recorded in
 ``work_dir/pfp_tune_state.json``, or with at least ``trials_per_task`` records) are skipped;
 unfinished tasks are tuned again with the records already measured as the search's warm start.
+
+Choosing per task: the database accumulates records measured at different times, and on a
+shared host a record's time depends on when it was taken. So every run ends with a run-off
+(:func:`run_off`): per task the hand schedule and the ``finalists`` best Meta Scheduler records
+are built again and measured side by side, in ``selection_rounds`` interleaved rounds. Their
+medians go to a fresh database, ``work_dir/selection``, which is what compiled modules use
+(:func:`compiling_database`); the cumulative database stays the search's memory.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import inspect
 import json
 import linecache
 import logging
+import math
 import os
 import platform
 import shutil
@@ -64,14 +72,18 @@ __all__ = [
     "extract_tuning_tasks",
     "lean_build",
     "measure_hand_schedules",
+    "compiling_database",
     "open_database",
     "parse_tracker",
+    "run_off",
     "tune_module",
 ]
 
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "pfp_tune_state.json"
+#: Sub-folder of a work dir with the run-off's database (see :func:`run_off`).
+SELECTION_DIR = "selection"
 _STATE_FORMAT = 1
 
 
@@ -111,12 +123,16 @@ class TuneConfig:
     num_threads: int | str = "physical"  # threads of the search (cost model, evolution)
     cross_compiler: str | None = None  # None: aarch64-linux-gnu-gcc for aarch64 targets
     search: bool = True  # False: only measure and record the hand schedules (no Meta Scheduler search)
+    finalists: int = 2  # Meta Scheduler records per task re-measured beside the hand schedule; 0: no run-off
+    selection_rounds: int = 3  # interleaved rounds of the run-off
 
     def __post_init__(self) -> None:
-        for name in ("trials_per_task", "max_trials_global", "num_trials_per_iter"):
+        for name in ("trials_per_task", "max_trials_global", "num_trials_per_iter", "selection_rounds"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"TuneConfig.{name} must be a positive int, got {value!r}")
+        if not isinstance(self.finalists, int) or self.finalists < 0:
+            raise ValueError(f"TuneConfig.finalists must be an int >= 0, got {self.finalists!r}")
         if (self.rpc_tracker is None) != (self.rpc_key is None):
             raise ValueError("set both rpc_tracker ('host:port') and rpc_key for the RPC runner, or neither "
                              f"(got rpc_tracker={self.rpc_tracker!r}, rpc_key={self.rpc_key!r})")
@@ -143,12 +159,18 @@ class TuneReport:
     records_before: int = 0
     records_after: int = 0
     seconds: float = 0.0
-    #: per task: the hand schedule's and the best Meta Scheduler candidate's measured ms
+    #: per task: the hand schedule's and the best Meta Scheduler candidate's measured ms (side by
+    #: side for the tasks in ``side_by_side``, see :func:`run_off`)
     hand_ms: dict[str, float] = field(default_factory=dict)
     tuned_ms: dict[str, float] = field(default_factory=dict)
+    side_by_side: list[str] = field(default_factory=list)
 
     def kept(self) -> dict[str, str]:
-        """Per task, the schedule the compiled module uses: the faster measured one."""
+        """Per task, the schedule the compiled module uses: the faster measured one.
+
+        "meta_schedule" stands for any other record of the database: a Meta Scheduler candidate,
+        or the schedule an earlier version of the hand rules made (records are never dropped).
+        """
         choice = {}
         for name in self.tasks:
             hand, tuned = self.hand_ms.get(name), self.tuned_ms.get(name)
@@ -163,7 +185,7 @@ class TuneReport:
     def table(self) -> list[dict]:
         kept = self.kept()
         return [{"task": name, "hand_ms": self.hand_ms.get(name), "meta_schedule_ms": self.tuned_ms.get(name),
-                 "kept": kept[name]} for name in self.tasks]
+                 "kept": kept[name], "side_by_side": name in self.side_by_side} for name in self.tasks]
 
     @property
     def new_records(self) -> int:
@@ -356,7 +378,8 @@ def tune_module(mod: tvm.IRModule, target=None, config: TuneConfig | None = None
                 *, report: TuneReport | None = None) -> ms.database.JSONDatabase:
     """Meta Scheduler tuning of every task (fused TIR function) of the Relax module ``mod``.
 
-    ``target`` defaults to ``make_target(config.target)``. Returns the JSON database of
+    ``target`` defaults to ``make_target(config.target)``. Returns the database to compile with:
+    the run-off's (:func:`run_off`), or with ``config.finalists == 0`` the JSON database of
     ``config.work_dir``. Tasks finished by an earlier call with the same work_dir (and at least
     the same ``trials_per_task``) are skipped; pass a :class:`TuneReport` to learn what ran.
     """
@@ -447,11 +470,12 @@ def tune_module(mod: tvm.IRModule, target=None, config: TuneConfig | None = None
             if best is not None:
                 report.tuned_ms[task.task_name] = best
     report.records_after = count_records(database)
+    selection = run_off(tasks, database, target, config, report) if config.finalists else database
     report.seconds = time.perf_counter() - start
     logger.info("tuning done in %.1f s: %d task(s) tuned, %d skipped, %d new record(s), %d in %s",
                 report.seconds, len(report.tuned), len(report.skipped), report.new_records,
                 report.records_after, work_dir)
-    return database
+    return selection
 
 
 def measure_hand_schedules(tasks, target: tvm.target.Target, config: TuneConfig,
@@ -524,6 +548,111 @@ def _best_meta_schedule_ms(database: ms.database.Database, task) -> float | None
         value = float(np.median([float(v) for v in record.run_secs])) * 1e3
         best = value if best is None else min(best, value)
     return best
+
+
+def _finalists(task, database: ms.database.Database, target: tvm.target.Target,
+               count: int) -> list[tuple[str, s_tir.Schedule]]:
+    """``[("hand", schedule)]`` (if the hand rules apply) plus the ``count`` best distinct Meta Scheduler records."""
+    from pfp.backends.tvm.schedules import apply_hand_schedule
+
+    mod = task.dispatched[0]
+    finalists = []
+    sch = s_tir.Schedule(mod)
+    try:
+        apply_hand_schedule(sch, target=target)
+        finalists.append(("hand", sch))
+    except (s_tir.ScheduleError, tvm.error.InternalError):
+        pass
+    if not count or not database.has_workload(mod):
+        return finalists
+    seen = {str(sch.trace) for _, sch in finalists}
+    for record in database.get_top_k(database.commit_workload(mod), 256):
+        trace = str(record.trace)
+        if not record.run_secs or trace in seen:
+            continue
+        seen.add(trace)
+        sch = s_tir.Schedule(mod)
+        record.trace.apply_to_schedule(sch, remove_postproc=False)
+        finalists.append(("meta_schedule", sch))
+        if len(finalists) - (finalists[0][0] == "hand") == count:
+            break
+    return finalists
+
+
+def run_off(tasks, database: ms.database.Database, target: tvm.target.Target, config: TuneConfig,
+            report: TuneReport | None = None) -> ms.database.JSONDatabase:
+    """Measure each task's finalists side by side; their medians make the database modules compile with.
+
+    Finalists: the hand schedule and the ``config.finalists`` best Meta Scheduler records of
+    ``database`` (best as recorded, possibly in an earlier run). All are built, then measured in
+    ``config.selection_rounds`` rounds, each running every candidate once (every other round in
+    reverse order, so a drift of the host does not favour one end). The median of each
+    candidate's times is committed to a new JSON database in ``work_dir/selection`` (replacing
+    the last run-off's), whose best record per task is the faster candidate now. A task with
+    only its hand schedule needs no run-off: compiling gives it that schedule anyway. The report's
+    ``hand_ms`` / ``tuned_ms`` get the side-by-side figures.
+    """
+    report = report if report is not None else TuneReport()
+    entries = []  # (task, kind, schedule)
+    for task in tasks:
+        finalists = _finalists(task, database, target, config.finalists)
+        if any(kind == "meta_schedule" for kind, _ in finalists):
+            entries += [(task, kind, sch) for kind, sch in finalists]
+    measured: list[tuple[Any, str, Any, list, list[float]]] = []  # (task, kind, trace, args_info, seconds)
+    if entries:
+        builder, runner = make_builder(target, config), make_runner(config)
+        built = builder.build([ms.builder.BuilderInput(sch.mod, target) for _, _, sch in entries])
+        runs = []
+        for (task, kind, sch), result in zip(entries, built):
+            if result.error_msg:
+                logger.warning("task %s: a %s finalist failed to build: %s", task.task_name, kind, result.error_msg[-500:])
+                continue
+            args_info = ms.arg_info.ArgInfo.from_prim_func(sch.mod["main"])
+            runs.append((task, kind, sch.trace, args_info, ms.runner.RunnerInput(result.artifact_path, "cpu", args_info)))
+        seconds: list[list[float]] = [[] for _ in runs]
+        for round_index in range(config.selection_rounds):
+            order = list(range(len(runs)))[::-1 if round_index % 2 else 1]
+            futures = runner.run([runs[i][-1] for i in order])
+            for i, future in zip(order, futures):
+                result = future.result()
+                if result.error_msg:
+                    logger.warning("task %s: a %s finalist failed to run: %s", runs[i][0].task_name, runs[i][1],
+                                   result.error_msg[-500:])
+                    continue
+                seconds[i] += [float(v) for v in result.run_secs]
+        measured = [(*run[:4], times) for run, times in zip(runs, seconds) if times]
+    path = Path(config.work_dir) / SELECTION_DIR
+    staging = Path(tempfile.mkdtemp(prefix=".selection-", dir=config.work_dir))
+    try:
+        selection = ms.database.JSONDatabase(work_dir=str(staging), module_equality="structural")
+        best: dict[str, dict[str, float]] = {}
+        for task, kind, trace, args_info, times in measured:
+            median = float(np.median(times))
+            workload = selection.commit_workload(task.dispatched[0])
+            selection.commit_tuning_record(ms.database.TuningRecord(trace, workload, [median], target, args_info))
+            per_kind = best.setdefault(task.task_name, {})
+            per_kind[kind] = min(per_kind.get(kind, math.inf), median * 1e3)
+        if path.exists():
+            shutil.rmtree(path)
+        staging.rename(path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    for name, per_kind in best.items():
+        report.side_by_side.append(name)
+        for kind, ms_value in per_kind.items():
+            (report.hand_ms if kind == "hand" else report.tuned_ms)[name] = ms_value
+        logger.info("task %s side by side: hand %s ms, best Meta Scheduler %s ms", name,
+                    f"{per_kind['hand']:.4f}" if "hand" in per_kind else "-",
+                    f"{per_kind['meta_schedule']:.4f}" if "meta_schedule" in per_kind else "-")
+    return compiling_database(config.work_dir)
+
+
+def compiling_database(work_dir: str | os.PathLike) -> ms.database.JSONDatabase:
+    """The database modules tuned in ``work_dir`` compile with: the run-off's if there is one, else all records."""
+    selection = Path(work_dir) / SELECTION_DIR
+    if (selection / "database_tuning_record.json").is_file():
+        return ms.database.JSONDatabase(work_dir=str(selection), module_equality="structural")
+    return open_database(work_dir)
 
 
 def _light_stack(context: int = 1) -> list[inspect.FrameInfo]:
