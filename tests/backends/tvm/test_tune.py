@@ -187,6 +187,24 @@ def test_compile_best_keeps_the_faster_module(case, local_tuning):
     assert_close(var, ref_var, what="best var")
 
 
+def test_finalists_that_fail_to_run_leave_the_hand_schedules(case, local_tuning, tmp_path, caplog):
+    """A run-off whose runs all fail (here: a 1 ms runner timeout) selects nothing: every task then
+    compiles with its hand schedule, and the report says so rather than quoting old records."""
+    mod, x, ref_mean, ref_var = case
+    config, _, _ = local_tuning
+    copy = tmp_path / "copy"
+    shutil.copytree(config.work_dir, copy)
+    report = tune.TuneReport()
+    selection = tune.tune_module(mod, config=fast_config(copy, search=False, runner_timeout_sec=1e-3), report=report)
+    assert "finalist failed to run" in caplog.text
+    assert report.side_by_side == [] and report.tuned_ms == {}
+    assert set(report.kept().values()) == {"hand"}
+    assert len(selection.get_all_tuning_records()) == 0
+    mean, var = run_local(tune.compile_tuned(mod, TARGET, selection), x)
+    assert_close(mean, ref_mean, what="hand-schedule mean")
+    assert_close(var, ref_var, what="hand-schedule var")
+
+
 def test_second_call_reuses_the_database(case, local_tuning):
     mod = case[0]
     config, database, first = local_tuning

@@ -637,11 +637,18 @@ def run_off(tasks, database: ms.database.Database, target: tvm.target.Target, co
         staging.rename(path)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    for name, per_kind in best.items():
-        report.side_by_side.append(name)
-        for kind, ms_value in per_kind.items():
-            (report.hand_ms if kind == "hand" else report.tuned_ms)[name] = ms_value
-        logger.info("task %s side by side: hand %s ms, best Meta Scheduler %s ms", name,
+    for name in dict.fromkeys(task.task_name for task, _, _ in entries):
+        # the report states what is compiled: a finalist that failed has no figure; a task with no
+        # figure at all is not in the selection and compiles with its hand schedule
+        per_kind = best.get(name, {})
+        for kind, figures in (("hand", report.hand_ms), ("meta_schedule", report.tuned_ms)):
+            if kind in per_kind:
+                figures[name] = per_kind[kind]
+            elif per_kind or kind == "meta_schedule":
+                figures.pop(name, None)
+        if per_kind:
+            report.side_by_side.append(name)
+        logger.info("task %s side by side: hand %s ms, best other record %s ms", name,
                     f"{per_kind['hand']:.4f}" if "hand" in per_kind else "-",
                     f"{per_kind['meta_schedule']:.4f}" if "meta_schedule" in per_kind else "-")
     return compiling_database(config.work_dir)
