@@ -49,7 +49,7 @@ def fast_config(work_dir, **overrides) -> tune.TuneConfig:
     settings = dict(trials_per_task=TRIALS, max_trials_global=3 * TRIALS, num_trials_per_iter=TRIALS,
                     target=TARGET, work_dir=str(work_dir), builder_workers=1, number=2, repeat=1,
                     min_repeat_ms=1, population_size=16, genetic_num_iters=1, init_min_unmeasured=4,
-                    seed=0, session_timeout_sec=60)
+                    seed=0, session_timeout_sec=60, selection_rounds=2)  # run-off: one round each way
     settings.update(overrides)
     return tune.TuneConfig(**settings)
 
@@ -195,7 +195,8 @@ def test_finalists_that_fail_to_run_leave_the_hand_schedules(case, local_tuning,
     copy = tmp_path / "copy"
     shutil.copytree(config.work_dir, copy)
     report = tune.TuneReport()
-    selection = tune.tune_module(mod, config=fast_config(copy, search=False, runner_timeout_sec=1e-3), report=report)
+    failing = fast_config(copy, search=False, runner_timeout_sec=1e-3, finalists=1, selection_rounds=1)  # few timeouts
+    selection = tune.tune_module(mod, config=failing, report=report)
     assert "finalist failed to run" in caplog.text
     assert report.side_by_side == [] and report.tuned_ms == {}
     assert set(report.kept().values()) == {"hand"}
