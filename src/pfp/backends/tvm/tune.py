@@ -464,18 +464,49 @@ def tune_module(mod: tvm.IRModule, target=None, config: TuneConfig | None = None
             report.tuned.append(task.task_name)
         _save_state(work_dir, state)
         _check_measured(database, [task for _, task in pending])
-    for task in tasks:
-        if task.task_name not in report.untunable:
-            best = _best_meta_schedule_ms(database, task)
-            if best is not None:
-                report.tuned_ms[task.task_name] = best
     report.records_after = count_records(database)
-    selection = run_off(tasks, database, target, config, report) if config.finalists else database
+    if config.finalists:  # the run-off's side-by-side figures are the report's
+        selection = run_off(tasks, database, target, config, report)
+    else:
+        selection = database
+        for task in tasks:
+            if task.task_name not in report.untunable:
+                best = _best_meta_schedule_ms(database, task)
+                if best is not None:
+                    report.tuned_ms[task.task_name] = best
     report.seconds = time.perf_counter() - start
     logger.info("tuning done in %.1f s: %d task(s) tuned, %d skipped, %d new record(s), %d in %s",
                 report.seconds, len(report.tuned), len(report.skipped), report.new_records,
                 report.records_after, work_dir)
     return selection
+
+
+def _measure(candidates: list[tuple[str, s_tir.Schedule]], target: tvm.target.Target, builder, runner,
+             rounds: int = 1) -> list[tuple[list, list[float]]]:
+    """Build every ``(label, schedule)`` once, then run them all ``rounds`` times.
+
+    Every other round runs in reverse order, so a drift of the host does not favour one end.
+    Returns, per candidate, its argument info and the seconds measured: empty when it failed to
+    build or every run failed (each failure is logged under its label).
+    """
+    built = builder.build([ms.builder.BuilderInput(sch.mod, target) for _, sch in candidates])
+    args_infos = [ms.arg_info.ArgInfo.from_prim_func(sch.mod["main"]) for _, sch in candidates]
+    runnable = []
+    for index, ((label, _), result) in enumerate(zip(candidates, built)):
+        if result.error_msg:
+            logger.warning("%s failed to build: %s", label, result.error_msg[-500:])
+            continue
+        runnable.append((index, ms.runner.RunnerInput(result.artifact_path, "cpu", args_infos[index])))
+    seconds: list[list[float]] = [[] for _ in candidates]
+    for round_index in range(rounds):
+        order = runnable[::-1] if round_index % 2 else runnable
+        for (index, _), future in zip(order, runner.run([runner_input for _, runner_input in order])):
+            result = future.result()
+            if result.error_msg:
+                logger.warning("%s failed to run: %s", candidates[index][0], result.error_msg[-500:])
+                continue
+            seconds[index] += [float(v) for v in result.run_secs]
+    return list(zip(args_infos, seconds))
 
 
 def measure_hand_schedules(tasks, target: tvm.target.Target, config: TuneConfig,
@@ -500,25 +531,14 @@ def measure_hand_schedules(tasks, target: tvm.target.Target, config: TuneConfig,
         candidates.append((task, sch))
     if not candidates:
         return {}
-    built = builder.build([ms.builder.BuilderInput(sch.mod, target) for _, sch in candidates])
     measured: dict[str, float] = {}
-    runs = []
-    for (task, sch), result in zip(candidates, built):
-        if result.error_msg:
-            logger.warning("task %s: hand schedule failed to build: %s", task.task_name, result.error_msg[-500:])
+    results = _measure([(f"task {task.task_name}: hand schedule", sch) for task, sch in candidates], target,
+                       builder, runner)
+    for (task, sch), (args_info, run_secs) in zip(candidates, results):
+        if not run_secs:
             continue
-        args_info = ms.arg_info.ArgInfo.from_prim_func(sch.mod["main"])
-        runs.append((task, sch, args_info, ms.runner.RunnerInput(result.artifact_path, "cpu", args_info)))
-    futures = runner.run([item[-1] for item in runs])
-    for (task, sch, args_info, _), future in zip(runs, futures):
-        result = future.result()
-        if result.error_msg:
-            logger.warning("task %s: hand schedule failed to run: %s", task.task_name, result.error_msg[-500:])
-            continue
-        run_secs = [float(v) for v in result.run_secs]
         workload = database.commit_workload(task.dispatched[0])
-        database.commit_tuning_record(ms.database.TuningRecord(sch.trace, workload, result.run_secs, target,
-                                                               args_info))
+        database.commit_tuning_record(ms.database.TuningRecord(sch.trace, workload, run_secs, target, args_info))
         measured[task.task_name] = float(np.median(run_secs)) * 1e3
         logger.info("task %s: hand schedule %.4f ms", task.task_name, measured[task.task_name])
     return measured
@@ -598,29 +618,12 @@ def run_off(tasks, database: ms.database.Database, target: tvm.target.Target, co
         finalists = _finalists(task, database, target, config.finalists)
         if any(kind == "meta_schedule" for kind, _ in finalists):
             entries += [(task, kind, sch) for kind, sch in finalists]
-    measured: list[tuple[Any, str, Any, list, list[float]]] = []  # (task, kind, trace, args_info, seconds)
+    measured = []  # (task, kind, trace, args_info, seconds) of the finalists that ran
     if entries:
-        builder, runner = make_builder(target, config), make_runner(config)
-        built = builder.build([ms.builder.BuilderInput(sch.mod, target) for _, _, sch in entries])
-        runs = []
-        for (task, kind, sch), result in zip(entries, built):
-            if result.error_msg:
-                logger.warning("task %s: a %s finalist failed to build: %s", task.task_name, kind, result.error_msg[-500:])
-                continue
-            args_info = ms.arg_info.ArgInfo.from_prim_func(sch.mod["main"])
-            runs.append((task, kind, sch.trace, args_info, ms.runner.RunnerInput(result.artifact_path, "cpu", args_info)))
-        seconds: list[list[float]] = [[] for _ in runs]
-        for round_index in range(config.selection_rounds):
-            order = list(range(len(runs)))[::-1 if round_index % 2 else 1]
-            futures = runner.run([runs[i][-1] for i in order])
-            for i, future in zip(order, futures):
-                result = future.result()
-                if result.error_msg:
-                    logger.warning("task %s: a %s finalist failed to run: %s", runs[i][0].task_name, runs[i][1],
-                                   result.error_msg[-500:])
-                    continue
-                seconds[i] += [float(v) for v in result.run_secs]
-        measured = [(*run[:4], times) for run, times in zip(runs, seconds) if times]
+        results = _measure([(f"task {task.task_name}: a {kind} finalist", sch) for task, kind, sch in entries], target,
+                           make_builder(target, config), make_runner(config), config.selection_rounds)
+        measured = [(task, kind, sch.trace, args_info, seconds)
+                    for (task, kind, sch), (args_info, seconds) in zip(entries, results) if seconds]
     path = Path(config.work_dir) / SELECTION_DIR
     staging = Path(tempfile.mkdtemp(prefix=".selection-", dir=config.work_dir))
     try:
