@@ -114,7 +114,8 @@ def remove_unused_tuples(func: relax.Function) -> relax.Function:
     """``func`` without the bindings of its body that build a tuple nothing reads (see the module docstring).
 
     Only tuple construction is dropped: it has no effect besides the tuple, whose fields stay
-    bound to their own variables.
+    bound to their own variables. (``relax.analysis.remove_all_unused`` is documented for
+    dataflow blocks only, and by now the VM program has none.)
     """
     body = func.body
     if not isinstance(body, relax.SeqExpr):
