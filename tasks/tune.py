@@ -3,6 +3,7 @@
 import json
 
 from pfp import tracking
+from pfp.backends.tvm.tune import ScheduleSource
 from pfp.bnn import Posterior
 from pfp.calibrate import CalibrationResult
 from pfp.convert import PFPModel
@@ -27,8 +28,9 @@ def main(params, argv):
                    "libraries": [lib.as_dict() for lib in libraries]}
         atomic_write_json(METRICS_DIR / f"tune_{model}.json", summary)
         run.log_metrics({"seconds": summary["seconds"], **{
-            f"{lib.variant.value}_b{lib.batch_size}.meta_schedule_kept": sum(
-                row["kept"] == "meta_schedule" for row in lib.report["tasks"]) for lib in libraries}})
+            f"{lib.variant.value}_b{lib.batch_size}.kept_{source.value}": sum(
+                row["kept"] == source.value for row in lib.report["tasks"])
+            for lib in libraries for source in ScheduleSource}})
         run.log_artifact(METRICS_DIR / f"tune_{model}.json")
         run.log_artifact(tvm_dir(model), artifact_path="tvm")
 

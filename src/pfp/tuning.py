@@ -139,7 +139,7 @@ def tune_model(posterior: Posterior, pfp_model: PFPModel, params: TuneParams, ou
             "records": report.records_after}))
         kept = report.kept()
         print(f"  {seconds:.0f} s; schedules kept: "
-              + ", ".join(f"{name}={choice}" for name, choice in sorted(kept.items())), flush=True)
+              + ", ".join(f"{name}={choice.value}" for name, choice in sorted(kept.items())), flush=True)
     return results
 
 

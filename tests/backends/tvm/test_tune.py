@@ -92,11 +92,18 @@ def test_local_tuning_writes_database(local_tuning):
     assert report.untunable == ["fused_relu_gaussian2"]
     # every task's hand schedule was measured and recorded, tunable or not
     assert sorted(report.hand_ms) == sorted(report.tasks) and all(v > 0 for v in report.hand_ms.values())
-    assert sorted(report.tuned_ms) == sorted(report.tuned)
+    assert sorted(report.other_ms) == sorted(report.tuned)
+    # a fresh database holds no earlier hand schedules: every other record is a search candidate
+    assert set(report.other_source.values()) == {tune.ScheduleSource.META_SCHEDULE}, report.other_source
     kept = report.kept()
-    assert kept["fused_relu_gaussian2"] == "hand"
+    assert kept["fused_relu_gaussian2"] is tune.ScheduleSource.HAND
     for name in report.tuned:
-        assert kept[name] == ("meta_schedule" if report.tuned_ms[name] < report.hand_ms[name] else "hand")
+        assert kept[name] == ("meta_schedule" if report.other_ms[name] < report.hand_ms[name] else "hand")
+    rows = {row["task"]: row for row in report.table()}
+    assert rows["fused_relu_gaussian2"] == {"task": "fused_relu_gaussian2", "hand_ms": report.hand_ms["fused_relu_gaussian2"],
+                                            "other_ms": None, "other_source": None, "kept": "hand",
+                                            "side_by_side": False}
+    json.dumps(report.table())  # what the tune stage writes
     records = tune.open_database(work_dir)  # every record; tune_module returns the run-off's database
     assert report.new_records == tune.count_records(records) > 0
     assert len(records.get_all_tuning_records()) == report.records_after
@@ -104,11 +111,10 @@ def test_local_tuning_writes_database(local_tuning):
     assert successful, "no candidate was measured successfully"
 
 
-def _selected(database, task) -> tuple[str, float]:
-    """("hand" | "meta_schedule", seconds) of the record a compiled module takes for ``task``."""
+def _selected(database, task) -> tuple[tune.ScheduleSource, float]:
+    """(source, seconds) of the record a compiled module takes for ``task``."""
     (record,) = database.get_top_k(database.commit_workload(task.dispatched[0]), 1)
-    kind = "hand" if str(record.trace) == tune._hand_trace_text(task) else "meta_schedule"
-    return kind, float(record.run_secs[0])
+    return tune.record_source(record.trace, tune._hand_trace_text(task)), float(record.run_secs[0])
 
 
 def test_run_off_decides_what_is_compiled(case, local_tuning):
@@ -124,7 +130,7 @@ def test_run_off_decides_what_is_compiled(case, local_tuning):
             continue
         kind, seconds = _selected(database, task)
         assert kind == kept[task.task_name]
-        expected = report.hand_ms[task.task_name] if kind == "hand" else report.tuned_ms[task.task_name]
+        expected = report.hand_ms[task.task_name] if kind == "hand" else report.other_ms[task.task_name]
         assert seconds * 1e3 == pytest.approx(expected)
         # hand + up to `finalists` Meta Scheduler records, one median each
         count = tune.count_records(database, task.dispatched[0])
@@ -132,31 +138,75 @@ def test_run_off_decides_what_is_compiled(case, local_tuning):
     assert tune.compiling_database(config.work_dir).get_all_tuning_records()  # what compile_module(TUNED) opens
 
 
+def _planted_copy(mod, work_dir, tmp_path, task_name: str, make_trace):
+    """A copy of ``work_dir`` whose database has one more record of ``task_name``, timed 1 ns (impossible):
+    the trace ``make_trace(task, best_record)``. Returns (copy, task, workload)."""
+    copy = tmp_path / "copy"
+    shutil.copytree(work_dir, copy)
+    records = tune.open_database(copy)
+    task = next(t for t in tune.extract_tuning_tasks(mod, TARGET) if t.task_name == task_name)
+    workload = records.commit_workload(task.dispatched[0])
+    best = records.get_top_k(workload, 1)[0]
+    records.commit_tuning_record(tune.ms.database.TuningRecord(make_trace(task, best), workload, [1e-9], best.target,
+                                                               best.args_info))
+    return copy, task, workload
+
+
+def _hand_scheduled_another_way(task, _best):
+    sch = tvm.s_tir.Schedule(task.dispatched[0])
+    sch.parallel(sch.get_loops(sch.get_sblock("dense_joint_acc"))[0])
+    return sch.trace
+
+
 def test_a_stale_fast_record_is_measured_again(case, local_tuning, tmp_path):
     """A record timed when the host was quiet (here: 1 ns, impossible) does not win without a new measurement."""
     mod = case[0]
     config, _, _ = local_tuning
-    copy = tmp_path / "copy"
-    shutil.copytree(config.work_dir, copy)
-    records = tune.open_database(copy)
-    task = next(t for t in tune.extract_tuning_tasks(mod, TARGET) if t.task_name == "fc1_dense_joint_first")
-    workload = records.commit_workload(task.dispatched[0])
-    best = records.get_top_k(workload, 1)[0]
-    records.commit_tuning_record(tune.ms.database.TuningRecord(best.trace, workload, [1e-9], best.target,
-                                                               best.args_info))
+    copy, task, workload = _planted_copy(mod, config.work_dir, tmp_path, "fc1_dense_joint_first",
+                                         lambda _task, best: best.trace)
     assert float(tune.open_database(copy).get_top_k(workload, 1)[0].run_secs[0]) == 1e-9  # the search's best now
 
     report = tune.TuneReport()
     selection = tune.tune_module(mod, config=fast_config(copy), report=report)
     assert report.tuned == [] and "fc1_dense_joint_first" in report.side_by_side
     kind, seconds = _selected(selection, task)
-    assert seconds > 1e-8 and report.tuned_ms["fc1_dense_joint_first"] > 1e-5  # measured, not copied
+    assert seconds > 1e-8 and report.other_ms["fc1_dense_joint_first"] > 1e-5  # measured, not copied
     assert seconds * 1e3 == pytest.approx(min(report.hand_ms["fc1_dense_joint_first"],
-                                              report.tuned_ms["fc1_dense_joint_first"]))
+                                              report.other_ms["fc1_dense_joint_first"]))
     x = case[1]
     mean, var = run_local(tune.compile_tuned(mod, TARGET, selection), x)
     assert_close(mean, case[2], what="run-off mean")
     assert_close(var, case[3], what="run-off var")
+
+
+def test_record_source_tells_hand_earlier_hand_and_search_apart(case, local_tuning):
+    """The current hand trace is "hand"; a search candidate's trace went through the Meta
+    Scheduler's postprocessors; any other trace is an earlier version of the hand rules."""
+    config, _, _ = local_tuning
+    records = tune.open_database(config.work_dir)
+    task = next(t for t in tune.extract_tuning_tasks(case[0], TARGET) if t.task_name == "fc1_dense_joint_first")
+    hand = tune._hand_trace_text(task)
+    sources = [tune.record_source(r.trace, hand) for r in records.get_top_k(records.commit_workload(task.dispatched[0]), 256)]
+    assert sources.count(tune.ScheduleSource.HAND) == 1
+    assert sources.count(tune.ScheduleSource.META_SCHEDULE) == len(sources) - 1 >= 1
+    unscheduled = tvm.s_tir.Schedule(task.dispatched[0]).trace  # no decisions, no postprocessing
+    assert tune.record_source(unscheduled, hand) is tune.ScheduleSource.EARLIER_HAND
+    assert tune.record_source(unscheduled, None) is tune.ScheduleSource.EARLIER_HAND
+
+
+def test_run_off_reports_an_earlier_hand_schedule_as_such(case, local_tuning, tmp_path):
+    """A record that is neither the current hand schedule nor a search candidate (as earlier hand
+    rules left in the database) competes in the run-off under its own name, never as a Meta Scheduler schedule."""
+    mod = case[0]
+    config, _, _ = local_tuning
+    copy, task, _ = _planted_copy(mod, config.work_dir, tmp_path, "fc2_dense_joint", _hand_scheduled_another_way)
+    report = tune.TuneReport()
+    selection = tune.tune_module(mod, config=fast_config(copy, search=False, finalists=1), report=report)
+    assert report.other_source["fc2_dense_joint"] is tune.ScheduleSource.EARLIER_HAND
+    row = next(row for row in report.table() if row["task"] == "fc2_dense_joint")
+    assert row["other_source"] == "earlier_hand" and row["other_ms"] > 1e-5  # measured again
+    assert row["kept"] == ("earlier_hand" if row["other_ms"] < row["hand_ms"] else "hand")
+    assert _selected(selection, task)[0] == row["kept"]
 
 
 def test_tuned_module_matches_untuned_and_reference(case, local_tuning):
@@ -193,7 +243,7 @@ def test_finalists_that_fail_to_run_leave_the_hand_schedules(case, local_tuning,
     failing = fast_config(copy, search=False, runner_timeout_sec=1e-3, finalists=1, selection_rounds=1)  # few timeouts
     selection = tune.tune_module(mod, config=failing, report=report)
     assert "finalist failed to run" in caplog.text
-    assert report.side_by_side == [] and report.tuned_ms == {}
+    assert report.side_by_side == [] and report.other_ms == {} and report.other_source == {}
     assert set(report.kept().values()) == {"hand"}
     assert len(selection.get_all_tuning_records()) == 0
     mean, var = run_local(tune.compile_tuned(mod, TARGET, selection), x)

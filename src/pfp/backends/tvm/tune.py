@@ -22,10 +22,11 @@ unfinished tasks are tuned again with the records already measured as the search
 
 Choosing per task: the database accumulates records measured at different times, and on a
 shared host a record's time depends on when it was taken. So every run ends with a run-off
-(:func:`run_off`): per task the hand schedule and the ``finalists`` best Meta Scheduler records
+(:func:`run_off`): per task the hand schedule and the ``finalists`` best other records
 are built again and measured side by side, in ``selection_rounds`` interleaved rounds. Their
 medians go to a fresh database, ``work_dir/selection``, which is what compiled modules use
-(:func:`compiling_database`); the cumulative database stays the search's memory.
+(:func:`compiling_database`); the cumulative database stays the search's memory. The report names where each kept
+schedule came from (:class:`ScheduleSource`).
 """
 
 from __future__ import annotations
@@ -36,7 +37,6 @@ import inspect
 import json
 import linecache
 import logging
-import math
 import os
 import platform
 import shutil
@@ -46,6 +46,7 @@ import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,7 @@ from pfp.backends.tvm.schedules import HAND_SCHEDULE_VERSION
 
 __all__ = [
     "BestModule",
+    "ScheduleSource",
     "TrackerError",
     "TuneConfig",
     "TuneReport",
@@ -75,6 +77,7 @@ __all__ = [
     "compiling_database",
     "open_database",
     "parse_tracker",
+    "record_source",
     "run_off",
     "tune_module",
 ]
@@ -89,6 +92,30 @@ _STATE_FORMAT = 1
 
 class TrackerError(RuntimeError):
     """The RPC tracker is unreachable or has no server under the requested key."""
+
+
+class ScheduleSource(str, Enum):
+    """Where a task's schedule comes from (the ``kept`` / ``other_source`` of :class:`TuneReport`)."""
+
+    HAND = "hand"  # the current hand rules (pfp.backends.tvm.schedules)
+    #: an earlier version of the hand rules (databases keep every record)
+    EARLIER_HAND = "earlier_hand"
+    META_SCHEDULE = "meta_schedule"  # a Meta Scheduler search candidate
+    DEFAULT = "default"  # no measured schedule: TVM's default lowering
+
+
+def record_source(trace, hand_trace: str | None) -> ScheduleSource:
+    """The source of a database record's ``trace``, given the current hand schedule's trace text.
+
+    Every search candidate went through the Meta Scheduler's postprocessors, which its trace
+    records (``EnterPostproc``); the hand rules use none. Sampling decisions are no sign: with
+    one core a candidate may have none.
+    """
+    if hand_trace is not None and str(trace) == hand_trace:
+        return ScheduleSource.HAND
+    if any(inst.kind.name == "EnterPostproc" for inst in trace.insts):
+        return ScheduleSource.META_SCHEDULE
+    return ScheduleSource.EARLIER_HAND
 
 
 @dataclass
@@ -159,33 +186,31 @@ class TuneReport:
     records_before: int = 0
     records_after: int = 0
     seconds: float = 0.0
-    #: per task: the hand schedule's and the best Meta Scheduler candidate's measured ms (side by
-    #: side for the tasks in ``side_by_side``, see :func:`run_off`)
+    #: per task: the current hand schedule's measured ms, and the best other record's ms and
+    #: source (side by side for the tasks in ``side_by_side``, see :func:`run_off`)
     hand_ms: dict[str, float] = field(default_factory=dict)
-    tuned_ms: dict[str, float] = field(default_factory=dict)
+    other_ms: dict[str, float] = field(default_factory=dict)
+    other_source: dict[str, ScheduleSource] = field(default_factory=dict)
     side_by_side: list[str] = field(default_factory=list)
 
-    def kept(self) -> dict[str, str]:
-        """Per task, the schedule the compiled module uses: the faster measured one.
-
-        "meta_schedule" stands for any other record of the database: a Meta Scheduler candidate,
-        or the schedule an earlier version of the hand rules made (records are never dropped).
-        """
+    def kept(self) -> dict[str, ScheduleSource]:
+        """Per task, the source of the schedule the compiled module uses: the faster measured one."""
         choice = {}
         for name in self.tasks:
-            hand, tuned = self.hand_ms.get(name), self.tuned_ms.get(name)
-            if tuned is not None and (hand is None or tuned < hand):
-                choice[name] = "meta_schedule"
+            hand, other = self.hand_ms.get(name), self.other_ms.get(name)
+            if other is not None and (hand is None or other < hand):
+                choice[name] = self.other_source[name]
             elif hand is not None:
-                choice[name] = "hand"
+                choice[name] = ScheduleSource.HAND
             else:
-                choice[name] = "default"
+                choice[name] = ScheduleSource.DEFAULT
         return choice
 
     def table(self) -> list[dict]:
         kept = self.kept()
-        return [{"task": name, "hand_ms": self.hand_ms.get(name), "meta_schedule_ms": self.tuned_ms.get(name),
-                 "kept": kept[name], "side_by_side": name in self.side_by_side} for name in self.tasks]
+        return [{"task": name, "hand_ms": self.hand_ms.get(name), "other_ms": self.other_ms.get(name),
+                 "other_source": self.other_source[name].value if name in self.other_source else None,
+                 "kept": kept[name].value, "side_by_side": name in self.side_by_side} for name in self.tasks]
 
     @property
     def new_records(self) -> int:
@@ -471,9 +496,9 @@ def tune_module(mod: tvm.IRModule, target=None, config: TuneConfig | None = None
         selection = database
         for task in tasks:
             if task.task_name not in report.untunable:
-                best = _best_meta_schedule_ms(database, task)
+                best = _best_other_record(database, task)
                 if best is not None:
-                    report.tuned_ms[task.task_name] = best
+                    report.other_ms[task.task_name], report.other_source[task.task_name] = best
     report.seconds = time.perf_counter() - start
     logger.info("tuning done in %.1f s: %d task(s) tuned, %d skipped, %d new record(s), %d in %s",
                 report.seconds, len(report.tuned), len(report.skipped), report.new_records,
@@ -555,24 +580,26 @@ def _hand_trace_text(task) -> str | None:
     return str(sch.trace)
 
 
-def _best_meta_schedule_ms(database: ms.database.Database, task) -> float | None:
-    """Best measured Meta Scheduler candidate of ``task`` in ms (hand-schedule records excluded), or None."""
+def _best_other_record(database: ms.database.Database, task) -> tuple[float, ScheduleSource] | None:
+    """(ms, source) of the best measured record of ``task`` other than the current hand schedule, or None."""
     mod = task.dispatched[0]
     if not database.has_workload(mod):
         return None
     hand = _hand_trace_text(task)
     best = None
     for record in database.get_top_k(database.commit_workload(mod), 256):
-        if not record.run_secs or str(record.trace) == hand:
+        source = record_source(record.trace, hand)
+        if not record.run_secs or source is ScheduleSource.HAND:
             continue
         value = float(np.median([float(v) for v in record.run_secs])) * 1e3
-        best = value if best is None else min(best, value)
+        if best is None or value < best[0]:
+            best = (value, source)
     return best
 
 
 def _finalists(task, database: ms.database.Database, target: tvm.target.Target,
-               count: int) -> list[tuple[str, s_tir.Schedule]]:
-    """``[("hand", schedule)]`` (if the hand rules apply) plus the ``count`` best distinct Meta Scheduler records."""
+               count: int) -> list[tuple[ScheduleSource, s_tir.Schedule]]:
+    """``[(HAND, schedule)]`` (if the hand rules apply) plus the ``count`` best distinct other records."""
     from pfp.backends.tvm.schedules import apply_hand_schedule
 
     mod = task.dispatched[0]
@@ -580,12 +607,13 @@ def _finalists(task, database: ms.database.Database, target: tvm.target.Target,
     sch = s_tir.Schedule(mod)
     try:
         apply_hand_schedule(sch, target=target)
-        finalists.append(("hand", sch))
+        finalists.append((ScheduleSource.HAND, sch))
     except (s_tir.ScheduleError, tvm.error.InternalError):
         pass
     if not count or not database.has_workload(mod):
         return finalists
-    seen = {str(sch.trace) for _, sch in finalists}
+    hand = str(finalists[0][1].trace) if finalists else None
+    seen = {hand}
     for record in database.get_top_k(database.commit_workload(mod), 256):
         trace = str(record.trace)
         if not record.run_secs or trace in seen:
@@ -593,8 +621,8 @@ def _finalists(task, database: ms.database.Database, target: tvm.target.Target,
         seen.add(trace)
         sch = s_tir.Schedule(mod)
         record.trace.apply_to_schedule(sch, remove_postproc=False)
-        finalists.append(("meta_schedule", sch))
-        if len(finalists) - (finalists[0][0] == "hand") == count:
+        finalists.append((record_source(record.trace, hand), sch))
+        if len(finalists) - (hand is not None) == count:
             break
     return finalists
 
@@ -603,38 +631,43 @@ def run_off(tasks, database: ms.database.Database, target: tvm.target.Target, co
             report: TuneReport | None = None) -> ms.database.JSONDatabase:
     """Measure each task's finalists side by side; their medians make the database modules compile with.
 
-    Finalists: the hand schedule and the ``config.finalists`` best Meta Scheduler records of
-    ``database`` (best as recorded, possibly in an earlier run). All are built, then measured in
+    Finalists: the hand schedule and the ``config.finalists`` best other records of
+    ``database`` (Meta Scheduler candidates or earlier hand schedules, best as recorded, possibly in an earlier run). All are built, then measured in
     ``config.selection_rounds`` rounds, each running every candidate once (every other round in
     reverse order, so a drift of the host does not favour one end). The median of each
     candidate's times is committed to a new JSON database in ``work_dir/selection`` (replacing
     the last run-off's), whose best record per task is the faster candidate now. A task with
     only its hand schedule needs no run-off: compiling gives it that schedule anyway. The report's
-    ``hand_ms`` / ``tuned_ms`` get the side-by-side figures.
+    ``hand_ms`` / ``other_ms`` / ``other_source`` get the side-by-side figures.
     """
     report = report if report is not None else TuneReport()
-    entries = []  # (task, kind, schedule)
+    entries = []  # (task, source, schedule)
     for task in tasks:
         finalists = _finalists(task, database, target, config.finalists)
-        if any(kind == "meta_schedule" for kind, _ in finalists):
-            entries += [(task, kind, sch) for kind, sch in finalists]
-    measured = []  # (task, kind, trace, args_info, seconds) of the finalists that ran
+        if any(source is not ScheduleSource.HAND for source, _ in finalists):
+            entries += [(task, source, sch) for source, sch in finalists]
+    measured = []  # (task, source, trace, args_info, seconds) of the finalists that ran
     if entries:
-        results = _measure([(f"task {task.task_name}: a {kind} finalist", sch) for task, kind, sch in entries], target,
+        results = _measure([(f"task {task.task_name}: a {source.value} finalist", sch)
+                            for task, source, sch in entries], target,
                            make_builder(target, config), make_runner(config), config.selection_rounds)
-        measured = [(task, kind, sch.trace, args_info, seconds)
-                    for (task, kind, sch), (args_info, seconds) in zip(entries, results) if seconds]
+        measured = [(task, source, sch.trace, args_info, seconds)
+                    for (task, source, sch), (args_info, seconds) in zip(entries, results) if seconds]
     path = Path(config.work_dir) / SELECTION_DIR
     staging = Path(tempfile.mkdtemp(prefix=".selection-", dir=config.work_dir))
     try:
         selection = ms.database.JSONDatabase(work_dir=str(staging), module_equality="structural")
-        best: dict[str, dict[str, float]] = {}
-        for task, kind, trace, args_info, times in measured:
+        hand_ms: dict[str, float] = {}
+        other: dict[str, tuple[float, ScheduleSource]] = {}  # the fastest other finalist
+        for task, source, trace, args_info, times in measured:
             median = float(np.median(times))
             workload = selection.commit_workload(task.dispatched[0])
             selection.commit_tuning_record(ms.database.TuningRecord(trace, workload, [median], target, args_info))
-            per_kind = best.setdefault(task.task_name, {})
-            per_kind[kind] = min(per_kind.get(kind, math.inf), median * 1e3)
+            name = task.task_name
+            if source is ScheduleSource.HAND:
+                hand_ms[name] = median * 1e3
+            elif name not in other or median * 1e3 < other[name][0]:
+                other[name] = (median * 1e3, source)
         if path.exists():
             shutil.rmtree(path)
         staging.rename(path)
@@ -643,17 +676,20 @@ def run_off(tasks, database: ms.database.Database, target: tvm.target.Target, co
     for name in dict.fromkeys(task.task_name for task, _, _ in entries):
         # the report states what is compiled: a finalist that failed has no figure; a task with no
         # figure at all is not in the selection and compiles with its hand schedule
-        per_kind = best.get(name, {})
-        for kind, figures in (("hand", report.hand_ms), ("meta_schedule", report.tuned_ms)):
-            if kind in per_kind:
-                figures[name] = per_kind[kind]
-            elif per_kind or kind == "meta_schedule":
-                figures.pop(name, None)
-        if per_kind:
+        if name in other:
+            report.other_ms[name], report.other_source[name] = other[name]
+        else:
+            report.other_ms.pop(name, None)
+            report.other_source.pop(name, None)
+        if name in hand_ms:
+            report.hand_ms[name] = hand_ms[name]
+        elif name in other:
+            report.hand_ms.pop(name, None)
+        if name in hand_ms or name in other:
             report.side_by_side.append(name)
-        logger.info("task %s side by side: hand %s ms, best other record %s ms", name,
-                    f"{per_kind['hand']:.4f}" if "hand" in per_kind else "-",
-                    f"{per_kind['meta_schedule']:.4f}" if "meta_schedule" in per_kind else "-")
+        logger.info("task %s side by side: hand %s ms, best other record %s", name,
+                    f"{hand_ms[name]:.4f}" if name in hand_ms else "-",
+                    f"{other[name][0]:.4f} ms ({other[name][1].value})" if name in other else "-")
     return compiling_database(config.work_dir)
 
 
