@@ -198,7 +198,7 @@ class TuneParams(_Section):
     number: int = Field(3, ge=1)  # runs per measurement of a candidate
     min_repeat_ms: int = Field(50, ge=0)  # each measurement lasts at least this long
     population_size: int = Field(64, ge=4)  # evolutionary search population
-    finalists: int = Field(2, ge=0)  # best Meta Scheduler records per task re-measured beside the hand schedule
+    finalists: int = Field(2, ge=0)  # best other records per task (search candidates, earlier hand schedules) re-measured beside the hand schedule
     selection_rounds: int = Field(3, ge=1)  # interleaved rounds of that side-by-side run-off
     rpc: RPCConfig = RPCConfig()
 

@@ -150,7 +150,7 @@ class TuneConfig:
     num_threads: int | str = "physical"  # threads of the search (cost model, evolution)
     cross_compiler: str | None = None  # None: aarch64-linux-gnu-gcc for aarch64 targets
     search: bool = True  # False: only measure and record the hand schedules (no Meta Scheduler search)
-    finalists: int = 2  # Meta Scheduler records per task re-measured beside the hand schedule; 0: no run-off
+    finalists: int = 2  # best other records per task re-measured beside the hand schedule; 0: no run-off
     selection_rounds: int = 3  # interleaved rounds of the run-off
 
     def __post_init__(self) -> None:
