@@ -175,6 +175,7 @@ def test_tune_defaults_measure_locally_on_the_host():
     ({"batch_sizes": [1, 0]}, "tune.batch_sizes"),
     ({"variants": ["pfp", "mc_dropout"]}, "tune.variants.1"),
     ({"trials_per_task": -1}, "tune.trials_per_task"),
+    ({"switch_margin": 1.5}, "tune.switch_margin"),
 ])
 def test_invalid_tune_section_names_the_problem(tune, message):
     with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("(", r"\(")):

@@ -200,6 +200,7 @@ class TuneParams(_Section):
     population_size: int = Field(64, ge=4)  # evolutionary search population
     finalists: int = Field(2, ge=0)  # best other records per task (search candidates, earlier hand schedules) re-measured beside the hand schedule
     selection_rounds: int = Field(3, ge=1)  # interleaved rounds of that side-by-side run-off
+    switch_margin: float = Field(0.03, ge=0.0, le=1.0)  # another record replaces the hand schedule only when this much faster
     rpc: RPCConfig = RPCConfig()
 
     @field_validator("variants")

@@ -97,7 +97,8 @@ def _tune_config(params: TuneParams, work_dir: Path):
                       min_repeat_ms=params.min_repeat_ms, population_size=params.population_size,
                       genetic_num_iters=2, init_min_unmeasured=min(16, params.population_size),
                       rpc_tracker=params.rpc.tracker, rpc_key=params.rpc.key, search=params.trials_per_task > 0,
-                      finalists=params.finalists, selection_rounds=params.selection_rounds)
+                      finalists=params.finalists, selection_rounds=params.selection_rounds,
+                      switch_margin=params.switch_margin)
 
 
 def tune_model(posterior: Posterior, pfp_model: PFPModel, params: TuneParams, out_dir: str | Path, *,

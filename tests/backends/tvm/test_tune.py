@@ -97,8 +97,10 @@ def test_local_tuning_writes_database(local_tuning):
     assert set(report.other_source.values()) == {tune.ScheduleSource.META_SCHEDULE}, report.other_source
     kept = report.kept()
     assert kept["fused_relu_gaussian2"] is tune.ScheduleSource.HAND
+    assert report.switch_margin == config.switch_margin == 0.03
     for name in report.tuned:
-        assert kept[name] == ("meta_schedule" if report.other_ms[name] < report.hand_ms[name] else "hand")
+        faster = report.other_ms[name] < report.hand_ms[name] * (1 - report.switch_margin)
+        assert kept[name] == ("meta_schedule" if faster else "hand")
     rows = {row["task"]: row for row in report.table()}
     assert rows["fused_relu_gaussian2"] == {"task": "fused_relu_gaussian2", "hand_ms": report.hand_ms["fused_relu_gaussian2"],
                                             "other_ms": None, "other_source": None, "kept": "hand",
@@ -132,9 +134,9 @@ def test_run_off_decides_what_is_compiled(case, local_tuning):
         assert kind == kept[task.task_name]
         expected = report.hand_ms[task.task_name] if kind == "hand" else report.other_ms[task.task_name]
         assert seconds * 1e3 == pytest.approx(expected)
-        # hand + up to `finalists` Meta Scheduler records, one median each
+        # one median each: the hand schedule's alone when it stays, else also up to `finalists` others
         count = tune.count_records(database, task.dispatched[0])
-        assert 2 <= count <= 1 + config.finalists
+        assert count == 1 if kind == "hand" else 2 <= count <= 1 + config.finalists
     assert tune.compiling_database(config.work_dir).get_all_tuning_records()  # what compile_module(TUNED) opens
 
 
@@ -171,8 +173,8 @@ def test_a_stale_fast_record_is_measured_again(case, local_tuning, tmp_path):
     assert report.tuned == [] and "fc1_dense_joint_first" in report.side_by_side
     kind, seconds = _selected(selection, task)
     assert seconds > 1e-8 and report.other_ms["fc1_dense_joint_first"] > 1e-5  # measured, not copied
-    assert seconds * 1e3 == pytest.approx(min(report.hand_ms["fc1_dense_joint_first"],
-                                              report.other_ms["fc1_dense_joint_first"]))
+    hand_ms, other_ms = report.hand_ms["fc1_dense_joint_first"], report.other_ms["fc1_dense_joint_first"]
+    assert seconds * 1e3 == pytest.approx(other_ms if other_ms < hand_ms * (1 - report.switch_margin) else hand_ms)
     x = case[1]
     mean, var = run_local(tune.compile_tuned(mod, TARGET, selection), x)
     assert_close(mean, case[2], what="run-off mean")
@@ -205,8 +207,40 @@ def test_run_off_reports_an_earlier_hand_schedule_as_such(case, local_tuning, tm
     assert report.other_source["fc2_dense_joint"] is tune.ScheduleSource.EARLIER_HAND
     row = next(row for row in report.table() if row["task"] == "fc2_dense_joint")
     assert row["other_source"] == "earlier_hand" and row["other_ms"] > 1e-5  # measured again
-    assert row["kept"] == ("earlier_hand" if row["other_ms"] < row["hand_ms"] else "hand")
+    assert row["kept"] == ("earlier_hand" if row["other_ms"] < row["hand_ms"] * (1 - report.switch_margin) else "hand")
     assert _selected(selection, task)[0] == row["kept"]
+
+
+@pytest.mark.parametrize("margin", [0.0, 1.0])
+def test_switch_margin_decides_between_hand_and_other_records(case, local_tuning, tmp_path, margin):
+    """With no margin the faster finalist is compiled; with a margin of 1 (100 % faster: impossible)
+    every task keeps its hand schedule, and the selection holds nothing else, whatever the others ran."""
+    mod, x, ref_mean, ref_var = case
+    config, _, _ = local_tuning
+    copy = tmp_path / "copy"
+    shutil.copytree(config.work_dir, copy)
+    report = tune.TuneReport()
+    selection = tune.tune_module(mod, config=fast_config(copy, search=False, finalists=1, selection_rounds=1,
+                                                         switch_margin=margin), report=report)
+    assert report.switch_margin == margin and sorted(report.side_by_side) == sorted(report.other_ms)
+    kept = report.kept()
+    for task in tune.extract_tuning_tasks(mod, TARGET):
+        name = task.task_name
+        if name not in report.side_by_side:
+            continue
+        hand_ms, other_ms = report.hand_ms[name], report.other_ms[name]
+        assert kept[name] == (report.other_source[name] if margin == 0.0 and other_ms < hand_ms else "hand")
+        kind, seconds = _selected(selection, task)
+        assert kind == kept[name] and seconds * 1e3 == pytest.approx(min(hand_ms, other_ms) if margin == 0.0 else hand_ms)
+        assert tune.count_records(selection, task.dispatched[0]) == (1 if kind == "hand" else 2)
+    mean, var = run_local(tune.compile_tuned(mod, TARGET, selection), x)
+    assert_close(mean, ref_mean, what="selected mean")
+    assert_close(var, ref_var, what="selected var")
+
+
+def test_switch_margin_must_be_a_fraction(tmp_path):
+    with pytest.raises(ValueError, match="switch_margin must be a fraction in \\[0, 1\\], got 1.5"):
+        fast_config(tmp_path, switch_margin=1.5)
 
 
 def test_tuned_module_matches_untuned_and_reference(case, local_tuning):

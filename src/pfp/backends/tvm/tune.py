@@ -104,6 +104,11 @@ class ScheduleSource(str, Enum):
     DEFAULT = "default"  # no measured schedule: TVM's default lowering
 
 
+def _switches(other_ms: float, hand_ms: float, margin: float) -> bool:
+    """Whether a record measured at ``other_ms`` replaces a hand schedule measured at ``hand_ms``."""
+    return other_ms < hand_ms * (1.0 - margin)
+
+
 def record_source(trace, hand_trace: str | None) -> ScheduleSource:
     """The source of a database record's ``trace``, given the current hand schedule's trace text.
 
@@ -152,6 +157,9 @@ class TuneConfig:
     search: bool = True  # False: only measure and record the hand schedules (no Meta Scheduler search)
     finalists: int = 2  # best other records per task re-measured beside the hand schedule; 0: no run-off
     selection_rounds: int = 3  # interleaved rounds of the run-off
+    #: another record replaces the hand schedule only when its run-off median is at least this
+    #: fraction faster: near-ties are noise, and the current hand rules then make the same choice every run
+    switch_margin: float = 0.03
 
     def __post_init__(self) -> None:
         for name in ("trials_per_task", "max_trials_global", "num_trials_per_iter", "selection_rounds"):
@@ -160,6 +168,8 @@ class TuneConfig:
                 raise ValueError(f"TuneConfig.{name} must be a positive int, got {value!r}")
         if not isinstance(self.finalists, int) or self.finalists < 0:
             raise ValueError(f"TuneConfig.finalists must be an int >= 0, got {self.finalists!r}")
+        if not 0.0 <= self.switch_margin <= 1.0:
+            raise ValueError(f"TuneConfig.switch_margin must be a fraction in [0, 1], got {self.switch_margin!r}")
         if (self.rpc_tracker is None) != (self.rpc_key is None):
             raise ValueError("set both rpc_tracker ('host:port') and rpc_key for the RPC runner, or neither "
                              f"(got rpc_tracker={self.rpc_tracker!r}, rpc_key={self.rpc_key!r})")
@@ -192,13 +202,16 @@ class TuneReport:
     other_ms: dict[str, float] = field(default_factory=dict)
     other_source: dict[str, ScheduleSource] = field(default_factory=dict)
     side_by_side: list[str] = field(default_factory=list)
+    #: the run-off's :attr:`TuneConfig.switch_margin` (0 without a run-off)
+    switch_margin: float = 0.0
 
     def kept(self) -> dict[str, ScheduleSource]:
-        """Per task, the source of the schedule the compiled module uses: the faster measured one."""
+        """Per task, the source of the schedule the compiled module uses: the other record when it
+        is faster than the hand schedule by ``switch_margin``, else the hand schedule."""
         choice = {}
         for name in self.tasks:
             hand, other = self.hand_ms.get(name), self.other_ms.get(name)
-            if other is not None and (hand is None or other < hand):
+            if other is not None and (hand is None or _switches(other, hand, self.switch_margin)):
                 choice[name] = self.other_source[name]
             elif hand is not None:
                 choice[name] = ScheduleSource.HAND
@@ -636,11 +649,14 @@ def run_off(tasks, database: ms.database.Database, target: tvm.target.Target, co
     ``config.selection_rounds`` rounds, each running every candidate once (every other round in
     reverse order, so a drift of the host does not favour one end). The median of each
     candidate's times is committed to a new JSON database in ``work_dir/selection`` (replacing
-    the last run-off's), whose best record per task is the faster candidate now. A task with
+    the last run-off's), whose best record per task is the compiled one: the fastest other
+    finalist if it beat the hand schedule by ``config.switch_margin``, else the hand schedule
+    (the other finalists' records are then left out). A task with
     only its hand schedule needs no run-off: compiling gives it that schedule anyway. The report's
     ``hand_ms`` / ``other_ms`` / ``other_source`` get the side-by-side figures.
     """
     report = report if report is not None else TuneReport()
+    report.switch_margin = config.switch_margin
     entries = []  # (task, source, schedule)
     for task in tasks:
         finalists = _finalists(task, database, target, config.finalists)
@@ -659,15 +675,19 @@ def run_off(tasks, database: ms.database.Database, target: tvm.target.Target, co
         selection = ms.database.JSONDatabase(work_dir=str(staging), module_equality="structural")
         hand_ms: dict[str, float] = {}
         other: dict[str, tuple[float, ScheduleSource]] = {}  # the fastest other finalist
-        for task, source, trace, args_info, times in measured:
-            median = float(np.median(times))
-            workload = selection.commit_workload(task.dispatched[0])
-            selection.commit_tuning_record(ms.database.TuningRecord(trace, workload, [median], target, args_info))
-            name = task.task_name
+        for task, source, _, _, times in measured:
+            median_ms = float(np.median(times)) * 1e3
             if source is ScheduleSource.HAND:
-                hand_ms[name] = median * 1e3
-            elif name not in other or median * 1e3 < other[name][0]:
-                other[name] = (median * 1e3, source)
+                hand_ms[task.task_name] = median_ms
+            elif task.task_name not in other or median_ms < other[task.task_name][0]:
+                other[task.task_name] = (median_ms, source)
+        for task, source, trace, args_info, times in measured:
+            name = task.task_name
+            if source is ScheduleSource.HAND or name not in hand_ms or _switches(other[name][0], hand_ms[name],
+                                                                                config.switch_margin):
+                workload = selection.commit_workload(task.dispatched[0])
+                selection.commit_tuning_record(ms.database.TuningRecord(trace, workload, [float(np.median(times))],
+                                                                        target, args_info))
         if path.exists():
             shutil.rmtree(path)
         staging.rename(path)
