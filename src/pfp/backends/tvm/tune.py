@@ -25,8 +25,8 @@ shared host a record's time depends on when it was taken. So every run ends with
 (:func:`run_off`): per task the hand schedule and the ``finalists`` best other records
 are built again and measured side by side, in ``selection_rounds`` interleaved rounds. Their
 medians go to a fresh database, ``work_dir/selection``, which is what compiled modules use
-(:func:`compiling_database`); the cumulative database stays the search's memory. The report names where each kept
-schedule came from (:class:`ScheduleSource`).
+(:func:`compiling_database`); the cumulative database stays the search's memory. The report
+names where each kept schedule came from (:class:`ScheduleSource`).
 """
 
 from __future__ import annotations
@@ -644,9 +644,9 @@ def run_off(tasks, database: ms.database.Database, target: tvm.target.Target, co
             report: TuneReport | None = None) -> ms.database.JSONDatabase:
     """Measure each task's finalists side by side; their medians make the database modules compile with.
 
-    Finalists: the hand schedule and the ``config.finalists`` best other records of
-    ``database`` (Meta Scheduler candidates or earlier hand schedules, best as recorded, possibly in an earlier run). All are built, then measured in
-    ``config.selection_rounds`` rounds, each running every candidate once (every other round in
+    Finalists: the hand schedule and the ``config.finalists`` best other records of ``database``
+    (Meta Scheduler candidates or earlier hand schedules; best as recorded, possibly in an earlier
+    run). All are built, then measured in ``config.selection_rounds`` rounds, each running every candidate once (every other round in
     reverse order, so a drift of the host does not favour one end). The median of each
     candidate's times is committed to a new JSON database in ``work_dir/selection`` (replacing
     the last run-off's), whose best record per task is the compiled one: the fastest other
@@ -662,12 +662,12 @@ def run_off(tasks, database: ms.database.Database, target: tvm.target.Target, co
         finalists = _finalists(task, database, target, config.finalists)
         if any(source is not ScheduleSource.HAND for source, _ in finalists):
             entries += [(task, source, sch) for source, sch in finalists]
-    measured = []  # (task, source, trace, args_info, seconds) of the finalists that ran
+    measured = []  # (task, source, trace, args_info, median seconds) of the finalists that ran
     if entries:
         results = _measure([(f"task {task.task_name}: a {source.value} finalist", sch)
                             for task, source, sch in entries], target,
                            make_builder(target, config), make_runner(config), config.selection_rounds)
-        measured = [(task, source, sch.trace, args_info, seconds)
+        measured = [(task, source, sch.trace, args_info, float(np.median(seconds)))
                     for (task, source, sch), (args_info, seconds) in zip(entries, results) if seconds]
     path = Path(config.work_dir) / SELECTION_DIR
     staging = Path(tempfile.mkdtemp(prefix=".selection-", dir=config.work_dir))
@@ -675,19 +675,18 @@ def run_off(tasks, database: ms.database.Database, target: tvm.target.Target, co
         selection = ms.database.JSONDatabase(work_dir=str(staging), module_equality="structural")
         hand_ms: dict[str, float] = {}
         other: dict[str, tuple[float, ScheduleSource]] = {}  # the fastest other finalist
-        for task, source, _, _, times in measured:
-            median_ms = float(np.median(times)) * 1e3
+        for task, source, _, _, median in measured:
+            median_ms = median * 1e3
             if source is ScheduleSource.HAND:
                 hand_ms[task.task_name] = median_ms
             elif task.task_name not in other or median_ms < other[task.task_name][0]:
                 other[task.task_name] = (median_ms, source)
-        for task, source, trace, args_info, times in measured:
+        for task, source, trace, args_info, median in measured:
             name = task.task_name
             if source is ScheduleSource.HAND or name not in hand_ms or _switches(other[name][0], hand_ms[name],
                                                                                 config.switch_margin):
                 workload = selection.commit_workload(task.dispatched[0])
-                selection.commit_tuning_record(ms.database.TuningRecord(trace, workload, [float(np.median(times))],
-                                                                        target, args_info))
+                selection.commit_tuning_record(ms.database.TuningRecord(trace, workload, [median], target, args_info))
         if path.exists():
             shutil.rmtree(path)
         staging.rename(path)
