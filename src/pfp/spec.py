@@ -1,8 +1,11 @@
 """The one model description every backend is built from.
 
-A :class:`ModelSpec` is an ordered list of layers with shapes. The Pyro BNN, the
-deterministic twin, the PyTorch PFP reference and the TVM builder all walk the same
-list, so adding a layer type means one entry here and one implementation per backend.
+A :class:`ModelSpec` is an ordered list of layers. Each layer kind is a frozen dataclass
+registered with :func:`layer_kind` that owns its shape rule (``output_shape``). Every backend
+(PyTorch PFP reference, deterministic twin, sampled SVI member, batched ensemble, each TVM
+graph builder) is a :class:`LayerTable` from kind to implementation, and its one
+:meth:`LayerTable.walk` drives it. Adding a layer kind is one class here and one entry per
+table; ``tests/test_spec.py`` checks that every registered table covers every kind.
 
 Example::
 
@@ -14,12 +17,16 @@ Example::
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from enum import Enum
-from typing import Union
+from typing import Any, ClassVar, TypeVar, Union
 
 INPUT_SHAPE = (1, 28, 28)
 NUM_CLASSES = 10
+
+Shape = tuple[int, ...]
 
 
 class Architecture(str, Enum):
@@ -27,22 +34,44 @@ class Architecture(str, Enum):
     LENET = "lenet"
 
 
+class SpecError(ValueError):
+    """A model description that is inconsistent or names a layer kind nobody registered."""
+
+
+#: kind name -> layer class; :func:`layer_kind` adds to it (and so does a test's toy kind)
+LAYER_KINDS: dict[str, type] = {}
+
+
+def layer_kind(cls: type) -> type:
+    """Class decorator: register a layer dataclass under its ``kind`` (the name in the JSON form)."""
+    LAYER_KINDS[cls.kind] = cls
+    return cls
+
+
+@layer_kind
 @dataclass(frozen=True)
 class Dense:
     name: str
     in_features: int
     out_features: int
     kind: str = "dense"
+    parametric: ClassVar[bool] = True
 
     @property
-    def weight_shape(self) -> tuple[int, ...]:
+    def weight_shape(self) -> Shape:
         return (self.out_features, self.in_features)
 
     @property
-    def bias_shape(self) -> tuple[int, ...]:
+    def bias_shape(self) -> Shape:
+        return (self.out_features,)
+
+    def output_shape(self, shape: Shape) -> Shape:
+        if shape != (self.in_features,):
+            raise SpecError(f"{self.name}: expects ({self.in_features},), gets {shape}")
         return (self.out_features,)
 
 
+@layer_kind
 @dataclass(frozen=True)
 class Conv2d:
     name: str
@@ -52,36 +81,101 @@ class Conv2d:
     stride: int = 1
     padding: int = 0
     kind: str = "conv2d"
+    parametric: ClassVar[bool] = True
 
     @property
-    def weight_shape(self) -> tuple[int, ...]:
+    def weight_shape(self) -> Shape:
         return (self.out_channels, self.in_channels, self.kernel_size, self.kernel_size)
 
     @property
-    def bias_shape(self) -> tuple[int, ...]:
+    def bias_shape(self) -> Shape:
         return (self.out_channels,)
 
+    def output_shape(self, shape: Shape) -> Shape:
+        if len(shape) != 3 or shape[0] != self.in_channels:
+            raise SpecError(f"{self.name}: expects {self.in_channels} channels, gets {shape}")
+        _, height, width = shape
+        out_h = (height + 2 * self.padding - self.kernel_size) // self.stride + 1
+        out_w = (width + 2 * self.padding - self.kernel_size) // self.stride + 1
+        return (self.out_channels, out_h, out_w)
 
+
+@layer_kind
 @dataclass(frozen=True)
 class ReLU:
     kind: str = "relu"
+    parametric: ClassVar[bool] = False
+
+    def output_shape(self, shape: Shape) -> Shape:
+        return shape
 
 
+@layer_kind
 @dataclass(frozen=True)
 class MaxPool2d:
     """2x2 max-pooling with stride 2 (the only pooling PFP implements)."""
 
     kind: str = "maxpool2d"
+    parametric: ClassVar[bool] = False
+
+    def output_shape(self, shape: Shape) -> Shape:
+        if len(shape) != 3 or shape[1] % 2 or shape[2] % 2:
+            raise SpecError(f"2x2 max-pool needs even height/width, gets {shape}")
+        return (shape[0], shape[1] // 2, shape[2] // 2)
 
 
+@layer_kind
 @dataclass(frozen=True)
 class Flatten:
     kind: str = "flatten"
+    parametric: ClassVar[bool] = False
+
+    def output_shape(self, shape: Shape) -> Shape:
+        return (math.prod(shape),)
 
 
 Layer = Union[Dense, Conv2d, ReLU, MaxPool2d, Flatten]
 ParametricLayer = Union[Dense, Conv2d]
-_LAYER_TYPES = {cls.kind: cls for cls in (Dense, Conv2d, ReLU, MaxPool2d, Flatten)}
+
+State = TypeVar("State")
+#: ``handler(layer, index, state, context) -> state``: one layer of one backend
+Handler = Callable[[Any, int, Any, Any], Any]
+
+
+class LayerTable(dict):
+    """One backend's implementation of every layer kind, and the one walk over a model.
+
+    A backend (the PyTorch PFP reference, the deterministic twin, a TVM graph builder, ...) is
+    a table from layer kind to a handler ``(layer, index, state, context) -> state``; :meth:`walk`
+    folds the spec's layers through it. Every table registers itself in :attr:`REGISTRY` under its
+    backend name, so a test can check that each one covers every kind in :data:`LAYER_KINDS`.
+
+    Example::
+
+        >>> twin = LayerTable("torch.deterministic", {"relu": lambda layer, i, h, ctx: h.clamp_min(0), ...})
+        >>> logits = twin.walk(spec, images, context=weights)
+    """
+
+    REGISTRY: ClassVar[dict[str, LayerTable]] = {}
+
+    def __init__(self, backend: str, handlers: dict[str, Handler]) -> None:
+        super().__init__(handlers)
+        self.backend = backend
+        LayerTable.REGISTRY[backend] = self
+
+    def missing_kinds(self) -> list[str]:
+        return sorted(kind for kind in LAYER_KINDS if kind not in self)
+
+    def walk(self, spec: ModelSpec, state: State, context: Any = None) -> State:
+        """Run ``state`` through every layer of ``spec``; refuses a kind this backend lacks."""
+        for index, layer in enumerate(spec.layers):
+            try:
+                handler = self[layer.kind]
+            except KeyError:
+                raise SpecError(f"{spec.name}: backend {self.backend!r} has no implementation of layer kind "
+                                f"{layer.kind!r}") from None
+            state = handler(layer, index, state, context)
+        return state
 
 
 @dataclass(frozen=True)
@@ -91,33 +185,17 @@ class ModelSpec:
     layers: tuple[Layer, ...]
 
     def parametric_layers(self) -> list[ParametricLayer]:
-        return [layer for layer in self.layers if isinstance(layer, (Dense, Conv2d))]
+        return [layer for layer in self.layers if layer.parametric]
 
-    def output_shapes(self) -> list[tuple[int, ...]]:
+    def output_shapes(self) -> list[Shape]:
         """Per-example activation shape after each layer (checks the spec is consistent)."""
-        shape: tuple[int, ...] = tuple(self.input_shape)
+        shape: Shape = tuple(self.input_shape)
         shapes = []
         for layer in self.layers:
-            if isinstance(layer, Flatten):
-                size = 1
-                for dim in shape:
-                    size *= dim
-                shape = (size,)
-            elif isinstance(layer, Dense):
-                if shape != (layer.in_features,):
-                    raise ValueError(f"{self.name}.{layer.name}: expects ({layer.in_features},), gets {shape}")
-                shape = (layer.out_features,)
-            elif isinstance(layer, Conv2d):
-                if len(shape) != 3 or shape[0] != layer.in_channels:
-                    raise ValueError(f"{self.name}.{layer.name}: expects {layer.in_channels} channels, gets {shape}")
-                _, height, width = shape
-                out_h = (height + 2 * layer.padding - layer.kernel_size) // layer.stride + 1
-                out_w = (width + 2 * layer.padding - layer.kernel_size) // layer.stride + 1
-                shape = (layer.out_channels, out_h, out_w)
-            elif isinstance(layer, MaxPool2d):
-                if len(shape) != 3 or shape[1] % 2 or shape[2] % 2:
-                    raise ValueError(f"{self.name}: 2x2 max-pool needs even height/width, gets {shape}")
-                shape = (shape[0], shape[1] // 2, shape[2] // 2)
+            try:
+                shape = layer.output_shape(shape)
+            except SpecError as error:
+                raise SpecError(f"{self.name}.{error}") from None
             shapes.append(shape)
         return shapes
 
@@ -130,17 +208,17 @@ class ModelSpec:
                            "layers": [asdict(layer) for layer in self.layers]})
 
     @classmethod
-    def from_json(cls, text: str) -> "ModelSpec":
+    def from_json(cls, text: str) -> ModelSpec:
         raw = json.loads(text)
         layers = []
         for entry in raw["layers"]:
             kind = entry.get("kind")
-            if kind not in _LAYER_TYPES:
-                raise ValueError(f"unknown layer kind {kind!r} in model spec")
+            if kind not in LAYER_KINDS:
+                raise SpecError(f"unknown layer kind {kind!r} in model spec")
             try:
-                layers.append(_LAYER_TYPES[kind](**entry))
+                layers.append(LAYER_KINDS[kind](**entry))
             except TypeError as error:
-                raise ValueError(f"invalid {kind} layer {entry} in model spec: {error}") from None
+                raise SpecError(f"invalid {kind} layer {entry} in model spec: {error}") from None
         return cls(name=raw["name"], input_shape=tuple(raw["input_shape"]), layers=tuple(layers))
 
 
@@ -179,7 +257,7 @@ def build_spec(architecture: Architecture | str) -> ModelSpec:
         architecture = Architecture(architecture)
     except ValueError:
         choices = ", ".join(a.value for a in Architecture)
-        raise ValueError(f"unknown model {architecture!r}; choose one of: {choices}") from None
+        raise SpecError(f"unknown model {architecture!r}; choose one of: {choices}") from None
     spec = {Architecture.MLP: mlp_spec, Architecture.LENET: lenet_spec}[architecture]()
     spec.output_shapes()  # fail early on an inconsistent description
     return spec
