@@ -105,9 +105,7 @@ def scheduled_hashes(model: str, batch: int) -> dict[str, dict[str, int]]:
 
 
 def torch_outputs(model: str) -> dict[str, np.ndarray]:
-    from pfp.backends.torch_ref import deterministic_forward, pfp_forward
-    from pfp.bench import ensemble_forward
-    from pfp.bnn import _sampled_forward
+    from pfp.backends.torch_ref import deterministic_forward, ensemble_forward, pfp_forward, sampled_forward
     from pfp.spec import build_spec
 
     out = {}
@@ -125,7 +123,7 @@ def torch_outputs(model: str) -> dict[str, np.ndarray]:
             out[f"{model}/{order}/torch_pfp_scaled_var"] = var.numpy()
             out[f"{model}/{order}/torch_det"] = deterministic_forward(spec, means, x).numpy()
             torch.manual_seed(3)
-            out[f"{model}/{order}/torch_sampled"] = _sampled_forward(spec, moments, x).numpy()
+            out[f"{model}/{order}/torch_sampled"] = sampled_forward(spec, moments, x).numpy()
             out[f"{model}/{order}/torch_ensemble"] = ensemble_forward(spec, _stacked(spec, params, 4), x).numpy()
     return out
 

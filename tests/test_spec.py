@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
+from typing import ClassVar
 
 import pytest
 
@@ -104,3 +106,107 @@ def test_from_json_rejects_unknown_layer_fields():
     text = build_spec("mlp").to_json().replace('"in_features"', '"in_feature"', 1)
     with pytest.raises(ValueError, match="invalid dense layer"):
         ModelSpec.from_json(text)
+
+
+# --------------------------------------------------------------------------- one walk, every backend
+
+def _import_every_backend() -> None:
+    """Import every module under pfp.backends, so each LayerTable has registered itself."""
+    import importlib
+    import pkgutil
+
+    import pfp.backends
+
+    for module in pkgutil.walk_packages(pfp.backends.__path__, "pfp.backends."):
+        importlib.import_module(module.name)
+
+
+def test_every_backend_table_covers_every_layer_kind():
+    from pfp.spec import LAYER_KINDS, LayerTable
+
+    _import_every_backend()
+    assert {"torch.pfp", "torch.deterministic", "torch.sampled", "torch.ensemble"} <= set(LayerTable.REGISTRY)
+    gaps = {backend: table.missing_kinds() for backend, table in LayerTable.REGISTRY.items() if table.missing_kinds()}
+    assert not gaps, f"backends without an implementation of a registered layer kind: {gaps}"
+    assert set(LAYER_KINDS) == {"dense", "conv2d", "relu", "maxpool2d", "flatten"}
+
+
+def test_a_backend_without_a_layer_kind_is_refused_by_name():
+    from pfp.spec import LayerTable, SpecError
+
+    partial = LayerTable("test.partial", {"flatten": lambda layer, index, h, ctx: h})
+    try:
+        assert partial.missing_kinds() == ["conv2d", "dense", "maxpool2d", "relu"]
+        with pytest.raises(SpecError, match=r"mlp: backend 'test.partial' has no implementation of layer kind 'dense'"):
+            partial.walk(build_spec("mlp"), 0)
+    finally:
+        del LayerTable.REGISTRY["test.partial"]
+
+
+@dataclass(frozen=True)
+class _Scale:
+    """A toy layer kind: multiplies the activation by a constant (mean by c, variance by c^2)."""
+
+    factor: float
+    kind: str = "scale"
+    parametric: ClassVar[bool] = False
+
+    def output_shape(self, shape):
+        return shape
+
+
+def _toy_handlers() -> dict:
+    """The toy kind's entry in each backend's table: what a developer adds for a new layer kind."""
+
+    def pfp(layer, _index, state, _ctx):
+        mean, var = state
+        return mean * layer.factor, None if var is None else var * layer.factor**2
+
+    def plain(layer, _index, h, _ctx):
+        return h * layer.factor
+
+    return {"torch.pfp": pfp, "torch.deterministic": plain, "torch.sampled": plain, "torch.ensemble": plain}
+
+
+def test_a_toy_layer_kind_is_one_spec_entry_and_one_entry_per_backend(monkeypatch):
+    import torch
+
+    from pfp.backends import torch_ref
+    from pfp.spec import LAYER_KINDS, LayerTable
+
+    _import_every_backend()
+    monkeypatch.setitem(LAYER_KINDS, "scale", _Scale)
+    # registered but implemented nowhere: every backend reports the gap
+    assert all("scale" in table.missing_kinds() for table in LayerTable.REGISTRY.values())
+    handlers = _toy_handlers()
+    unhandled = sorted(set(LayerTable.REGISTRY) - set(handlers))
+    assert not unhandled, f"backends this test does not extend with the toy kind (add theirs): {unhandled}"
+    for backend, handler in handlers.items():
+        monkeypatch.setitem(LayerTable.REGISTRY[backend], "scale", handler)
+
+    base = ModelSpec("toy", (1, 4, 4), (Conv2d("c", 1, 2, 3, padding=1), ReLU(), MaxPool2d(), Flatten(),
+                                        Dense("d", 8, 3)))
+    scaled = ModelSpec("toy", base.input_shape, (*base.layers[:2], _Scale(2.0), *base.layers[2:4], _Scale(-0.5),
+                                                 base.layers[4]))
+    assert ModelSpec.from_json(scaled.to_json()) == scaled
+    assert scaled.output_shapes() == [(2, 4, 4), (2, 4, 4), (2, 4, 4), (2, 2, 2), (8,), (8,), (3,)]
+    generator = torch.Generator().manual_seed(0)
+    params = {layer.name: torch_ref.GaussianLayerParams.from_mean_var(
+        torch.randn(layer.weight_shape, generator=generator), 0.1 * torch.rand(layer.weight_shape, generator=generator),
+        torch.randn(layer.bias_shape, generator=generator), 0.1 * torch.rand(layer.bias_shape, generator=generator))
+        for layer in base.parametric_layers()}
+    x = torch.randn((5, *base.input_shape), generator=generator)
+    # x2 after the ReLU (a positive factor commutes with ReLU and max), x(-0.5) on the features: logits x(-1) - ...
+    means = {name: (p.weight_mean, p.bias_mean) for name, p in params.items()}
+    reference = torch_ref.deterministic_forward(base, {"c": means["c"], "d": (-means["d"][0], means["d"][1])}, x)
+    torch.testing.assert_close(torch_ref.deterministic_forward(scaled, means, x), reference)
+    mean, var = torch_ref.pfp_forward(scaled, params, x)
+    ref_params = dict(params, d=torch_ref.GaussianLayerParams.from_mean_var(
+        -params["d"].weight_mean, params["d"].weight_var, params["d"].bias_mean, params["d"].bias_var))
+    ref_mean, ref_var = torch_ref.pfp_forward(base, ref_params, x)
+    torch.testing.assert_close(mean, ref_mean)
+    torch.testing.assert_close(var, ref_var)
+    stacked = {name: (w.unsqueeze(0).expand(3, *w.shape), b.unsqueeze(0).expand(3, *b.shape)) for name, (w, b) in means.items()}
+    torch.testing.assert_close(torch_ref.ensemble_forward(scaled, stacked, x), reference.expand(3, *reference.shape))
+    zero_var = {name: ((w, torch.zeros_like(w)), (b, torch.zeros_like(b))) for name, (w, b) in means.items()}
+    torch.testing.assert_close(torch_ref.sampled_forward(scaled, zero_var, x), reference, atol=1e-5, rtol=1e-5)

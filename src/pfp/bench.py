@@ -14,14 +14,13 @@ from collections.abc import Callable, Mapping
 
 import pyro
 import torch
-import torch.nn.functional as F
 from pyro.infer import Predictive
 from pyro.infer.autoguide import AutoNormal
 
+from pfp.backends.torch_ref import ensemble_forward
 from pfp.bnn import Posterior, make_model
 from pfp.config import Variant
 from pfp.convert import PFPModel
-from pfp.spec import Conv2d, Dense, Flatten, MaxPool2d, ModelSpec, ReLU
 from pfp.tuning import sample_stacked_weights
 
 
@@ -61,30 +60,6 @@ def guide_from_posterior(posterior: Posterior, model: Callable, x: torch.Tensor)
             loc.copy_(posterior.loc[site])
             getattr(guide.scales, f"{site}_unconstrained").copy_(torch.log(torch.expm1(posterior.scale[site].double())).float())
     return guide
-
-
-def ensemble_forward(spec: ModelSpec, weights: dict[str, tuple[torch.Tensor, torch.Tensor]], x: torch.Tensor) -> torch.Tensor:
-    """S weight draws in one batched pass: weights have a leading sample dim; returns (S, B, C)."""
-    samples = next(iter(weights.values()))[0].shape[0]
-    batch = x.shape[0]
-    h = x.unsqueeze(0).expand(samples, *x.shape)  # (S, B, ...)
-    for layer in spec.layers:
-        if isinstance(layer, Flatten):
-            h = h.flatten(2)
-        elif isinstance(layer, Dense):
-            weight, bias = weights[layer.name]
-            h = torch.baddbmm(bias.unsqueeze(1), h.flatten(2), weight.transpose(1, 2))
-        elif isinstance(layer, Conv2d):
-            weight, bias = weights[layer.name]
-            # grouped convolution: sample s sees only its own weights
-            grouped = h.transpose(0, 1).reshape(batch, samples * h.shape[2], *h.shape[3:])
-            out = F.conv2d(grouped, weight.flatten(0, 1), bias.flatten(), stride=layer.stride, padding=layer.padding, groups=samples)
-            h = out.reshape(batch, samples, layer.out_channels, *out.shape[2:]).transpose(0, 1)
-        elif isinstance(layer, ReLU):
-            h = torch.relu(h)
-        elif isinstance(layer, MaxPool2d):
-            h = F.max_pool2d(h.flatten(0, 1), 2).unflatten(0, (samples, batch))
-    return h
 
 
 #: latency.json keys of the compiled predictors, per variant

@@ -30,11 +30,11 @@ from pyro.infer import SVI, TraceMeanField_ELBO
 from pyro.infer.autoguide import AutoNormal
 from tqdm.auto import tqdm
 
-from pfp.backends.torch_ref import deterministic_forward
+from pfp.backends.torch_ref import deterministic_forward, sampled_forward
 from pfp.config import GradientEstimator, PriorScaling, TrainConfig
 from pfp.data.idx import DataError
 from pfp.io import atomic_savez
-from pfp.spec import Conv2d, Dense, Flatten, MaxPool2d, ModelSpec, ReLU
+from pfp.spec import ModelSpec
 
 
 class PosteriorError(DataError):
@@ -183,32 +183,10 @@ def local_reparameterization_elbo(spec: ModelSpec, guide: AutoNormal, priors: di
             moments[layer.name] = pair
         nll = x.new_zeros(())
         for _ in range(num_particles):
-            nll = nll + F.cross_entropy(_sampled_forward(spec, moments, x), y, reduction="sum")
+            nll = nll + F.cross_entropy(sampled_forward(spec, moments, x), y, reduction="sum")
         return nll * (num_data / x.shape[0]) / num_particles + kl_weight * kl
 
     return loss
-
-
-def _sampled_forward(spec: ModelSpec, moments: dict, x: torch.Tensor) -> torch.Tensor:
-    h = x
-    for layer in spec.layers:
-        if isinstance(layer, Flatten):
-            h = h.flatten(1)
-        elif isinstance(layer, Dense):
-            (w_loc, w_scale), (b_loc, b_scale) = moments[layer.name]
-            mean = F.linear(h, w_loc, b_loc)
-            var = F.linear(h * h, w_scale * w_scale, b_scale * b_scale)
-            h = mean + var.clamp_min(1e-16).sqrt() * torch.randn_like(mean)
-        elif isinstance(layer, Conv2d):
-            (w_loc, w_scale), (b_loc, b_scale) = moments[layer.name]
-            weight = w_loc + w_scale * torch.randn_like(w_loc)
-            bias = b_loc + b_scale * torch.randn_like(b_loc)
-            h = F.conv2d(h, weight, bias, stride=layer.stride, padding=layer.padding)
-        elif isinstance(layer, ReLU):
-            h = torch.relu(h)
-        elif isinstance(layer, MaxPool2d):
-            h = F.max_pool2d(h, 2)
-    return h
 
 
 def train_svi(

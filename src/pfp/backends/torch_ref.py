@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pfp.spec import Conv2d, Dense, Flatten, MaxPool2d, ModelSpec, ReLU
+from pfp.spec import Conv2d, Dense, LayerTable, ModelSpec
 
 __all__ = [
     "CLARK_EPS",
@@ -32,11 +32,13 @@ __all__ = [
     "dense",
     "dense_first",
     "deterministic_forward",
+    "ensemble_forward",
     "flatten",
     "max2",
     "maxpool2x2",
     "pfp_forward",
     "relu",
+    "sampled_forward",
     "scale_variance",
 ]
 
@@ -221,6 +223,45 @@ def _layer_param(table: dict, name: str):
         raise KeyError(f"no parameters for layer {name!r}; have {sorted(table)}") from None
 
 
+# The four PyTorch networks of one spec, each a LayerTable driven by the one walk
+# (pfp.spec.LayerTable.walk). Handlers: (layer, index, state, context) -> state.
+
+@dataclass(frozen=True)
+class _PFPContext:
+    params: dict[str, GaussianLayerParams]
+    variance_scale: float
+
+
+def _flat(tensor: Tensor | None, start: int = 1) -> Tensor | None:
+    return None if tensor is None else tensor.flatten(start)
+
+
+def _pfp_dense(layer: Dense, _index, state, ctx: _PFPContext):
+    h, var = state
+    p = scale_variance(_layer_param(ctx.params, layer.name), ctx.variance_scale)
+    if h.dim() > 2:  # tolerate a spec that omits Flatten before a dense layer
+        h, var = h.flatten(1), _flat(var)
+    return dense_first(h, p) if var is None else dense(h, var, p)
+
+
+def _pfp_conv2d(layer: Conv2d, _index, state, ctx: _PFPContext):
+    h, var = state
+    p = scale_variance(_layer_param(ctx.params, layer.name), ctx.variance_scale)
+    return (conv2d_first(h, p, layer.stride, layer.padding) if var is None
+            else conv2d(h, var, p, layer.stride, layer.padding))
+
+
+#: (mean, var) through the network; var is None while the activation is still deterministic
+PFP_LAYERS = LayerTable("torch.pfp", {
+    "flatten": lambda _layer, _index, state, _ctx: (state[0].flatten(1), _flat(state[1])),
+    "dense": _pfp_dense,
+    "conv2d": _pfp_conv2d,
+    "relu": lambda _layer, _index, state, _ctx: (torch.relu(state[0]), None) if state[1] is None else relu(*state),
+    "maxpool2d": lambda _layer, _index, state, _ctx: ((F.max_pool2d(state[0], 2), None) if state[1] is None
+                                                      else maxpool2x2(*state)),
+})
+
+
 def pfp_forward(spec: ModelSpec, params: dict[str, GaussianLayerParams], x: Tensor, *,
                 variance_scale: float = 1.0) -> tuple[Tensor, Tensor]:
     """One probabilistic forward pass: logit mean and variance, each (B, num_classes).
@@ -228,31 +269,31 @@ def pfp_forward(spec: ModelSpec, params: dict[str, GaussianLayerParams], x: Tens
     ``x`` is the deterministic input (B, *spec.input_shape). ``variance_scale`` multiplies
     every weight and bias variance (calibration); 0 gives the network of the means.
     """
-    h = _check_input(spec, x)
-    var: Tensor | None = None  # None while the activation is still deterministic
-    for layer in spec.layers:
-        if isinstance(layer, Flatten):
-            h = h.flatten(1)
-            var = None if var is None else var.flatten(1)
-        elif isinstance(layer, (Dense, Conv2d)):
-            p = scale_variance(_layer_param(params, layer.name), variance_scale)
-            if isinstance(layer, Dense):
-                if h.dim() > 2:  # tolerate a spec that omits Flatten before a dense layer
-                    h = h.flatten(1)
-                    var = None if var is None else var.flatten(1)
-                h, var = dense_first(h, p) if var is None else dense(h, var, p)
-            else:
-                h, var = (conv2d_first(h, p, layer.stride, layer.padding) if var is None
-                          else conv2d(h, var, p, layer.stride, layer.padding))
-        elif isinstance(layer, ReLU):
-            h, var = (torch.relu(h), None) if var is None else relu(h, var)
-        elif isinstance(layer, MaxPool2d):
-            h, var = (F.max_pool2d(h, 2), None) if var is None else maxpool2x2(h, var)
-        else:
-            raise TypeError(f"unsupported layer {layer!r}")
+    h, var = PFP_LAYERS.walk(spec, (_check_input(spec, x), None), _PFPContext(params, variance_scale))
     if var is None:  # a spec without parametric layers: deterministic output
         var = torch.zeros_like(h)
     return h, var
+
+
+def _det_dense(layer: Dense, _index, h: Tensor, weights) -> Tensor:
+    weight, bias = _layer_param(weights, layer.name)
+    return F.linear(h.flatten(1) if h.dim() > 2 else h, weight, bias)
+
+
+def _det_conv2d(layer: Conv2d, _index, h: Tensor, weights) -> Tensor:
+    weight, bias = _layer_param(weights, layer.name)
+    return F.conv2d(h, weight, bias, stride=layer.stride, padding=layer.padding)
+
+
+_DETERMINISTIC_POINTWISE = {
+    "flatten": lambda _layer, _index, h, _ctx: h.flatten(1),
+    "relu": lambda _layer, _index, h, _ctx: torch.relu(h),
+    "maxpool2d": lambda _layer, _index, h, _ctx: F.max_pool2d(h, 2),
+}
+
+#: logits of one weight set {layer: (weight, bias)}
+DETERMINISTIC_LAYERS = LayerTable("torch.deterministic", {
+    **_DETERMINISTIC_POINTWISE, "dense": _det_dense, "conv2d": _det_conv2d})
 
 
 def deterministic_forward(spec: ModelSpec, weights: dict[str, tuple[Tensor, Tensor]],
@@ -261,20 +302,70 @@ def deterministic_forward(spec: ModelSpec, weights: dict[str, tuple[Tensor, Tens
 
     Used for the deterministic baseline and for each weight sample of SVI.
     """
-    h = _check_input(spec, x)
-    for layer in spec.layers:
-        if isinstance(layer, Flatten):
-            h = h.flatten(1)
-        elif isinstance(layer, Dense):
-            weight, bias = _layer_param(weights, layer.name)
-            h = F.linear(h.flatten(1) if h.dim() > 2 else h, weight, bias)
-        elif isinstance(layer, Conv2d):
-            weight, bias = _layer_param(weights, layer.name)
-            h = F.conv2d(h, weight, bias, stride=layer.stride, padding=layer.padding)
-        elif isinstance(layer, ReLU):
-            h = torch.relu(h)
-        elif isinstance(layer, MaxPool2d):
-            h = F.max_pool2d(h, 2)
-        else:
-            raise TypeError(f"unsupported layer {layer!r}")
-    return h
+    return DETERMINISTIC_LAYERS.walk(spec, _check_input(spec, x), weights)
+
+
+def _sampled_dense(layer: Dense, _index, h: Tensor, moments) -> Tensor:
+    (w_loc, w_scale), (b_loc, b_scale) = moments[layer.name]
+    mean = F.linear(h, w_loc, b_loc)
+    var = F.linear(h * h, w_scale * w_scale, b_scale * b_scale)
+    return mean + var.clamp_min(1e-16).sqrt() * torch.randn_like(mean)
+
+
+def _sampled_conv2d(layer: Conv2d, _index, h: Tensor, moments) -> Tensor:
+    (w_loc, w_scale), (b_loc, b_scale) = moments[layer.name]
+    weight = w_loc + w_scale * torch.randn_like(w_loc)
+    bias = b_loc + b_scale * torch.randn_like(b_loc)
+    return F.conv2d(h, weight, bias, stride=layer.stride, padding=layer.padding)
+
+
+#: one sampled network of SVI training: dense layers by local reparameterization (the
+#: pre-activation drawn from its Gaussian), convolutions with one weight draw per batch
+SAMPLED_LAYERS = LayerTable("torch.sampled", {
+    **_DETERMINISTIC_POINTWISE, "dense": _sampled_dense, "conv2d": _sampled_conv2d})
+
+
+def sampled_forward(spec: ModelSpec, moments: dict, x: Tensor) -> Tensor:
+    """Logits of one sampled network; ``moments[layer] = ((w_loc, w_scale), (b_loc, b_scale))``.
+
+    Draws from torch's global generator (seed it for repeatable draws).
+    """
+    return SAMPLED_LAYERS.walk(spec, x, moments)
+
+
+@dataclass(frozen=True)
+class _EnsembleContext:
+    weights: dict[str, tuple[Tensor, Tensor]]
+    samples: int
+    batch: int
+
+
+def _ensemble_dense(layer: Dense, _index, h: Tensor, ctx: _EnsembleContext) -> Tensor:
+    weight, bias = ctx.weights[layer.name]
+    return torch.baddbmm(bias.unsqueeze(1), h.flatten(2), weight.transpose(1, 2))
+
+
+def _ensemble_conv2d(layer: Conv2d, _index, h: Tensor, ctx: _EnsembleContext) -> Tensor:
+    weight, bias = ctx.weights[layer.name]
+    # grouped convolution: sample s sees only its own weights
+    grouped = h.transpose(0, 1).reshape(ctx.batch, ctx.samples * h.shape[2], *h.shape[3:])
+    out = F.conv2d(grouped, weight.flatten(0, 1), bias.flatten(), stride=layer.stride, padding=layer.padding,
+                   groups=ctx.samples)
+    return out.reshape(ctx.batch, ctx.samples, layer.out_channels, *out.shape[2:]).transpose(0, 1)
+
+
+#: S weight draws in one batched pass, activations (S, B, ...)
+ENSEMBLE_LAYERS = LayerTable("torch.ensemble", {
+    "flatten": lambda _layer, _index, h, _ctx: h.flatten(2),
+    "dense": _ensemble_dense,
+    "conv2d": _ensemble_conv2d,
+    "relu": lambda _layer, _index, h, _ctx: torch.relu(h),
+    "maxpool2d": lambda _layer, _index, h, ctx: F.max_pool2d(h.flatten(0, 1), 2).unflatten(0, (ctx.samples, ctx.batch)),
+})
+
+
+def ensemble_forward(spec: ModelSpec, weights: dict[str, tuple[Tensor, Tensor]], x: Tensor) -> Tensor:
+    """S weight draws in one batched pass: weights have a leading sample dim; returns (S, B, C)."""
+    samples = next(iter(weights.values()))[0].shape[0]
+    h = x.unsqueeze(0).expand(samples, *x.shape)  # (S, B, ...)
+    return ENSEMBLE_LAYERS.walk(spec, h, _EnsembleContext(weights, samples, x.shape[0]))
