@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import torch
 
 from pfp.bnn import Posterior, site_names
+from pfp.data.dirty_mnist import SPLIT_KEYS, save_prepared
 from pfp.spec import build_spec
 
 
@@ -18,3 +22,17 @@ def random_posterior(model: str, seed: int = 0) -> Posterior:
             loc[site] = 0.1 * torch.randn(shape, generator=g)
             scale[site] = 0.01 + 0.02 * torch.rand(shape, generator=g)
     return Posterior(spec=spec, loc=loc, scale=scale)
+
+
+def write_prepared(root: Path, *, per_split: int = 12, labels_per_image: int = 2, seed: int = 0) -> dict[str, np.ndarray]:
+    """A small prepared data set under ``root/data/prepared`` (random images, the prepare stage's layout)."""
+    rng = np.random.default_rng(seed)
+    arrays, counts = {}, {}
+    for key in SPLIT_KEYS:
+        arrays[f"{key}_x"] = rng.integers(0, 256, (per_split, 28, 28), dtype=np.uint8)
+        shape = (per_split, labels_per_image) if key.startswith("ambiguous") else (per_split,)
+        arrays[f"{key}_y"] = rng.integers(0, 10, shape).astype(np.int64)
+        counts[key] = per_split
+    manifest = {"seed": seed, "counts": counts, "ambiguous": {"source": "test"}, "data_hash": "0" * 64}
+    save_prepared(Path(root) / "data" / "prepared", arrays, manifest)
+    return arrays

@@ -441,7 +441,7 @@ def _check_calibration_values(values: dict, path: Path, owner: str, expected: Op
     for name in ("variance_scale", "temperature"):
         value = number(name)
         if not (math.isfinite(value) and value > 0):
-            raise error(f"{where}: {name} is {value}; it must be a finite number > 0 (re-run the calibrate stage)")
+            raise error(f"{where}: {name} is {value}; it must be a finite number > 0 (re-run the calibrate@{owner} stage)")
     for name in ("nll_before", "nll_after"):
         if not math.isfinite(number(name)):
             raise error(f"{where}: {name} is {values[name]}; it must be finite")
