@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from pfp.bnn import Posterior, site_names
@@ -36,3 +38,23 @@ def write_prepared(root: Path, *, per_split: int = 12, labels_per_image: int = 2
     manifest = {"seed": seed, "counts": counts, "ambiguous": {"source": "test"}, "data_hash": "0" * 64}
     save_prepared(Path(root) / "data" / "prepared", arrays, manifest)
     return arrays
+
+
+def npz_header(path) -> dict:
+    """The artifact header of an npz file, as a dict."""
+    with np.load(path) as archive:
+        return json.loads(str(archive["artifact"]))
+
+
+def refusal(error_type, call, *fragments) -> str:
+    """The message of the ``error_type`` ``call()`` raises (an ArtifactError, a DataError), checked for ``fragments``."""
+    from pfp.artifacts.header import ArtifactError
+    from pfp.data.idx import DataError
+
+    with pytest.raises(error_type) as info:
+        call()
+    assert isinstance(info.value, ArtifactError) and isinstance(info.value, DataError)  # exit code 2 in the stages
+    message = str(info.value)
+    for fragment in fragments:
+        assert fragment in message, (fragment, message)
+    return message

@@ -99,15 +99,15 @@ class Posterior:
     scale: dict[str, torch.Tensor]
 
     def save(self, path: str | Path, *, parent: str | Path | None = None) -> None:
-        """Write the posterior artifact (see :func:`pfp.artifacts.save_posterior`)."""
-        from pfp.artifacts import save_posterior  # pfp.artifacts builds on this module
+        """Write the posterior artifact (see :func:`pfp.artifacts.posterior.save_posterior`)."""
+        from pfp.artifacts.posterior import save_posterior  # builds on this module: imported here, not on top
 
         save_posterior(self, path, parent=parent)
 
     @classmethod
     def load(cls, path: str | Path, model: str | None = None) -> "Posterior":
-        """Read a validated posterior of ``model`` (None: any; see :func:`pfp.artifacts.load_posterior`)."""
-        from pfp.artifacts import load_posterior  # pfp.artifacts builds on this module
+        """Read a validated posterior of ``model`` (None: any; see :func:`pfp.artifacts.posterior.load_posterior`)."""
+        from pfp.artifacts.posterior import load_posterior  # builds on this module: imported here, not on top
 
         return load_posterior(path, model)
 

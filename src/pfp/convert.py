@@ -28,15 +28,15 @@ class PFPModel:
     params: dict[str, GaussianLayerParams]
 
     def save(self, path: str | Path, *, parent: str | Path | None = None) -> None:
-        """Write the PFP parameter artifact (see :func:`pfp.artifacts.save_pfp_params`)."""
-        from pfp.artifacts import save_pfp_params  # pfp.artifacts builds on this module
+        """Write the PFP parameter artifact (see :func:`pfp.artifacts.pfp_params.save_pfp_params`)."""
+        from pfp.artifacts.pfp_params import save_pfp_params  # builds on this module: imported here, not on top
 
         save_pfp_params(self, path, parent=parent)
 
     @classmethod
     def load(cls, path: str | Path, model: str | None = None) -> "PFPModel":
-        """Read validated PFP parameters of ``model`` (None: any; see :func:`pfp.artifacts.load_pfp_params`)."""
-        from pfp.artifacts import load_pfp_params  # pfp.artifacts builds on this module
+        """Read validated PFP parameters of ``model`` (None: any; see :func:`pfp.artifacts.pfp_params.load_pfp_params`)."""
+        from pfp.artifacts.pfp_params import load_pfp_params  # builds on this module: imported here, not on top
 
         return load_pfp_params(path, model)
 

@@ -7,7 +7,9 @@ import json
 
 import pytest
 
-from pfp.artifacts import load_calibration, save_pfp_params, save_posterior
+from pfp.artifacts.calibration import load_calibration
+from pfp.artifacts.pfp_params import save_pfp_params
+from pfp.artifacts.posterior import save_posterior
 from pfp.bnn import PosteriorError
 from pfp.config import CalibrateConfig
 from pfp.convert import convert_posterior

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from pfp.artifacts import load_pfp_params, save_posterior
+from pfp.artifacts.pfp_params import load_pfp_params
+from pfp.artifacts.posterior import save_posterior
 from pfp.bnn import PosteriorError
 from pfp.config import ConvertConfig
 from pfp.convert import convert_posterior

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from pfp.artifacts import load_posterior
+from pfp.artifacts.posterior import load_posterior
 from pfp.config import TrainConfig
 from pfp.data.idx import DataError
 from pfp.spec import build_spec

@@ -8,7 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from pfp.artifacts import load_pfp_params, save_calibration
+from pfp.artifacts.calibration import save_calibration
+from pfp.artifacts.pfp_params import load_pfp_params
 from pfp.calibrate import CalibrationResult, ValidationSet, fit_calibration
 from pfp.config import CalibrateConfig
 from pfp.data.dirty_mnist import load_prepared, normalise

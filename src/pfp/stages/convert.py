@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from pfp.artifacts import load_posterior, save_pfp_params
+from pfp.artifacts.pfp_params import save_pfp_params
+from pfp.artifacts.posterior import load_posterior
 from pfp.config import ConvertConfig
 from pfp.convert import PFPModel, convert_posterior
 from pfp.stage import pfp_params_path, posterior_path

@@ -10,7 +10,7 @@ from typing import Any, Optional
 import torch
 
 from pfp import plots
-from pfp.artifacts import save_posterior
+from pfp.artifacts.posterior import save_posterior
 from pfp.bnn import Posterior, train_svi
 from pfp.config import TrainConfig
 from pfp.data.dirty_mnist import load_prepared, training_set
