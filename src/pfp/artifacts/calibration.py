@@ -29,7 +29,7 @@ def save_calibration(result: CalibrationResult, path: PathLike, *, model: str,
 
     ``parent`` is the PFP parameter file the calibration was fitted on.
     """
-    _check_calibration_values(result.to_dict(), Path(path), model_name(model), model_name(model), CalibrationError)
+    _check_calibration_values(result.to_dict(), Path(path), model_name(model), model_name(model))
     header = ArtifactHeader.for_kind(ArtifactKind.CALIBRATION, model_name(model), parent)
     atomic_write_json(path, {HEADER_KEY: header.to_dict(), **result.to_dict()})
     return header
@@ -62,12 +62,12 @@ def load_calibration(path: PathLike, model: Optional[str], *, parent: Optional[P
         except (TypeError, ValueError) as problem:
             raise error(f"{describe(path, kind.title, None, expected)}: not a readable calibration file ({problem})") from None
     header = accept(kind, path, header, expected, parent, error)
-    _check_calibration_values(payload, path, header.model, expected, error)
+    _check_calibration_values(payload, path, header.model, expected)
     return CalibrationResult(**payload)
 
 
-def _check_calibration_values(values: dict, path: Path, owner: str, expected: Optional[str],
-                              error: type[Exception]) -> None:
+def _check_calibration_values(values: dict, path: Path, owner: str, expected: Optional[str]) -> None:
+    error = CalibrationError
     where = describe(path, ArtifactKind.CALIBRATION.title, owner, expected)
     missing, unknown = sorted(_CALIBRATION_REQUIRED - set(values)), sorted(set(values) - _CALIBRATION_FIELDS)
     if missing:
