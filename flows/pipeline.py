@@ -32,7 +32,7 @@ from prefect import flow, get_run_logger, task  # noqa: E402
 from pfp import tracking  # noqa: E402
 from pfp.config import load_params  # noqa: E402
 from pfp.io import atomic_write_json  # noqa: E402
-from tasks.report import headline_metrics  # noqa: E402
+from pfp.stages.report import headline_metrics  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # What a separate DVC workspace needs from the repo: the stage code and the stage graph.

@@ -1,20 +1,18 @@
-"""DVC stage `convert@MODEL`: posterior -> PFP parameters."""
+"""DVC stage `convert@MODEL`: posterior -> PFP parameters (logic: pfp.stages.convert)."""
 
 from pfp import tracking
-from pfp.bnn import Posterior
-from pfp.convert import convert_posterior
-from pfp.stage import model_argument, pfp_params_path, posterior_path, run_stage
+from pfp.stage import model_argument, run_stage
+from pfp.stages.convert import convert
 
 
 def main(params, argv):
     model = model_argument(params, argv)
-    pool_first = params.convert.pool_before_relu
-    with tracking.stage_run(f"convert@{model}", params={"model": model, "pool_before_relu": pool_first}) as run:
-        pfp_model = convert_posterior(Posterior.load(posterior_path(model)), pool_first=pool_first)
-        pfp_model.save(pfp_params_path(model))
-        run.set_tags({"layer_order": " ".join(layer.kind for layer in pfp_model.spec.layers)})
-        run.log_metrics({f"{name}.weight_var_mean": float(p.weight_var.mean()) for name, p in pfp_model.params.items()})
-        run.log_artifact(pfp_params_path(model))
+    config = params.convert
+    with tracking.stage_run(f"convert@{model}", params={"model": model, "pool_before_relu": config.pool_before_relu}) as run:
+        result = convert(model, config)
+        run.set_tags({"layer_order": result.layer_order})
+        run.log_metrics(result.metrics())
+        run.log_artifact(result.path)
 
 
 if __name__ == "__main__":

@@ -13,22 +13,12 @@ import torch
 from pfp.backends.torch_ref import deterministic_forward
 from pfp.backends.tvm import physical_cores
 from pfp.bench import TUNED_KEYS, benchmark_model, ensemble_forward, guide_from_posterior, time_call, time_side_by_side
-from pfp.bnn import Posterior, make_model, site_names
+from pfp.bnn import make_model
 from pfp.config import Variant
 from pfp.convert import convert_posterior
-from pfp.spec import build_spec
 from pfp.tuning import sample_stacked_weights
 
-
-def random_posterior(model: str, seed: int = 0) -> Posterior:
-    spec = build_spec(model)
-    g = torch.Generator().manual_seed(seed)
-    loc, scale = {}, {}
-    for layer in spec.parametric_layers():
-        for site, shape in zip(site_names(layer.name), (layer.weight_shape, layer.bias_shape)):
-            loc[site] = 0.1 * torch.randn(shape, generator=g)
-            scale[site] = 0.01 + 0.02 * torch.rand(shape, generator=g)
-    return Posterior(spec=spec, loc=loc, scale=scale)
+from .common import random_posterior
 
 
 @pytest.mark.parametrize("model", ["mlp", "lenet"])
@@ -47,10 +37,29 @@ def test_guide_from_posterior_holds_the_trained_values():
     posterior = random_posterior("mlp")
     model = make_model(posterior.spec, prior_scale=1.0)
     guide = guide_from_posterior(posterior, model, torch.randn(2, 1, 28, 28))
+    medians = guide.median()
     for site in posterior.loc:
-        loc, scale = guide._get_loc_and_scale(site)
+        loc, scale = getattr(guide.locs, site), getattr(guide.scales, site)  # Pyro's public (constrained) view
         torch.testing.assert_close(loc.detach(), posterior.loc[site])
+        torch.testing.assert_close(medians[site], posterior.loc[site])
         torch.testing.assert_close(scale.detach(), posterior.scale[site], rtol=1e-4, atol=1e-7)
+    pyro.clear_param_store()
+
+
+def test_guide_from_posterior_stores_the_inverse_softplus_as_before():
+    """Same raw parameters as the hand-written inverse softplus it replaced (float32 round-off),
+    and Pyro's own constraint maps them back to the posterior's scales."""
+    posterior = random_posterior("mlp", seed=3)
+    guide = guide_from_posterior(posterior, make_model(posterior.spec, prior_scale=1.0), torch.randn(2, 1, 28, 28))
+    raw = dict(pyro.get_param_store().named_parameters())
+    assert guide.scale_constraint is pyro.distributions.constraints.softplus_positive
+    for site, scale in posterior.scale.items():
+        before = torch.log(torch.expm1(scale.double())).float()  # the former hand-written inverse
+        unconstrained = raw[f"AutoNormal.scales.{site}"].detach()
+        assert unconstrained.dtype == torch.float32
+        torch.testing.assert_close(unconstrained, before, rtol=0, atol=1e-6)
+        torch.testing.assert_close(torch.nn.functional.softplus(unconstrained), scale, rtol=2e-6, atol=0)
+        assert torch.equal(raw[f"AutoNormal.locs.{site}"].detach(), posterior.loc[site])
     pyro.clear_param_store()
 
 

@@ -18,6 +18,7 @@ from pfp.backends.torch_ref import deterministic_forward
 from pfp.bnn import (
     Posterior,
     PosteriorError,
+    guide_loc_and_scale,
     local_reparameterization_elbo,
     make_model,
     posterior_from_guide,
@@ -199,6 +200,24 @@ def test_posterior_from_guide_reads_constrained_scale():
     for site in posterior.scale:
         torch.testing.assert_close(posterior.scale[site], torch.full_like(posterior.scale[site], 0.25))
         torch.testing.assert_close(posterior.scale[site], F.softplus(raw[f"AutoNormal.scales.{site}"]).detach())
+    pyro.clear_param_store()
+
+
+def test_guide_loc_and_scale_is_the_guides_public_constrained_view():
+    """The values the ELBO uses (Pyro's public locs / scales) are the raw loc and softplus(raw scale),
+    and gradients reach the raw parameters the optimiser updates."""
+    spec = tiny_spec()
+    pyro.clear_param_store()
+    guide = AutoNormal(make_model(spec, prior_scale=1.0), init_scale=0.25)
+    guide(torch.zeros(2, 1, 2, 2), torch.zeros(2, dtype=torch.long))
+    raw = dict(pyro.get_param_store().named_parameters())
+    medians = guide.median()
+    for site in ("fc1_weight", "fc2_bias"):
+        loc, scale = guide_loc_and_scale(guide, site)
+        assert torch.equal(loc, raw[f"AutoNormal.locs.{site}"]) and torch.equal(medians[site], loc.detach())
+        torch.testing.assert_close(scale, F.softplus(raw[f"AutoNormal.scales.{site}"]), rtol=0, atol=0)
+        (loc.sum() + scale.sum()).backward()
+        assert raw[f"AutoNormal.locs.{site}"].grad is not None and raw[f"AutoNormal.scales.{site}"].grad is not None
     pyro.clear_param_store()
 
 

@@ -25,7 +25,8 @@ EMBEDDED = ROOT / "data" / "embedded"
 def stage_env(db: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "PFP_MLFLOW_PARENT_RUN_ID"}
     env.update({
-        "PYTHONPATH": str(ROOT),
+        # this checkout's package first, whichever checkout the (shared) venv installed in editable mode
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)]),
         "MLFLOW_TRACKING_URI": f"sqlite:///{db}",
         "PFP_GIT_COMMIT": "test",  # no `git rev-parse` from the tracking code
         "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
@@ -130,6 +131,19 @@ def test_convert_rejects_bad_posterior(tmp_path, mlflow_db, key, value, problem)
     assert_user_error(result, "models/mlp/posterior.npz", problem)
     assert not (tmp_path / "models" / "mlp" / "pfp.npz").exists()
     assert sorted(p.name for p in posterior.parent.iterdir()) == ["posterior.npz"]  # no temp file either
+
+
+def test_convert_refuses_another_models_posterior(tmp_path, mlflow_db):
+    """LeNet's posterior copied into the MLP's slot: exit code 2, the file and both models named."""
+    (tmp_path / "params.yaml").write_text(params_yaml())
+    posterior = tmp_path / "models" / "mlp" / "posterior.npz"
+    spec = build_spec("lenet")
+    loc = {s: torch.zeros(shape) for l in spec.parametric_layers()
+           for s, shape in zip(site_names(l.name), (l.weight_shape, l.bias_shape))}
+    Posterior(spec, loc, {s: torch.full_like(v, 0.01) for s, v in loc.items()}).save(posterior)
+    result = run_stage(tmp_path, mlflow_db, "tasks.convert", "mlp")
+    assert_user_error(result, "models/mlp/posterior.npz", "of model 'lenet', expected 'mlp'", "belongs to another model")
+    assert sorted(p.name for p in posterior.parent.iterdir()) == ["posterior.npz"]
 
 
 # --------------------------------------------------------------------------- prepare

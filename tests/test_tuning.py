@@ -18,7 +18,7 @@ from pfp.convert import convert_posterior  # noqa: E402
 from pfp.data.idx import DataError  # noqa: E402
 from pfp.tuning import ensemble_weights, library_path, load_library, tune_model  # noqa: E402
 
-from .test_bench import random_posterior  # noqa: E402
+from .common import random_posterior  # noqa: E402
 
 SCALE = 0.5
 

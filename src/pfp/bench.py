@@ -54,11 +54,11 @@ def guide_from_posterior(posterior: Posterior, model: Callable, x: torch.Tensor)
     pyro.clear_param_store()
     guide = AutoNormal(model)
     guide(x, torch.zeros(x.shape[0], dtype=torch.long))  # create the parameters (labels only fix the obs site), then load the trained values
-    with torch.no_grad():
-        for site in posterior.loc:
-            loc, scale = guide._get_loc_and_scale(site)
-            loc.copy_(posterior.loc[site])
-            getattr(guide.scales, f"{site}_unconstrained").copy_(torch.log(torch.expm1(posterior.scale[site].double())).float())
+    for site in posterior.loc:
+        # assigning a tensor to a PyroParam sets its constrained value: PyroModule stores
+        # transform_to(guide.scale_constraint).inv(scale) (the inverse softplus) as the raw parameter
+        setattr(guide.locs, site, posterior.loc[site])
+        setattr(guide.scales, site, posterior.scale[site])
     return guide
 
 

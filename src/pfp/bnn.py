@@ -14,7 +14,6 @@ Example::
 from __future__ import annotations
 
 import math
-import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +32,6 @@ from tqdm.auto import tqdm
 from pfp.backends.torch_ref import deterministic_forward, sampled_forward
 from pfp.config import GradientEstimator, PriorScaling, TrainConfig
 from pfp.data.idx import DataError
-from pfp.io import atomic_savez
 from pfp.spec import ModelSpec
 
 
@@ -100,41 +98,18 @@ class Posterior:
     loc: dict[str, torch.Tensor]
     scale: dict[str, torch.Tensor]
 
-    def save(self, path: str | Path) -> None:
-        arrays = {"spec": np.array(self.spec.to_json())}
-        for name in self.loc:
-            arrays[f"{name}.loc"] = self.loc[name].detach().cpu().numpy().astype(np.float32)
-            arrays[f"{name}.scale"] = self.scale[name].detach().cpu().numpy().astype(np.float32)
-        atomic_savez(path, arrays)
+    def save(self, path: str | Path, *, parent: str | Path | None = None) -> None:
+        """Write the posterior artifact (see :func:`pfp.artifacts.posterior.save_posterior`)."""
+        from pfp.artifacts.posterior import save_posterior  # builds on this module: imported here, not on top
+
+        save_posterior(self, path, parent=parent)
 
     @classmethod
-    def load(cls, path: str | Path) -> "Posterior":
-        path = Path(path)
-        if not path.is_file():
-            raise PosteriorError(f"{path}: posterior file not found")
-        try:
-            with np.load(path, allow_pickle=False) as archive:
-                spec = ModelSpec.from_json(str(archive["spec"]))
-                arrays = {key: archive[key] for key in archive.files if key != "spec"}
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
-            raise PosteriorError(f"{path}: not a readable posterior file ({error})") from None
-        loc, scale = {}, {}
-        for layer in spec.parametric_layers():
-            for site, shape in zip(site_names(layer.name), (layer.weight_shape, layer.bias_shape)):
-                for kind in ("loc", "scale"):
-                    key = f"{site}.{kind}"
-                    if key not in arrays:
-                        raise PosteriorError(f"{path}: missing array {key!r}")
-                    if tuple(arrays[key].shape) != tuple(shape):
-                        raise PosteriorError(f"{path}: {key} has shape {arrays[key].shape}, spec says {shape}")
-                    if not np.all(np.isfinite(arrays[key])):
-                        raise PosteriorError(f"{path}: {key} contains NaN or infinite values")
-                if np.any(arrays[f"{site}.scale"] <= 0):
-                    bad = int(np.sum(arrays[f"{site}.scale"] <= 0))
-                    raise PosteriorError(f"{path}: {site}.scale has {bad} non-positive value(s); scales must be > 0")
-                loc[site] = torch.from_numpy(arrays[f"{site}.loc"])
-                scale[site] = torch.from_numpy(arrays[f"{site}.scale"])
-        return cls(spec=spec, loc=loc, scale=scale)
+    def load(cls, path: str | Path, model: str | None = None) -> "Posterior":
+        """Read a validated posterior of ``model`` (None: any; see :func:`pfp.artifacts.posterior.load_posterior`)."""
+        from pfp.artifacts.posterior import load_posterior  # builds on this module: imported here, not on top
+
+        return load_posterior(path, model)
 
     def mean_weights(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         return {layer.name: tuple(self.loc[site] for site in site_names(layer.name)) for layer in self.spec.parametric_layers()}
@@ -150,15 +125,24 @@ class Posterior:
         return weights
 
 
+def guide_loc_and_scale(guide: AutoNormal, site: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Loc and *constrained* scale (``guide.scale_constraint``, softplus) of one site, with gradients.
+
+    Reads the guide's public ``locs`` / ``scales`` modules: a ``PyroParam`` attribute returns its
+    constrained value (site names hold no dots, so each is a direct attribute).
+    """
+    return getattr(guide.locs, site), getattr(guide.scales, site)
+
+
 def posterior_from_guide(spec: ModelSpec, guide: AutoNormal) -> Posterior:
-    """Read loc and *constrained* scale (softplus of the raw parameter) from the guide."""
+    """Read loc (``guide.median()``: every site is real-valued) and *constrained* scale from the guide."""
+    medians = guide.median()
     loc, scale = {}, {}
     with torch.no_grad():
         for layer in spec.parametric_layers():
             for site in site_names(layer.name):
-                site_loc, site_scale = guide._get_loc_and_scale(site)
-                loc[site] = site_loc.detach().clone()
-                scale[site] = site_scale.detach().clone()
+                loc[site] = medians[site].detach().clone()
+                scale[site] = getattr(guide.scales, site).detach().clone()
     return Posterior(spec=spec, loc=loc, scale=scale)
 
 
@@ -177,7 +161,7 @@ def local_reparameterization_elbo(spec: ModelSpec, guide: AutoNormal, priors: di
         for layer in spec.parametric_layers():
             pair = []
             for site in site_names(layer.name):
-                loc, scale = guide._get_loc_and_scale(site)
+                loc, scale = guide_loc_and_scale(guide, site)
                 kl = kl + torch.distributions.kl_divergence(dist.Normal(loc, scale), dist.Normal(0.0, priors[site])).sum()
                 pair.append((loc, scale))
             moments[layer.name] = pair

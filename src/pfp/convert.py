@@ -10,19 +10,14 @@ ReLU directly followed by a 2x2 max-pool is moved after it (:func:`pool_before_r
 
 from __future__ import annotations
 
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from pfp.backends.torch_ref import GaussianLayerParams, pfp_forward
-from pfp.bnn import Posterior, PosteriorError, site_names
-from pfp.io import atomic_savez
+from pfp.bnn import Posterior, site_names
 from pfp.spec import MaxPool2d, ModelSpec, ReLU
-
-_FIELDS = ("weight_mean", "weight_var", "weight_m2", "bias_mean", "bias_var")
 
 
 @dataclass
@@ -32,41 +27,18 @@ class PFPModel:
     spec: ModelSpec
     params: dict[str, GaussianLayerParams]
 
-    def save(self, path: str | Path) -> None:
-        arrays = {"spec": np.array(self.spec.to_json())}
-        for name, layer in self.params.items():
-            for field in _FIELDS:
-                arrays[f"{name}.{field}"] = getattr(layer, field).numpy().astype(np.float32)
-        atomic_savez(path, arrays)
+    def save(self, path: str | Path, *, parent: str | Path | None = None) -> None:
+        """Write the PFP parameter artifact (see :func:`pfp.artifacts.pfp_params.save_pfp_params`)."""
+        from pfp.artifacts.pfp_params import save_pfp_params  # builds on this module: imported here, not on top
+
+        save_pfp_params(self, path, parent=parent)
 
     @classmethod
-    def load(cls, path: str | Path) -> "PFPModel":
-        path = Path(path)
-        if not path.is_file():
-            raise PosteriorError(f"{path}: PFP parameter file not found")
-        try:
-            with np.load(path, allow_pickle=False) as archive:
-                spec = ModelSpec.from_json(str(archive["spec"]))
-                arrays = {key: archive[key] for key in archive.files if key != "spec"}
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
-            raise PosteriorError(f"{path}: not a readable PFP parameter file ({error})") from None
-        params = {}
-        for layer in spec.parametric_layers():
-            values = {}
-            for field in _FIELDS:
-                key = f"{layer.name}.{field}"
-                expected = layer.bias_shape if field.startswith("bias") else layer.weight_shape
-                if key not in arrays:
-                    raise PosteriorError(f"{path}: missing array {key!r}")
-                if tuple(arrays[key].shape) != tuple(expected):
-                    raise PosteriorError(f"{path}: {key} has shape {arrays[key].shape}, spec says {expected}")
-                if not np.all(np.isfinite(arrays[key])):
-                    raise PosteriorError(f"{path}: {key} contains NaN or infinite values")
-                if field in ("weight_var", "weight_m2", "bias_var") and np.any(arrays[key] < 0):
-                    raise PosteriorError(f"{path}: {key} has negative values; variances must be >= 0")
-                values[field] = torch.from_numpy(arrays[key])
-            params[layer.name] = GaussianLayerParams(**values)
-        return cls(spec=spec, params=params)
+    def load(cls, path: str | Path, model: str | None = None) -> "PFPModel":
+        """Read validated PFP parameters of ``model`` (None: any; see :func:`pfp.artifacts.pfp_params.load_pfp_params`)."""
+        from pfp.artifacts.pfp_params import load_pfp_params  # builds on this module: imported here, not on top
+
+        return load_pfp_params(path, model)
 
 
 def pool_before_relu(spec: ModelSpec) -> ModelSpec:

@@ -30,7 +30,8 @@ from tvm import relax
 from pfp.backends.tvm import build as tb
 from pfp.backends.tvm import tune
 from pfp.spec import build_spec
-from tests.backends.tvm.helpers import (
+
+from ..backends.tvm.helpers import (
     RPC_DIR,
     assert_close,
     free_port,
@@ -217,7 +218,8 @@ def test_tune_stage_uses_the_emulated_board_and_keeps_its_timings_apart(board, t
 
     from pfp.backends.torch_ref import pfp_forward
     from pfp.convert import convert_posterior
-    from tests.test_bench import random_posterior
+
+    from ..common import random_posterior
 
     workspace = tmp_path / "workspace"
     (workspace / "models" / "mlp").mkdir(parents=True)

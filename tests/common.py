@@ -1,0 +1,60 @@
+"""Shared test helpers (not a test module: no test imports another test module)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pfp.bnn import Posterior, site_names
+from pfp.data.dirty_mnist import SPLIT_KEYS, save_prepared
+from pfp.spec import build_spec
+
+
+def random_posterior(model: str, seed: int = 0) -> Posterior:
+    """A posterior of a built-in model: locs ~ 0.1 N(0, 1), scales in [0.01, 0.03)."""
+    spec = build_spec(model)
+    g = torch.Generator().manual_seed(seed)
+    loc, scale = {}, {}
+    for layer in spec.parametric_layers():
+        for site, shape in zip(site_names(layer.name), (layer.weight_shape, layer.bias_shape)):
+            loc[site] = 0.1 * torch.randn(shape, generator=g)
+            scale[site] = 0.01 + 0.02 * torch.rand(shape, generator=g)
+    return Posterior(spec=spec, loc=loc, scale=scale)
+
+
+def write_prepared(root: Path, *, per_split: int = 12, labels_per_image: int = 2, seed: int = 0) -> dict[str, np.ndarray]:
+    """A small prepared data set under ``root/data/prepared`` (random images, the prepare stage's layout)."""
+    rng = np.random.default_rng(seed)
+    arrays, counts = {}, {}
+    for key in SPLIT_KEYS:
+        arrays[f"{key}_x"] = rng.integers(0, 256, (per_split, 28, 28), dtype=np.uint8)
+        shape = (per_split, labels_per_image) if key.startswith("ambiguous") else (per_split,)
+        arrays[f"{key}_y"] = rng.integers(0, 10, shape).astype(np.int64)
+        counts[key] = per_split
+    manifest = {"seed": seed, "counts": counts, "ambiguous": {"source": "test"}, "data_hash": "0" * 64}
+    save_prepared(Path(root) / "data" / "prepared", arrays, manifest)
+    return arrays
+
+
+def npz_header(path) -> dict:
+    """The artifact header of an npz file, as a dict."""
+    with np.load(path) as archive:
+        return json.loads(str(archive["artifact"]))
+
+
+def refusal(error_type, call, *fragments) -> str:
+    """The message of the ``error_type`` ``call()`` raises (an ArtifactError, a DataError), checked for ``fragments``."""
+    from pfp.artifacts.header import ArtifactError
+    from pfp.data.idx import DataError
+
+    with pytest.raises(error_type) as info:
+        call()
+    assert isinstance(info.value, ArtifactError) and isinstance(info.value, DataError)  # exit code 2 in the stages
+    message = str(info.value)
+    for fragment in fragments:
+        assert fragment in message, (fragment, message)
+    return message
