@@ -12,23 +12,12 @@ import torch
 
 from pfp.backends.torch_ref import deterministic_forward
 from pfp.backends.tvm import physical_cores
+from pfp.backends.weights import sample_stacked_weights
 from pfp.bench import TUNED_KEYS, benchmark_model, ensemble_forward, guide_from_posterior, time_call, time_side_by_side
-from pfp.bnn import Posterior, make_model, site_names
+from pfp.bnn import make_model
 from pfp.config import Variant
 from pfp.convert import convert_posterior
-from pfp.spec import build_spec
-from pfp.tuning import sample_stacked_weights
-
-
-def random_posterior(model: str, seed: int = 0) -> Posterior:
-    spec = build_spec(model)
-    g = torch.Generator().manual_seed(seed)
-    loc, scale = {}, {}
-    for layer in spec.parametric_layers():
-        for site, shape in zip(site_names(layer.name), (layer.weight_shape, layer.bias_shape)):
-            loc[site] = 0.1 * torch.randn(shape, generator=g)
-            scale[site] = 0.01 + 0.02 * torch.rand(shape, generator=g)
-    return Posterior(spec=spec, loc=loc, scale=scale)
+from tests._fixtures import random_posterior
 
 
 @pytest.mark.parametrize("model", ["mlp", "lenet"])
@@ -66,9 +55,9 @@ class _RecordingModel:
     def __init__(self, name, model, log):
         self.name, self.model, self.log = name, model, log
 
-    def benchmark(self, **kwargs):
+    def time(self, **kwargs):
         self.log.append((self.name, kwargs["repeat"]))
-        return self.model.benchmark(**kwargs)
+        return self.model.time(**kwargs)
 
 
 def test_time_side_by_side_interleaves_rounds():

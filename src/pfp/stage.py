@@ -53,3 +53,12 @@ def model_argument(params: PipelineParams, argv: list[str]) -> str:
     if model not in {m.value for m in params.models}:
         raise ConfigError(f"models: {model!r} is not one of the configured models {[m.value for m in params.models]}")
     return model
+
+
+def load_calibration(model: str):
+    """The calibrate stage's result for ``model`` (:class:`pfp.calibrate.CalibrationResult`)."""
+    import json
+
+    from pfp.calibrate import CalibrationResult
+
+    return CalibrationResult(**json.loads(calibration_path(model).read_text()))
