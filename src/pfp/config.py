@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from pfp.backends.base import Backend
 from pfp.spec import Architecture
 
 
@@ -119,9 +120,9 @@ class CalibrateConfig(_Section):
         return scales
 
 
-class PFPBackend(str, Enum):
-    TORCH = "torch"  # the PyTorch reference
-    TVM = "tvm"  # the compiled TVM module (host CPU)
+#: ``evaluate.pfp_backend``: the backend whose PFP predictor the pfp metrics come from
+#: (``torch``: the PyTorch reference; ``tvm``: the compiled module, host CPU)
+PFPBackend = Backend
 
 
 class EvaluateConfig(_Section):
