@@ -114,6 +114,7 @@ def test_tvm_and_torch_predictors_agree(models, x, variant, tmp_path):
     info = compiled.describe()
     assert json.loads(json.dumps(info)) == info
     assert info["backend"] == "tvm" and info["variant"] == variant.value and info["schedule"] == "hand"
+    assert info["model"] == "mlp" and info["kind"] == reference.describe()["kind"]
     assert info["batch_size"] == 2 and info["variance_scale"] == 0.7
     if variant is Variant.PFP:
         timing = compiled.time(number=2, repeat=2, x=x[:2])

@@ -62,7 +62,7 @@ class TVMBackend:
         schedule = Schedule(schedule)
         tvm_target = build.make_target(_variant(target))
         executable = build.compile_module(mod, tvm_target, build.Schedule(schedule.value), database)
-        info = {"variant": _variant(variant), "batch_size": batch_size, "schedule": schedule.value,
+        info = {"model": pfp_model.spec.name, "variant": _variant(variant), "batch_size": batch_size, "schedule": schedule.value,
                 "variance_scale": variance_scale, **(info or {})}
         if VARIANT_KIND[_variant(variant)] is PredictorKind.ENSEMBLE:
             info.update(svi_samples=svi_samples, seed=seed)
