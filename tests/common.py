@@ -40,6 +40,25 @@ def write_prepared(root: Path, *, per_split: int = 12, labels_per_image: int = 2
     return arrays
 
 
+def write_model_artifacts(workspace: Path, model: str, *, variance_scale: float = 1.0, seed: int = 0) -> Posterior:
+    """The train, convert and calibrate stages' outputs for ``model`` under ``workspace/models/MODEL``."""
+    from pfp.artifacts.calibration import save_calibration
+    from pfp.artifacts.pfp_params import save_pfp_params
+    from pfp.artifacts.posterior import save_posterior
+    from pfp.calibrate import CalibrationResult
+    from pfp.convert import convert_posterior
+
+    posterior = random_posterior(model, seed)
+    folder = Path(workspace) / "models" / model
+    folder.mkdir(parents=True, exist_ok=True)
+    save_posterior(posterior, folder / "posterior.npz")
+    save_pfp_params(convert_posterior(posterior), folder / "pfp.npz", parent=folder / "posterior.npz")
+    calibration = CalibrationResult(variance_scale=variance_scale, temperature=1.0, nll_before=1.0, nll_after=1.0,
+                                    ece_before=0.1, ece_after=0.1)
+    save_calibration(calibration, folder / "calibration.json", model=model, parent=folder / "pfp.npz")
+    return posterior
+
+
 def npz_header(path) -> dict:
     """The artifact header of an npz file, as a dict."""
     with np.load(path) as archive:

@@ -12,11 +12,11 @@ import torch
 
 from pfp.backends.torch_ref import deterministic_forward
 from pfp.backends.tvm import physical_cores
+from pfp.backends.weights import sample_stacked_weights
 from pfp.bench import TUNED_KEYS, benchmark_model, ensemble_forward, guide_from_posterior, time_call, time_side_by_side
 from pfp.bnn import make_model
 from pfp.config import Variant
 from pfp.convert import convert_posterior
-from pfp.tuning import sample_stacked_weights
 
 from .common import random_posterior
 
@@ -75,9 +75,9 @@ class _RecordingModel:
     def __init__(self, name, model, log):
         self.name, self.model, self.log = name, model, log
 
-    def benchmark(self, **kwargs):
+    def time(self, **kwargs):
         self.log.append((self.name, kwargs["repeat"]))
-        return self.model.benchmark(**kwargs)
+        return self.model.time(**kwargs)
 
 
 def test_time_side_by_side_interleaves_rounds():

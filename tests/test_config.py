@@ -186,3 +186,25 @@ def test_emulated_board_is_a_valid_tuning_runner():
     tune = parse_params({"train": TRAIN, "tune": {"target": "rasp4b", "rpc": {
         "tracker": "127.0.0.1:9190", "key": "rasp4b-emulated", "emulated": True}}}).tune
     assert tune.rpc.key == "rasp4b-emulated" and tune.rpc.emulated
+
+
+def test_tuning_and_benchmark_knobs_are_listed_in_every_params_file():
+    """Every knob of the tune and benchmark sections is in the params files, so DVC sees its value."""
+    import yaml
+
+    from pfp.config import BenchmarkConfig, TuneParams
+
+    for path in ("params.yaml", "configs/embedded.yaml"):
+        raw = yaml.safe_load(open(path))
+        assert not set(TuneParams.model_fields) - set(raw["tune"]), path
+        assert not set(BenchmarkConfig.model_fields) - set(raw["benchmark"]), path
+
+
+def test_search_threads_is_a_count_or_physical():
+    from pfp.config import TuneParams
+
+    assert TuneParams().search_threads == "physical" and TuneParams(search_threads=2).search_threads == 2
+    with pytest.raises(ValidationError):
+        TuneParams(search_threads="all")
+    with pytest.raises(ValidationError):
+        TuneParams(builder_timeout_sec=0)

@@ -1,9 +1,10 @@
-"""The tune stage's library: every variant x batch size compiled, recorded and exported; the
+"""TVM tuning (pfp.tuning): every variant x batch size compiled, recorded and exported; the
 libraries compute what the PyTorch reference computes (hand schedules measured, no search)."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,12 +12,13 @@ import torch
 
 pytest.importorskip("tvm")
 
-from pfp.backends.torch_ref import deterministic_forward, pfp_forward  # noqa: E402
-from pfp.bench import ensemble_forward  # noqa: E402
+from pfp.backends.base import Predictor  # noqa: E402
+from pfp.backends.torch_ref import deterministic_forward, ensemble_forward, pfp_forward  # noqa: E402
+from pfp.backends.weights import ensemble_weights  # noqa: E402
 from pfp.config import TuneParams, Variant  # noqa: E402
 from pfp.convert import convert_posterior  # noqa: E402
 from pfp.data.idx import DataError  # noqa: E402
-from pfp.tuning import ensemble_weights, library_path, load_library, tune_model  # noqa: E402
+from pfp.tuning import library_path, load_library, tune_config, tune_model  # noqa: E402
 
 from .common import random_posterior  # noqa: E402
 
@@ -60,8 +62,21 @@ def test_libraries_compute_the_reference(tuned):
     mean, var = load_library(out, "host", Variant.PFP, 2).predict(x.numpy())
     np.testing.assert_allclose(mean, ref_mean, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(var, ref_var, rtol=1e-4, atol=1e-8)
-    np.testing.assert_allclose(load_library(out, "host", Variant.DET, 2).predict(x.numpy()), ref_det, rtol=1e-4, atol=1e-6)
+    (det,) = load_library(out, "host", Variant.DET, 2).predict(x.numpy())
+    np.testing.assert_allclose(det, ref_det, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(load_library(out, "host", Variant.SVI, 2)(x[:2].numpy()), ref_svi, rtol=1e-4, atol=1e-6)
+    (svi,) = load_library(out, "host", Variant.SVI, 2).predict(x.numpy())  # any number of examples, members first
+    np.testing.assert_allclose(svi[:, :2], ref_svi, rtol=1e-4, atol=1e-6)
+
+
+def test_libraries_are_predictors_that_describe_their_provenance(tuned):
+    _, _, _, out, _ = tuned
+    library = load_library(out, "host", Variant.SVI, 2)
+    assert isinstance(library, Predictor)
+    info = library.describe()
+    assert json.loads(json.dumps(info)) == info
+    assert info["backend"] == "tvm" and info["kind"] == "ensemble" and info["schedule"] == "tuned"
+    assert info["variance_scale"] == SCALE and info["svi_samples"] == 3 and info["seed"] == 3 and info["batch_size"] == 2
 
 
 def test_second_run_resumes_from_the_recorded_measurements(tuned):
@@ -77,20 +92,22 @@ def test_missing_library_names_the_stage(tmp_path):
         load_library(tmp_path, "host", Variant.PFP, 1)
 
 
-def test_evaluate_takes_the_tuned_library_and_refuses_a_stale_one(tuned, monkeypatch):
-    from tasks.evaluate import tuned_pfp_library
+def test_tune_config_takes_every_knob_of_the_params():
+    params = TuneParams(trials_per_task=40, max_trials_global=500, max_trials_per_iter=8, repeat=2, genetic_num_iters=3,
+                        population_size=12, max_init_unmeasured=20, search_seed=None, search_threads=1,
+                        builder_timeout_sec=30.0, builder_workers=2, lean_builder=False, runner_timeout_sec=9.0,
+                        session_timeout_sec=7.0)
+    config = tune_config(params, Path("work"))
+    assert (config.trials_per_task, config.max_trials_global, config.num_trials_per_iter, config.repeat) == (40, 500, 8, 2)
+    assert (config.genetic_num_iters, config.population_size, config.init_min_unmeasured) == (3, 12, 12)
+    assert (config.seed, config.num_threads, config.builder_timeout_sec, config.builder_workers) == (None, 1, 30.0, 2)
+    assert (config.lean_builder, config.runner_timeout_sec, config.session_timeout_sec) == (False, 9.0, 7.0)
+    assert config.work_dir == "work" and config.search
 
-    _, _, params, out, _ = tuned
-    monkeypatch.chdir(out.parents[2])
-    library, path = tuned_pfp_library("lenet", params, SCALE)
-    assert path == "models/lenet/tvm/host/pfp_b2.so" and library.info["variance_scale"] == SCALE
-    with pytest.raises(DataError, match="variance scale 0.5, calibration says 1.0; re-run tune"):
-        tuned_pfp_library("lenet", params, 1.0)
 
-
-def test_evaluate_compiles_on_the_host_when_the_libraries_are_for_a_board():
-    from tasks.evaluate import tuned_pfp_library
-
-    board = TuneParams(target="rasp4b", rpc={"tracker": "127.0.0.1:9190", "key": "rasp4b"})
-    library, note = tuned_pfp_library("mlp", board, 1.0)
-    assert library is None and "rasp4b is a board" in note
+def test_tune_config_defaults_are_the_former_constants():
+    config = tune_config(TuneParams(trials_per_task=0, population_size=64), Path("work"))
+    assert (config.trials_per_task, config.max_trials_global, config.num_trials_per_iter, config.repeat) == (1, 100_000, 1, 1)
+    assert (config.genetic_num_iters, config.init_min_unmeasured, config.seed, config.num_threads) == (2, 16, 0, "physical")
+    assert (config.builder_timeout_sec, config.builder_workers, config.lean_builder) == (300.0, None, True)
+    assert (config.runner_timeout_sec, config.session_timeout_sec) == (60.0, 60.0) and not config.search

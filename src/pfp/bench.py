@@ -1,8 +1,9 @@
 """Latency of every way to get a BNN prediction, measured side by side in one process.
 
 Figures are milliseconds per batch; ratios between them are the point (the machine is shared
-and noisy, so no absolute number is asserted anywhere). Compiled code is timed with TVM's
-``time_evaluator``, all compiled variants in interleaved rounds (:func:`time_side_by_side`);
+and noisy, so no absolute number is asserted anywhere). Predictors are made and timed through
+the backend interface (:mod:`pfp.backends.base`): compiled code with its own timer
+(``Predictor.time``), all compiled variants in interleaved rounds (:func:`time_side_by_side`);
 Python-level baselines with a warm-up and the median of repeats.
 """
 
@@ -17,11 +18,13 @@ import torch
 from pyro.infer import Predictive
 from pyro.infer.autoguide import AutoNormal
 
+from pfp.backends import base
+from pfp.backends.base import Backend, Predictor, Schedule
 from pfp.backends.torch_ref import ensemble_forward
+from pfp.backends.weights import sample_stacked_weights
 from pfp.bnn import Posterior, make_model
 from pfp.config import Variant
 from pfp.convert import PFPModel
-from pfp.tuning import sample_stacked_weights
 
 
 def time_call(fn: Callable[[], object], *, warmup: int = 2, repeat: int = 10) -> float:
@@ -36,8 +39,8 @@ def time_call(fn: Callable[[], object], *, warmup: int = 2, repeat: int = 10) ->
     return statistics.median(samples)
 
 
-def time_side_by_side(models: Mapping[str, object], x, *, number: int, rounds: int) -> dict[str, float]:
-    """Median latency (ms per batch) of each compiled model, measured in interleaved rounds.
+def time_side_by_side(models: Mapping[str, Predictor], x, *, number: int, rounds: int) -> dict[str, float]:
+    """Median latency (ms per batch) of each predictor, measured in interleaved rounds.
 
     Each round times every model once (``number`` calls each), so a burst of load on a shared
     machine slows all of them alike instead of one variant: ratios between them stay meaningful.
@@ -45,7 +48,7 @@ def time_side_by_side(models: Mapping[str, object], x, *, number: int, rounds: i
     samples: dict[str, list[float]] = {name: [] for name in models}
     for _ in range(rounds):
         for name, model in models.items():
-            samples[name].append(model.benchmark(number=number, repeat=1, x=x)["median_ms"])
+            samples[name].append(model.time(number=number, repeat=1, x=x)["median_ms"])
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
@@ -68,20 +71,16 @@ TUNED_KEYS = {Variant.PFP: "pfp_tvm_ms", Variant.PFP_SEPARATE: "pfp_tvm_separate
 
 
 def benchmark_model(posterior: Posterior, pfp_model: PFPModel, batch_size: int, *, svi_samples: int = 30,
-                    repeat: int = 10, tvm_number: int = 20, tvm_repeat: int = 5, libraries: Mapping | None = None,
-                    variance_scale: float = 1.0, seed: int = 0) -> dict:
+                    repeat: int = 10, warmup: int = 2, tvm_number: int = 20, tvm_repeat: int = 5,
+                    libraries: Mapping[Variant, Predictor] | None = None, variance_scale: float = 1.0,
+                    seed: int = 0) -> dict:
     """Latency (ms per batch) of each predictor of this model at ``batch_size``, side by side.
 
-    ``libraries`` maps a :class:`~pfp.config.Variant` to its tuned compiled module (the tune
+    ``libraries`` maps a :class:`~pfp.config.Variant` to its tuned compiled predictor (the tune
     stage's libraries); a variant without one is compiled here with the hand schedules, and
     ``schedules`` in the result says which. ``*_untuned_ms`` is TVM's default lowering.
+    ``warmup`` untimed calls precede the ``repeat`` timed ones of each Python-level baseline.
     """
-    import tvm
-
-    from pfp.backends.torch_ref import pfp_forward
-    from pfp.backends.tvm.build import CompiledDeterministic, CompiledEnsemble, CompiledPFP, Schedule, compile_module
-    from pfp.tuning import build_variant_module
-
     spec = posterior.spec
     libraries = dict(libraries or {})
     x = torch.randn(batch_size, *spec.input_shape)
@@ -89,21 +88,20 @@ def benchmark_model(posterior: Posterior, pfp_model: PFPModel, batch_size: int, 
     torch_model = make_model(spec, prior_scale=1.0)
     guide = guide_from_posterior(posterior, torch_model, x)
     predictive = Predictive(torch_model, guide=guide, num_samples=svi_samples, return_sites=("_RETURN",))
+    options = {"batch_size": batch_size, "variance_scale": variance_scale, "svi_samples": svi_samples, "seed": seed}
+    # the PyTorch baselines run the converted layer order too (as the compiled ones do)
+    pfp_torch = base.create(Backend.TORCH, Variant.PFP, pfp_model, posterior, **options)
     with torch.no_grad():
-        results["svi_pyro_ms"] = time_call(lambda: predictive(x), repeat=repeat)
-        # the PyTorch baselines run the converted layer order too (as the compiled ones do)
+        results["svi_pyro_ms"] = time_call(lambda: predictive(x), warmup=warmup, repeat=repeat)
         results["svi_torch_ms"] = time_call(
             lambda: torch.softmax(ensemble_forward(pfp_model.spec, sample_stacked_weights(posterior, svi_samples), x), -1).mean(0),
-            repeat=repeat)
-        results["pfp_torch_ms"] = time_call(lambda: pfp_forward(pfp_model.spec, pfp_model.params, x), repeat=repeat)
+            warmup=warmup, repeat=repeat)
+    for _ in range(warmup):
+        pfp_torch.predict(x.numpy())
+    results["pfp_torch_ms"] = pfp_torch.time(number=1, repeat=repeat, x=x.numpy())["median_ms"]
 
-    classes = {Variant.PFP: CompiledPFP, Variant.PFP_SEPARATE: CompiledPFP, Variant.DET: CompiledDeterministic,
-               Variant.SVI: CompiledEnsemble}
-
-    def compiled(variant: Variant, schedule: Schedule):
-        mod = build_variant_module(variant, posterior, pfp_model, batch_size=batch_size, variance_scale=variance_scale,
-                                   svi_samples=svi_samples, seed=seed)
-        return classes[variant](compile_module(mod, "host", schedule), (batch_size, *spec.input_shape))
+    def compiled(variant: Variant, schedule: Schedule) -> Predictor:
+        return base.create(Backend.TVM, variant, pfp_model, posterior, **options, schedule=schedule)
 
     models = {name: compiled(variant, Schedule.DEFAULT)
               for variant, name in ((Variant.PFP, "pfp_tvm_untuned_ms"), (Variant.PFP_SEPARATE, "pfp_tvm_separate_untuned_ms"),
@@ -122,5 +120,5 @@ def benchmark_model(posterior: Posterior, pfp_model: PFPModel, batch_size: int, 
     results["untuned_over_tuned_pfp_tvm"] = results["pfp_tvm_untuned_ms"] / results["pfp_tvm_ms"]
     results["schedules"] = schedules
     # what the figures ran on: TVM's pool is sized by pfp.backends.tvm (physical cores), torch's by torch
-    results["threads"] = {"tvm": int(tvm.get_global_func("runtime.NumThreads")()), "torch": torch.get_num_threads()}
+    results["threads"] = {"tvm": models["pfp_tvm_ms"].describe()["threads"], "torch": pfp_torch.describe()["threads"]}
     return results

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from pfp.backends.base import Backend
 from pfp.spec import Architecture
 
 
@@ -119,9 +120,9 @@ class CalibrateConfig(_Section):
         return scales
 
 
-class PFPBackend(str, Enum):
-    TORCH = "torch"  # the PyTorch reference
-    TVM = "tvm"  # the compiled TVM module (host CPU)
+#: ``evaluate.pfp_backend``: the backend whose PFP predictor the pfp metrics come from
+#: (``torch``: the PyTorch reference; ``tvm``: the compiled module, host CPU)
+PFPBackend = Backend
 
 
 class EvaluateConfig(_Section):
@@ -143,14 +144,6 @@ def _positive_batch_sizes(sizes: list[int]) -> list[int]:
 BatchSizes = Annotated[list[int], AfterValidator(_positive_batch_sizes)]
 
 
-class BenchmarkConfig(_Section):
-    batch_sizes: BatchSizes = Field(default_factory=lambda: [1, 10, 100])
-    svi_samples: int = Field(30, ge=1)
-    repeat: int = Field(10, ge=1)  # Python-level baselines: median of this many timed calls
-    tvm_number: int = Field(20, ge=1)  # time_evaluator: calls per measurement
-    tvm_repeat: int = Field(5, ge=1)  # interleaved rounds: one measurement of every compiled variant each
-
-
 class CompileTarget(str, Enum):
     """Where the compiled modules run (see pfp.backends.tvm.build.make_target)."""
 
@@ -166,6 +159,16 @@ class Variant(str, Enum):
     PFP_SEPARATE = "pfp_separate"  # the same with separate mean and variance operators (ablation)
     DET = "det"  # deterministic twin (mean weights): the cost floor
     SVI = "svi"  # SVI with pre-drawn weight samples, all members in one batched pass
+
+
+class BenchmarkConfig(_Section):
+    batch_sizes: BatchSizes = Field(default_factory=lambda: [1, 10, 100])
+    svi_samples: int = Field(30, ge=1)
+    repeat: int = Field(10, ge=1)  # Python-level baselines: median of this many timed calls
+    warmup: int = Field(2, ge=0)  # untimed calls of each Python-level baseline before its timed ones
+    tvm_number: int = Field(20, ge=1)  # time_evaluator: calls per measurement
+    tvm_repeat: int = Field(5, ge=1)  # interleaved rounds: one measurement of every compiled variant each
+    memory_variants: list[Variant] = Field(default_factory=lambda: [Variant.PFP, Variant.DET])  # profile.json's memory estimates
 
 
 class RPCConfig(_Section):
@@ -201,6 +204,19 @@ class TuneParams(_Section):
     finalists: int = Field(2, ge=0)  # best other records per task (search candidates, earlier hand schedules) re-measured beside the hand schedule
     selection_rounds: int = Field(3, ge=1)  # interleaved rounds of that side-by-side run-off
     switch_margin: float = Field(0.03, ge=0.0, le=1.0)  # another record replaces the hand schedule only when this much faster
+    # Meta Scheduler search and measurement settings (pfp.backends.tvm.tune.TuneConfig)
+    max_trials_global: int = Field(100_000, ge=1)  # trial budget of one module, all tasks together
+    max_trials_per_iter: int = Field(16, ge=1)  # candidates per search iteration (at most trials_per_task)
+    repeat: int = Field(1, ge=1)  # measurements of a candidate, each of `number` runs
+    genetic_num_iters: int = Field(2, ge=1)  # evolutionary search generations per iteration
+    max_init_unmeasured: int = Field(16, ge=1)  # unmeasured initial candidates (at most population_size)
+    search_seed: Optional[int] = 0  # seed of the search (None: random)
+    search_threads: Union[int, Literal["physical"]] = "physical"  # threads of the cost model and evolution
+    builder_timeout_sec: float = Field(300.0, gt=0)  # a builder worker's start and one candidate's build
+    builder_workers: Optional[int] = Field(None, ge=1)  # None: one per logical CPU
+    lean_builder: bool = True  # build candidates without importing TVM's tensor intrinsics (no tensorize on CPU)
+    runner_timeout_sec: float = Field(60.0, gt=0)  # local runner: one candidate's measurement
+    session_timeout_sec: float = Field(60.0, gt=0)  # RPC runner: one board session
     rpc: RPCConfig = RPCConfig()
 
     @field_validator("variants")

@@ -18,10 +18,12 @@ import numpy as np
 import torch
 
 from pfp import metrics, plots
+from pfp.backends import base
+from pfp.backends.base import Backend, Predictor
 from pfp.bnn import Posterior, predict_deterministic, predict_svi
 from pfp.calibrate import CalibrationResult
-from pfp.config import EvaluateConfig, PFPBackend
-from pfp.convert import PFPModel, predict_pfp
+from pfp.config import EvaluateConfig, Variant
+from pfp.convert import PFPModel
 from pfp.data.dirty_mnist import normalise
 from pfp.predictive import gaussian_logit_softmax_samples, softmax_samples
 
@@ -56,31 +58,32 @@ def _from_sample_probs(sample_probs: np.ndarray, logit_variance: np.ndarray) -> 
     return Prediction(probs, metrics.mutual_information(sample_probs), metrics.softmax_entropy(probs), logit_variance)
 
 
+def pfp_predictor(pfp_model: PFPModel, *, variance_scale: float, config: EvaluateConfig, batch_size: int) -> Predictor:
+    """The PFP predictor of ``config.pfp_backend``, made once per model, backend, scale and batch size."""
+    cache = pfp_model.__dict__.setdefault("_predictors", {})
+    key = (config.pfp_backend.value, variance_scale, batch_size)
+    if key not in cache:  # a compiling backend (TVM) compiles here: only when asked for
+        cache[key] = base.create(config.pfp_backend, Variant.PFP, pfp_model, batch_size=batch_size,
+                                 variance_scale=variance_scale)
+    return cache[key]
+
+
 def pfp_logit_moments(pfp_model: PFPModel, x: torch.Tensor, *, variance_scale: float,
-                      config: EvaluateConfig, library=None) -> tuple[torch.Tensor, torch.Tensor]:
+                      config: EvaluateConfig, library: Predictor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """PFP logit mean and variance from the configured backend (compiled TVM or the torch reference).
 
-    ``library`` is a compiled PFP module to use (e.g. the tune stage's library); without it
-    the module is compiled here with the hand schedules.
+    ``library`` is a PFP predictor to use (e.g. the tune stage's library); without it the
+    predictor of ``config.pfp_backend`` is made here (compiled with the hand schedules).
     """
-    if config.pfp_backend is PFPBackend.TORCH:
-        return predict_pfp(pfp_model, x, variance_scale=variance_scale, batch_size=config.batch_size)
-    if library is not None:
-        mean, var = library.predict(x.numpy())
-        return torch.from_numpy(mean), torch.from_numpy(var)
-    batch_size = min(config.batch_size, x.shape[0])
-    cache = pfp_model.__dict__.setdefault("_compiled", {})  # one compilation per model, scale and batch size
-    key = (variance_scale, batch_size)
-    if key not in cache:
-        from pfp.backends.tvm.build import compile_pfp  # imports TVM: only when asked for
-
-        cache[key] = compile_pfp(pfp_model.spec, pfp_model.params, batch_size=batch_size, variance_scale=variance_scale)
-    mean, var = cache[key].predict(x.numpy())
+    if library is None:
+        library = pfp_predictor(pfp_model, variance_scale=variance_scale, config=config,
+                                batch_size=min(config.batch_size, x.shape[0]))
+    mean, var = library.predict(x.numpy())
     return torch.from_numpy(mean), torch.from_numpy(var)
 
 
 def predict(method: Method, posterior: Posterior, pfp_model: PFPModel, calibration: CalibrationResult,
-            x: torch.Tensor, config: EvaluateConfig, *, seed: int, pfp_library=None) -> Prediction:
+            x: torch.Tensor, config: EvaluateConfig, *, seed: int, pfp_library: Predictor | None = None) -> Prediction:
     if method is Method.SVI:
         logits = predict_svi(posterior, x, num_samples=config.svi_samples, seed=seed, batch_size=config.batch_size)
         return _from_sample_probs(softmax_samples(logits), logits.var(0).mean(-1).numpy())
@@ -119,21 +122,22 @@ def _concat(a: Prediction, b: Prediction) -> Prediction:
 
 def moment_errors(posterior: Posterior, pfp_model: PFPModel, x: torch.Tensor, *, num_samples: int, seed: int,
                   variance_scale: float = 1.0) -> dict[str, float]:
-    """Relative error of PFP's logit mean/variance against SVI's sampled moments."""
+    """Relative error of PFP's logit mean/variance (the PyTorch reference) against SVI's sampled moments."""
     logits = predict_svi(posterior, x, num_samples=num_samples, seed=seed)
-    logit_mean, logit_var = predict_pfp(pfp_model, x, variance_scale=variance_scale)
+    reference = base.create(Backend.TORCH, Variant.PFP, pfp_model, batch_size=1000, variance_scale=variance_scale)
+    logit_mean, logit_var = reference.predict(x.numpy())
     return {
-        "logit_mean_rel_error": metrics.relative_error(logit_mean.numpy(), logits.mean(0).numpy()),
-        "logit_var_rel_error": metrics.relative_error(logit_var.numpy(), logits.var(0).numpy()),
+        "logit_mean_rel_error": metrics.relative_error(logit_mean, logits.mean(0).numpy()),
+        "logit_var_rel_error": metrics.relative_error(logit_var, logits.var(0).numpy()),
     }
 
 
 def evaluate_model(posterior: Posterior, pfp_model: PFPModel, calibration: CalibrationResult,
                    arrays: dict[str, np.ndarray], config: EvaluateConfig, *, seed: int,
-                   plot_dir: str | Path | None = None, pfp_library=None) -> dict[str, dict]:
+                   plot_dir: str | Path | None = None, pfp_library: Predictor | None = None) -> dict[str, dict]:
     """Metrics per method (see module docstring); writes plots to ``plot_dir`` when given.
 
-    ``pfp_library``: the compiled PFP module the pfp metrics come from (TVM backend).
+    ``pfp_library``: the PFP predictor the pfp metrics come from (else one of ``config.pfp_backend``).
     """
     inputs = {s: normalise(arrays[f"{SET_ARRAYS[s]}_x"]) for s in EvalSet}
     labels = {s: arrays[f"{SET_ARRAYS[s]}_y"] for s in EvalSet}

@@ -1,4 +1,4 @@
-"""The `tune` stage: compile every predictor of a model for a target, tuned, as shared libraries.
+"""TVM tuning of every predictor of a model for a target, exported as shared libraries (the tune stage's work).
 
 For each variant (:class:`~pfp.config.Variant`: PFP joint, PFP separate, deterministic twin,
 SVI ensemble) and batch size, the Relax module is built from the one model description, its
@@ -11,6 +11,10 @@ Layout (``out_dir`` = ``models/<model>/tvm``)::
 
     host/pfp_b1.so, host/pfp_b1.so.json        # library + metadata (variant, schedule, scale)
     host/pfp_b1/database_*.json                # Meta Scheduler database (+ pfp_tune_state.json)
+
+Library code of :mod:`pfp.stages.tune` (which holds no TVM symbol): the search itself is TVM's
+(:mod:`pfp.backends.tvm.tune`); the tuned predictor is compiled, exported and loaded through
+the backend interface (:mod:`pfp.backends.base`).
 """
 
 from __future__ import annotations
@@ -21,60 +25,26 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from pfp.bnn import Posterior, site_names
+from pfp.backends import base
+from pfp.backends.base import Backend, Predictor, Schedule
+from pfp.bnn import Posterior
 from pfp.config import CompileTarget, TuneParams, Variant
 from pfp.convert import PFPModel
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TunedLibrary", "build_variant_module", "ensemble_weights", "library_path", "load_library",
-           "sample_stacked_weights", "tune_model"]
+__all__ = ["TunedLibrary", "library_path", "load_library", "schedule_sources", "tune_config", "tune_model"]
 
 
 def library_path(out_dir: str | Path, target: CompileTarget | str, variant: Variant | str, batch_size: int) -> Path:
     return Path(out_dir) / CompileTarget(target).value / f"{Variant(variant).value}_b{batch_size}.so"
 
 
-def sample_stacked_weights(posterior: Posterior, samples: int, generator: torch.Generator | None = None) -> dict:
-    """``samples`` weight sets from the mean-field posterior, stacked per layer: {name: (w (S, ...), b (S, ...))}."""
-    weights = {}
-    for layer in posterior.spec.parametric_layers():
-        pair = []
-        for site in site_names(layer.name):
-            loc, scale = posterior.loc[site], posterior.scale[site]
-            pair.append(loc + scale * torch.randn((samples, *loc.shape), generator=generator))
-        weights[layer.name] = tuple(pair)
-    return weights
+def schedule_sources() -> list[str]:
+    """Every source a kept schedule can have (``kept`` in a task row of :attr:`TunedLibrary.report`)."""
+    from pfp.backends.tvm.tune import ScheduleSource
 
-
-def ensemble_weights(posterior: Posterior, samples: int, seed: int) -> dict:
-    """``samples`` weight sets drawn once from the posterior (fixed by ``seed``), stacked per layer."""
-    return sample_stacked_weights(posterior, samples, torch.Generator().manual_seed(seed))
-
-
-def build_variant_module(variant: Variant | str, posterior: Posterior, pfp_model: PFPModel, *, batch_size: int,
-                         variance_scale: float = 1.0, svi_samples: int = 30, seed: int = 0):
-    """The Relax module of one predictor (weights bound as constants)."""
-    from pfp.backends.tvm import build
-
-    variant = Variant(variant)
-    # every variant runs the converted layer order: the twin and the ensemble members compute
-    # the same function in it (see pfp.convert.pool_before_relu), so the baselines get it too
-    spec = pfp_model.spec
-    if spec.parametric_layers() != posterior.spec.parametric_layers():
-        raise ValueError(f"the PFP model ({spec.name}) and the posterior ({posterior.spec.name}) have different layers")
-    if variant in (Variant.PFP, Variant.PFP_SEPARATE):
-        return build.build_pfp_module(spec, pfp_model.params, batch_size=batch_size, joint=variant is Variant.PFP,
-                                      variance_scale=variance_scale)
-    if variant is Variant.DET:
-        return build.build_deterministic_module(spec, posterior.mean_weights(), batch_size=batch_size)
-    return build.build_ensemble_module(spec, ensemble_weights(posterior, svi_samples, seed), batch_size=batch_size)
-
-
-_COMPILED_CLASS = {Variant.PFP: "CompiledPFP", Variant.PFP_SEPARATE: "CompiledPFP", Variant.DET: "CompiledDeterministic",
-                   Variant.SVI: "CompiledEnsemble"}
+    return [source.value for source in ScheduleSource]
 
 
 @dataclass
@@ -87,15 +57,26 @@ class TunedLibrary:
     def as_dict(self) -> dict:
         return {"variant": self.variant.value, "batch_size": self.batch_size, "library": str(self.path), **self.report}
 
+    def kept_counts(self) -> dict[str, int]:
+        """How many tasks kept a schedule of each source (every source listed, 0 included)."""
+        return {source: sum(row["kept"] == source for row in self.report["tasks"]) for source in schedule_sources()}
 
-def _tune_config(params: TuneParams, work_dir: Path):
+
+def tune_config(params: TuneParams, work_dir: Path):
+    """The Meta Scheduler settings of one module's tuning (:class:`pfp.backends.tvm.tune.TuneConfig`)."""
     from pfp.backends.tvm.tune import TuneConfig
 
     trials = max(params.trials_per_task, 1)
-    return TuneConfig(trials_per_task=trials, max_trials_global=100_000, num_trials_per_iter=min(trials, 16),
-                      target=params.target.value, work_dir=str(work_dir), number=params.number, repeat=1,
+    return TuneConfig(trials_per_task=trials, max_trials_global=params.max_trials_global,
+                      num_trials_per_iter=min(trials, params.max_trials_per_iter), target=params.target.value,
+                      work_dir=str(work_dir), number=params.number, repeat=params.repeat,
                       min_repeat_ms=params.min_repeat_ms, population_size=params.population_size,
-                      genetic_num_iters=2, init_min_unmeasured=min(16, params.population_size),
+                      genetic_num_iters=params.genetic_num_iters,
+                      init_min_unmeasured=min(params.max_init_unmeasured, params.population_size),
+                      seed=params.search_seed, num_threads=params.search_threads,
+                      builder_timeout_sec=params.builder_timeout_sec, builder_workers=params.builder_workers,
+                      lean_builder=params.lean_builder, runner_timeout_sec=params.runner_timeout_sec,
+                      session_timeout_sec=params.session_timeout_sec,
                       rpc_tracker=params.rpc.tracker, rpc_key=params.rpc.key, search=params.trials_per_task > 0,
                       finalists=params.finalists, selection_rounds=params.selection_rounds,
                       switch_margin=params.switch_margin)
@@ -107,7 +88,8 @@ def tune_model(posterior: Posterior, pfp_model: PFPModel, params: TuneParams, ou
 
     ``params.trials_per_task == 0`` measures and records the hand schedules only.
     """
-    from pfp.backends.tvm import build, tune
+    from pfp.backends.tvm import tune
+    from pfp.backends.tvm_predictor import build_variant_module
 
     out_dir = Path(out_dir)
     target_dir = out_dir / params.target.value
@@ -117,23 +99,20 @@ def tune_model(posterior: Posterior, pfp_model: PFPModel, params: TuneParams, ou
         start = time.perf_counter()
         print(f"[tune {index}/{len(jobs)}] {posterior.spec.name} {variant.value} batch {batch} "
               f"({params.target.value}, {params.trials_per_task} trials/task)", flush=True)
-        mod = build_variant_module(variant, posterior, pfp_model, batch_size=batch, variance_scale=variance_scale,
-                                   svi_samples=params.svi_samples, seed=seed)
+        options = {"batch_size": batch, "variance_scale": variance_scale, "svi_samples": params.svi_samples,
+                   "seed": seed}
+        mod = build_variant_module(variant, pfp_model, posterior, **options)
         work_dir = target_dir / f"{variant.value}_b{batch}"
-        config = _tune_config(params, work_dir)
+        config = tune_config(params, work_dir)
         report = tune.TuneReport()
         database = tune.tune_module(mod, config=config, report=report)
         _drop_logs(work_dir)
-        executable = tune.compile_tuned(mod, config.target, database)
-        cls = getattr(build, _COMPILED_CLASS[variant])
-        info = {"variant": variant.value, "batch_size": batch, "schedule": "tuned", "variance_scale": variance_scale,
-                "trials_per_task": params.trials_per_task}
-        if variant is Variant.SVI:
-            info.update(svi_samples=params.svi_samples, seed=seed)
-        compiled = cls(executable, (batch, *posterior.spec.input_shape), target=build.make_target(config.target),
-                       info=info)
+        # the same module again (weights and ensemble draws are fixed by the options), compiled with the run-off's choice
+        compiled = base.create(Backend.TVM, variant, pfp_model, posterior, **options, schedule=Schedule.TUNED,
+                               target=params.target.value, database=database,
+                               info={"trials_per_task": params.trials_per_task})
         path = library_path(out_dir, params.target, variant, batch)
-        compiled.export_library(path)
+        compiled.export(path)
         seconds = time.perf_counter() - start
         results.append(TunedLibrary(variant, batch, path, {
             "seconds": seconds, "tasks": report.table(), "untunable": report.untunable,
@@ -149,13 +128,11 @@ def _drop_logs(work_dir: Path) -> None:
     shutil.rmtree(work_dir / "logs", ignore_errors=True)
 
 
-def load_library(out_dir: str | Path, target: CompileTarget | str, variant: Variant | str, batch_size: int):
+def load_library(out_dir: str | Path, target: CompileTarget | str, variant: Variant | str, batch_size: int) -> Predictor:
     """Load a library written by :func:`tune_model` (host target only: it runs here)."""
-    from pfp.backends.tvm.build import load_compiled
-
     path = library_path(out_dir, target, variant, batch_size)
     if not path.is_file():
         from pfp.data.idx import DataError
 
         raise DataError(f"{path}: compiled library not found; run the tune stage first (dvc repro tune)")
-    return load_compiled(path)
+    return base.load(path, Backend.TVM)

@@ -624,6 +624,28 @@ class CompiledModel:
         rows = [{"operator": name, "calls": calls[name], "ms": float(sum(values))} for name, values in samples.items()]
         return sorted(rows, key=lambda row: -row["ms"])
 
+    # -- pfp.backends.base.Predictor (protocol shims, superseded by runtime.py)
+
+    def predict(self, x) -> tuple[np.ndarray, ...]:
+        return self.predict_outputs(x)
+
+    def time(self, *, number: int = 10, repeat: int = 3, x=None) -> dict[str, float]:
+        return self.benchmark(number=number, repeat=repeat, x=x)
+
+    def export(self, path: str | Path) -> Path:
+        return self.export_library(path)
+
+    def describe(self) -> dict[str, Any]:
+        # the runtime's thread count as it reads it (pfp.backends.tvm sets TVM_NUM_THREADS); not
+        # runtime.NumThreads, which starts the thread pool and pins the calling thread to one CPU
+        import os
+
+        from pfp.backends.tvm import physical_cores
+
+        threads = os.environ.get("TVM_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS") or physical_cores()
+        return {"backend": "tvm", "kind": self.kind, "target": str(self.target), "batch_size": self.batch_size,
+                "input_shape": list(self.input_shape), "threads": int(threads), **self.info}
+
     # -- export / load
 
     def export_library(self, path: str | Path) -> Path:
@@ -696,10 +718,6 @@ class CompiledPFP(CompiledModel):
         mean, var = self.run(x)
         return mean, var
 
-    def predict(self, x) -> tuple[np.ndarray, np.ndarray]:
-        mean, var = self.predict_outputs(x)
-        return mean, var
-
 
 class CompiledDeterministic(CompiledModel):
     """Compiled deterministic twin: ``runner(x) -> logits``."""
@@ -709,9 +727,6 @@ class CompiledDeterministic(CompiledModel):
     def __call__(self, x) -> np.ndarray:
         return self.run(x)[0]
 
-    def predict(self, x) -> np.ndarray:
-        return self.predict_outputs(x)[0]
-
 
 class CompiledEnsemble(CompiledModel):
     """Compiled S-member ensemble (SVI with pre-drawn weights): ``runner(x) -> logits (S, B, C)``."""
@@ -720,6 +735,20 @@ class CompiledEnsemble(CompiledModel):
 
     def __call__(self, x) -> np.ndarray:
         return self.run(x)[0]
+
+    def predict(self, x) -> tuple[np.ndarray, ...]:
+        """Any number of examples: ``(logits (S, N, C),)``; batches join on the example axis (1), not the members'."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if x.shape[1:] != self.input_shape[1:] or x.shape[0] == 0:
+            return self.predict_outputs(x)  # its error message
+        chunks = []
+        for start in range(0, x.shape[0], self.batch_size):
+            batch = x[start:start + self.batch_size]
+            count = batch.shape[0]
+            if count < self.batch_size:
+                batch = np.concatenate([batch, np.zeros((self.batch_size - count, *batch.shape[1:]), np.float32)])
+            chunks.append(self.run(batch)[0][:, :count])
+        return (np.concatenate(chunks, axis=1),)
 
 
 def load_compiled(path: str | Path) -> CompiledModel:

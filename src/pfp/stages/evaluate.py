@@ -1,0 +1,71 @@
+"""Stage `evaluate@MODEL`: svi / pfp / det metrics -> metrics/evaluate/MODEL.json + plots.
+
+The pfp metrics come from ``evaluate.pfp_backend``: with ``tvm`` the tune stage's host PFP
+library (largest batch), or, when the libraries were tuned for a board, a PFP predictor
+compiled here with the hand schedules.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pfp.artifacts.trained import load_trained
+from pfp.backends.base import Predictor
+from pfp.config import CompileTarget, EvaluateConfig, PFPBackend, TuneParams, Variant
+from pfp.data.dirty_mnist import load_prepared
+from pfp.data.idx import DataError
+from pfp.evaluation import evaluate_model
+from pfp.io import atomic_write_json
+from pfp.stage import METRICS_DIR, PLOTS_DIR, PREPARED_DIR, tvm_dir
+from pfp.tuning import library_path, load_library
+
+__all__ = ["EvaluateOutcome", "plot_dir", "results_path", "run", "tuned_pfp_library"]
+
+
+def results_path(model: str) -> Path:
+    return METRICS_DIR / "evaluate" / f"{model}.json"
+
+
+def plot_dir(model: str) -> Path:
+    return PLOTS_DIR / model / "evaluate"
+
+
+def tuned_pfp_library(model: str, tune: TuneParams, variance_scale: float) -> tuple[Predictor | None, str]:
+    """The tune stage's host PFP library (largest batch) and its path; (None, note) for a board target."""
+    if tune.target is not CompileTarget.HOST:
+        return None, f"compiled here with hand schedules (tune.target {tune.target.value} is a board)"
+    batch = max(tune.batch_sizes)
+    library = load_library(tvm_dir(model), tune.target, Variant.PFP, batch)
+    compiled_scale = library.describe().get("variance_scale")
+    if compiled_scale is None or abs(compiled_scale - variance_scale) > 1e-12:
+        raise DataError(f"{library_path(tvm_dir(model), tune.target, Variant.PFP, batch)}: compiled with variance "
+                        f"scale {compiled_scale}, calibration says {variance_scale}; re-run tune")
+    return library, str(library_path(tvm_dir(model), tune.target, Variant.PFP, batch))
+
+
+@dataclass
+class EvaluateOutcome:
+    results: dict  # what metrics/evaluate/MODEL.json holds
+    results_path: Path
+    plot_dir: Path
+    tags: dict[str, str] = field(default_factory=dict)  # for the tracking run
+
+
+def run(model: str, config: EvaluateConfig, tune: TuneParams, *, seed: int) -> EvaluateOutcome:
+    """Evaluate ``model`` (in the DVC workspace, the working folder)."""
+    trained = load_trained(model)
+    calibration = trained.calibration
+    library, source = None, None
+    if config.pfp_backend is PFPBackend.TVM:
+        library, source = tuned_pfp_library(model, tune, calibration.variance_scale)
+    results = evaluate_model(trained.posterior, trained.pfp_model,
+                             calibration, load_prepared(PREPARED_DIR), config, seed=seed, plot_dir=plot_dir(model),
+                             pfp_library=library)
+    results["pfp"]["backend"] = config.pfp_backend.value
+    tags = {"pfp.backend": config.pfp_backend.value}
+    if source is not None:
+        results["pfp"]["library"] = source
+        tags["pfp.library"] = source
+    atomic_write_json(results_path(model), results)
+    return EvaluateOutcome(results, results_path(model), plot_dir(model), tags)

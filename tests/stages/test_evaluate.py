@@ -1,0 +1,63 @@
+"""Stage `evaluate@MODEL` as a function: the tune stage's PFP library (or a board's stand-in),
+metrics and plots in the stage's layout."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pfp.config import EvaluateConfig, PFPBackend, TuneParams
+from pfp.data.idx import DataError
+from pfp.stages import evaluate
+
+SCALE = 0.5  # the workspace's calibration (tests/stages/conftest.py)
+CONFIG = EvaluateConfig(svi_samples=3, logit_samples=4, moment_samples=3, moment_images=4, ece_bins=5, batch_size=7)
+
+
+def test_evaluate_takes_the_tuned_library_and_refuses_a_stale_one(tuned_workspace, tune_params, monkeypatch):
+    workspace, _ = tuned_workspace
+    monkeypatch.chdir(workspace)
+    library, path = evaluate.tuned_pfp_library("mlp", tune_params, SCALE)
+    assert path == "models/mlp/tvm/host/pfp_b2.so" and library.describe()["variance_scale"] == SCALE
+    with pytest.raises(DataError, match="variance scale 0.5, calibration says 1.0; re-run tune"):
+        evaluate.tuned_pfp_library("mlp", tune_params, 1.0)
+
+
+def test_evaluate_compiles_on_the_host_when_the_libraries_are_for_a_board():
+    board = TuneParams(target="rasp4b", rpc={"tracker": "127.0.0.1:9190", "key": "rasp4b"})
+    library, note = evaluate.tuned_pfp_library("mlp", board, 1.0)
+    assert library is None and "rasp4b is a board" in note
+
+
+def test_missing_library_names_the_stage(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match="run the tune stage first"):
+        evaluate.tuned_pfp_library("mlp", TuneParams(batch_sizes=[2]), SCALE)
+
+
+@pytest.mark.parametrize("backend", [PFPBackend.TVM, PFPBackend.TORCH], ids=lambda b: b.value)
+def test_run_writes_metrics_and_plots(tuned_workspace, tune_params, monkeypatch, backend):
+    workspace, _ = tuned_workspace
+    monkeypatch.chdir(workspace)
+    config = CONFIG.model_copy(update={"pfp_backend": backend})
+    outcome = evaluate.run("mlp", config, tune_params, seed=0)
+    assert str(outcome.results_path) == "metrics/evaluate/mlp.json"
+    assert json.loads(outcome.results_path.read_text()) == json.loads(json.dumps(outcome.results))
+    assert set(outcome.results) == {"svi", "pfp", "det"} and outcome.results["pfp"]["backend"] == backend.value
+    assert outcome.tags["pfp.backend"] == backend.value
+    if backend is PFPBackend.TVM:
+        assert outcome.results["pfp"]["library"] == outcome.tags["pfp.library"] == "models/mlp/tvm/host/pfp_b2.so"
+    else:
+        assert "library" not in outcome.results["pfp"] and "pfp.library" not in outcome.tags
+    assert sorted(p.name for p in outcome.plot_dir.iterdir()) == ["mi_hist.png", "reliability.png", "roc.png",
+                                                                  "sme_hist.png"]
+
+
+def test_both_backends_give_the_same_pfp_metrics(tuned_workspace, tune_params, monkeypatch):
+    workspace, _ = tuned_workspace
+    monkeypatch.chdir(workspace)
+    results = {backend: evaluate.run("mlp", CONFIG.model_copy(update={"pfp_backend": backend}), tune_params,
+                                     seed=0).results["pfp"] for backend in PFPBackend}
+    for key in ("accuracy", "nll", "ece", "brier", "mi_id", "mi_ood"):
+        assert results[PFPBackend.TVM][key] == pytest.approx(results[PFPBackend.TORCH][key], rel=1e-3, abs=1e-6), key
