@@ -81,7 +81,7 @@ class _RecordingModel:
 
 
 def test_time_side_by_side_interleaves_rounds():
-    from pfp.backends.tvm.build import compile_deterministic, compile_pfp
+    from pfp.backends.tvm.pipeline import compile_deterministic, compile_pfp
 
     posterior = random_posterior("mlp")
     log: list = []
@@ -111,7 +111,7 @@ def test_benchmark_model_reports_every_predictor():
 
 
 def test_benchmark_model_times_the_libraries_it_is_given():
-    from pfp.backends.tvm.build import compile_deterministic
+    from pfp.backends.tvm.pipeline import compile_deterministic
 
     posterior = random_posterior("mlp")
     library = compile_deterministic(posterior.spec, posterior.mean_weights(), batch_size=2)

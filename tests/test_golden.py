@@ -73,7 +73,7 @@ def _images(batch: int, seed: int = 2) -> np.ndarray:
 
 def _modules(model: str, batch: int):
     """{variant: Relax module} of one model and batch size, weights bound as constants."""
-    from pfp.backends.tvm import build
+    from pfp.backends.tvm import graph as build
 
     spec = _spec(model)
     params = _params(spec)
@@ -91,8 +91,9 @@ def scheduled_hashes(model: str, batch: int) -> dict[str, dict[str, int]]:
     import tvm_ffi
     from tvm import tirx
 
-    from pfp.backends.tvm.build import make_target
-    from pfp.backends.tvm.schedules import HandSchedule, fuse_operators
+    from pfp.backends.tvm.pipeline import fuse_operators
+    from pfp.backends.tvm.schedules import HandSchedule
+    from pfp.backends.tvm.targets import make_target
 
     target = make_target("host")
     hashes = {}
@@ -129,7 +130,8 @@ def torch_outputs(model: str) -> dict[str, np.ndarray]:
 
 
 def tvm_outputs(model: str) -> dict[str, np.ndarray]:
-    from pfp.backends.tvm.build import CompiledDeterministic, CompiledEnsemble, CompiledPFP, compile_module
+    from pfp.backends.tvm.pipeline import compile_module
+    from pfp.backends.tvm.runtime import CompiledDeterministic, CompiledEnsemble, CompiledPFP
 
     classes = {"pfp": CompiledPFP, "pfp_separate": CompiledPFP, "det": CompiledDeterministic,
                "svi": CompiledEnsemble}

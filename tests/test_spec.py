@@ -6,6 +6,7 @@ import json
 from dataclasses import dataclass
 from typing import ClassVar
 
+import numpy as np
 import pytest
 
 from pfp.spec import (
@@ -165,7 +166,24 @@ def _toy_handlers() -> dict:
     def plain(layer, _index, h, _ctx):
         return h * layer.factor
 
-    return {"torch.pfp": pfp, "torch.deterministic": plain, "torch.sampled": plain, "torch.ensemble": plain}
+    from tvm import relax
+
+    def relax_scale(ctx, value, factor):
+        return ctx.bb.emit(relax.op.multiply(value, relax.const(factor, "float32")))
+
+    def tvm_pfp(layer, _index, state, ctx):
+        mean, var = state
+        return relax_scale(ctx, mean, layer.factor), None if var is None else relax_scale(ctx, var, layer.factor**2)
+
+    def tvm_plain(layer, _index, h, ctx):
+        return relax_scale(ctx, h, layer.factor)
+
+    def tvm_ensemble(layer, _index, state, ctx):
+        h, rows = state
+        return relax_scale(ctx, h, layer.factor), rows
+
+    return {"torch.pfp": pfp, "torch.deterministic": plain, "torch.sampled": plain, "torch.ensemble": plain,
+            "tvm.pfp": tvm_pfp, "tvm.deterministic": tvm_plain, "tvm.ensemble": tvm_ensemble}
 
 
 def test_a_toy_layer_kind_is_one_spec_entry_and_one_entry_per_backend(monkeypatch):
@@ -210,3 +228,14 @@ def test_a_toy_layer_kind_is_one_spec_entry_and_one_entry_per_backend(monkeypatc
     torch.testing.assert_close(torch_ref.ensemble_forward(scaled, stacked, x), reference.expand(3, *reference.shape))
     zero_var = {name: ((w, torch.zeros_like(w)), (b, torch.zeros_like(b))) for name, (w, b) in means.items()}
     torch.testing.assert_close(torch_ref.sampled_forward(scaled, zero_var, x), reference, atol=1e-5, rtol=1e-5)
+
+    from pfp.backends.tvm import pipeline
+
+    images = x.numpy()
+    tvm_mean, tvm_var = pipeline.compile_pfp(scaled, params, batch_size=5).predict(images)
+    np.testing.assert_allclose(tvm_mean, ref_mean.numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(tvm_var, ref_var.numpy(), rtol=1e-4, atol=1e-5)
+    (tvm_logits,) = pipeline.compile_deterministic(scaled, means, batch_size=5).predict(images)
+    np.testing.assert_allclose(tvm_logits, reference.numpy(), rtol=1e-4, atol=1e-5)
+    (tvm_members,) = pipeline.compile_ensemble(scaled, stacked, batch_size=5).predict(images)
+    np.testing.assert_allclose(tvm_members, reference.expand(3, *reference.shape).numpy(), rtol=1e-4, atol=1e-5)

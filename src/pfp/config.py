@@ -145,7 +145,7 @@ BatchSizes = Annotated[list[int], AfterValidator(_positive_batch_sizes)]
 
 
 class CompileTarget(str, Enum):
-    """Where the compiled modules run (see pfp.backends.tvm.build.make_target)."""
+    """Where the compiled modules run (see pfp.backends.tvm.targets.make_target)."""
 
     HOST = "host"  # this machine's CPU
     RASP4B = "rasp4b"  # Raspberry Pi 4 (Cortex-A72), cross-compiled
@@ -204,7 +204,7 @@ class TuneParams(_Section):
     finalists: int = Field(2, ge=0)  # best other records per task (search candidates, earlier hand schedules) re-measured beside the hand schedule
     selection_rounds: int = Field(3, ge=1)  # interleaved rounds of that side-by-side run-off
     switch_margin: float = Field(0.03, ge=0.0, le=1.0)  # another record replaces the hand schedule only when this much faster
-    # Meta Scheduler search and measurement settings (pfp.backends.tvm.tune.TuneConfig)
+    # Meta Scheduler search and measurement settings (pfp.backends.tvm.tuning.config.TuneConfig)
     max_trials_global: int = Field(100_000, ge=1)  # trial budget of one module, all tasks together
     max_trials_per_iter: int = Field(16, ge=1)  # candidates per search iteration (at most trials_per_task)
     repeat: int = Field(1, ge=1)  # measurements of a candidate, each of `number` runs

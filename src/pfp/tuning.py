@@ -13,7 +13,7 @@ Layout (``out_dir`` = ``models/<model>/tvm``)::
     host/pfp_b1/database_*.json                # Meta Scheduler database (+ pfp_tune_state.json)
 
 Library code of :mod:`pfp.stages.tune` (which holds no TVM symbol): the search itself is TVM's
-(:mod:`pfp.backends.tvm.tune`); the tuned predictor is compiled, exported and loaded through
+(:mod:`pfp.backends.tvm.tuning`); the tuned predictor is compiled, exported and loaded through
 the backend interface (:mod:`pfp.backends.base`).
 """
 
@@ -42,7 +42,7 @@ def library_path(out_dir: str | Path, target: CompileTarget | str, variant: Vari
 
 def schedule_sources() -> list[str]:
     """Every source a kept schedule can have (``kept`` in a task row of :attr:`TunedLibrary.report`)."""
-    from pfp.backends.tvm.tune import ScheduleSource
+    from pfp.backends.tvm.tuning.config import ScheduleSource
 
     return [source.value for source in ScheduleSource]
 
@@ -63,8 +63,8 @@ class TunedLibrary:
 
 
 def tune_config(params: TuneParams, work_dir: Path):
-    """The Meta Scheduler settings of one module's tuning (:class:`pfp.backends.tvm.tune.TuneConfig`)."""
-    from pfp.backends.tvm.tune import TuneConfig
+    """The Meta Scheduler settings of one module's tuning (:class:`pfp.backends.tvm.tuning.config.TuneConfig`)."""
+    from pfp.backends.tvm.tuning.config import TuneConfig
 
     trials = max(params.trials_per_task, 1)
     return TuneConfig(trials_per_task=trials, max_trials_global=params.max_trials_global,
@@ -88,8 +88,9 @@ def tune_model(posterior: Posterior, pfp_model: PFPModel, params: TuneParams, ou
 
     ``params.trials_per_task == 0`` measures and records the hand schedules only.
     """
-    from pfp.backends.tvm import tune
-    from pfp.backends.tvm_predictor import build_variant_module
+    from pfp.backends.tvm.predictor import build_variant_module
+    from pfp.backends.tvm.tuning import config as tuning_config
+    from pfp.backends.tvm.tuning import search
 
     out_dir = Path(out_dir)
     target_dir = out_dir / params.target.value
@@ -104,8 +105,8 @@ def tune_model(posterior: Posterior, pfp_model: PFPModel, params: TuneParams, ou
         mod = build_variant_module(variant, pfp_model, posterior, **options)
         work_dir = target_dir / f"{variant.value}_b{batch}"
         config = tune_config(params, work_dir)
-        report = tune.TuneReport()
-        database = tune.tune_module(mod, config=config, report=report)
+        report = tuning_config.TuneReport()
+        database = search.tune_module(mod, config=config, report=report)
         _drop_logs(work_dir)
         # the same module again (weights and ensemble draws are fixed by the options), compiled with the run-off's choice
         compiled = base.create(Backend.TVM, variant, pfp_model, posterior, **options, schedule=Schedule.TUNED,

@@ -27,8 +27,11 @@ import torch
 import tvm
 from tvm import relax
 
-from pfp.backends.tvm import build as tb
-from pfp.backends.tvm import tune
+from pfp.backends.tvm import graph, pipeline
+from pfp.backends.tvm.targets import ARM_CROSS_COMPILER, TargetName
+from pfp.backends.tvm.tuning import config as tune_config
+from pfp.backends.tvm.tuning import search
+from pfp.backends.tvm.tuning.records import open_database
 from pfp.spec import build_spec
 
 from ..backends.tvm.helpers import (
@@ -67,7 +70,7 @@ def _script(*args: str, env: dict, timeout: float) -> subprocess.CompletedProces
 @pytest.fixture(scope="module")
 def script_env() -> dict:
     _require("qemu-aarch64-static", "qemu-user-static")
-    _require(tb.ARM_CROSS_COMPILER, "gcc-aarch64-linux-gnu")
+    _require(ARM_CROSS_COMPILER, "gcc-aarch64-linux-gnu")
     env = dict(os.environ, HOST_PYTHON=sys.executable, TVM_NUM_THREADS="1")
     for name in ("PYTHON", "RPC_KEY", "TVM_USE_RUNTIME_LIB"):  # the script's defaults, as documented
         env.pop(name, None)
@@ -109,7 +112,7 @@ def board(script_env, runtime, tmp_path_factory):
 
 def run_on_board(address: str, library: Path, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Upload ``library``, run its ``main`` on the board's CPU; the session ends on return."""
-    host, port = tune.parse_tracker(address)
+    host, port = tune_config.parse_tracker(address)
     remote = tvm.rpc.connect_tracker(host, port).request(KEY, session_timeout=SESSION_TIMEOUT)
     remote.upload(str(library))
     device = remote.cpu()
@@ -144,9 +147,9 @@ def test_cross_compiled_network_matches_host(board, architecture, tmp_path):
     spec = build_spec(architecture)
     params = random_params(spec, seed=0)
     x = torch.randn(BATCH, *spec.input_shape, generator=torch.Generator().manual_seed(1)).numpy()
-    host_mean, host_var = tb.compile_pfp(spec, params, batch_size=BATCH)(x)
-    arm = tb.compile_pfp(spec, params, batch_size=BATCH, target=tb.TargetName.RASP4B)
-    library = arm.export_library(tmp_path / f"{architecture}_rasp4b.so")
+    host_mean, host_var = pipeline.compile_pfp(spec, params, batch_size=BATCH)(x)
+    arm = pipeline.compile_pfp(spec, params, batch_size=BATCH, target=TargetName.RASP4B)
+    library = arm.export(tmp_path / f"{architecture}_rasp4b.so")
     assert int.from_bytes(library.read_bytes()[18:20], "little") == 183  # EM_AARCH64
     _end_sessions()
     mean, var = run_on_board(board, library, x)
@@ -161,23 +164,23 @@ def test_cross_compiled_network_matches_host(board, architecture, tmp_path):
 def test_meta_scheduler_tuning_on_the_board(board, tmp_path):
     spec = build_spec("mlp")
     params = random_params(spec, seed=0)
-    mod = tb.build_pfp_module(spec, params, batch_size=1)
+    mod = graph.build_pfp_module(spec, params, batch_size=1)
     trials = 2
-    config = tune.TuneConfig(trials_per_task=trials, max_trials_global=3 * trials, num_trials_per_iter=trials,
+    config = tune_config.TuneConfig(trials_per_task=trials, max_trials_global=3 * trials, num_trials_per_iter=trials,
                              target="rasp4b", work_dir=str(tmp_path / "tune"), builder_workers=1, number=1, repeat=1,
                              min_repeat_ms=1, population_size=16, genetic_num_iters=1, init_min_unmeasured=4, seed=0,
                              session_timeout_sec=SESSION_TIMEOUT, rpc_tracker=board, rpc_key=KEY,
                              finalists=1, selection_rounds=1)  # a short run-off: one emulated round
-    report = tune.TuneReport()
+    report = tune_config.TuneReport()
     _end_sessions()
-    database = tune.tune_module(mod, config=config, report=report)
+    database = search.tune_module(mod, config=config, report=report)
     print(f"tuning on the emulated board: {report.seconds:.1f} s, {report.new_records} records")
 
     work_dir = Path(config.work_dir)
     assert (work_dir / "database_workload.json").stat().st_size > 0
     assert (work_dir / "database_tuning_record.json").stat().st_size > 0
     assert {"fc1_dense_joint_first", "fc2_dense_joint", "fc3_dense_joint"} <= set(report.tuned)
-    records = tune.open_database(work_dir).get_all_tuning_records()
+    records = open_database(work_dir).get_all_tuning_records()
     assert report.new_records == len(records) >= 3 * trials
     failed = [r for r in records if r.run_secs is None or not len(r.run_secs)
               or any(float(s) >= 1e9 for s in r.run_secs)]  # failed runs are recorded as 1e10 s
@@ -188,9 +191,9 @@ def test_meta_scheduler_tuning_on_the_board(board, tmp_path):
 
     # the tuned module runs on the board and agrees with the host build
     x = torch.randn(1, *spec.input_shape, generator=torch.Generator().manual_seed(1)).numpy()
-    host_mean, host_var = tb.compile_pfp(spec, params, batch_size=1)(x)
+    host_mean, host_var = pipeline.compile_pfp(spec, params, batch_size=1)(x)
     library = tmp_path / "mlp_tuned.so"
-    tune.compile_tuned(mod, "rasp4b", database).export_library(str(library), cc=shutil.which(tb.ARM_CROSS_COMPILER))
+    pipeline.compile_tuned(mod, "rasp4b", database).export_library(str(library), cc=shutil.which(ARM_CROSS_COMPILER))
     _end_sessions()
     mean, var = run_on_board(board, library, x)
     _end_sessions()

@@ -104,8 +104,8 @@ class BackendFactory(Protocol):
         compiled predictor is built for (``predict`` takes any number of examples).
         """
 
-    def load(self, path: str | Path) -> Predictor:
-        """A predictor written by :meth:`Predictor.export`."""
+    def load(self, path: str | Path, *, expected_model: str | None = None) -> Predictor:
+        """A predictor written by :meth:`Predictor.export`; refused if it holds another model than ``expected_model``."""
 
     def memory(self, variant: str, pfp_model: PFPModel, posterior: Posterior | None = None, *, batch_size: int,
                variance_scale: float = 1.0, svi_samples: int = 30, seed: int = 0) -> dict[str, int] | None:
@@ -115,7 +115,7 @@ class BackendFactory(Protocol):
 #: backend -> the module holding its ``FACTORY``; imported on first use (TVM's import takes seconds)
 _MODULES: dict[Backend, str] = {
     Backend.TORCH: "pfp.backends.torch_predictor",
-    Backend.TVM: "pfp.backends.tvm_predictor",  # moves under pfp.backends.tvm with its runtime.py
+    Backend.TVM: "pfp.backends.tvm.predictor",
 }
 _FACTORIES: dict[Backend, BackendFactory] = {}
 
@@ -144,11 +144,14 @@ def create(backend: Backend | str, variant: str, pfp_model: PFPModel, posterior:
     return factory(backend).create(variant, pfp_model, posterior, **options)
 
 
-def load(path: str | Path, backend: Backend | str | None = None) -> Predictor:
-    """Load an exported predictor; without ``backend``, the one whose file ending ``path`` has."""
+def load(path: str | Path, backend: Backend | str | None = None, *, expected_model: str | None = None) -> Predictor:
+    """Load an exported predictor; without ``backend``, the one whose file ending ``path`` has.
+
+    With ``expected_model`` (a spec name), a predictor of another model is refused, naming both.
+    """
     if backend is None:
         matches = [b for b in Backend if str(path).endswith(factory(b).suffix)]
         if len(matches) != 1:
             raise ValueError(f"{path}: cannot tell the backend from the file name; pass backend=")
         backend = matches[0]
-    return factory(backend).load(path)
+    return factory(backend).load(path, expected_model=expected_model)

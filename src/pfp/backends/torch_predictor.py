@@ -139,7 +139,7 @@ class TorchBackend:
         return TorchPredictor(kind, spec, ensemble_weights(posterior, svi_samples, seed), batch_size=batch_size,
                               info=info)
 
-    def load(self, path: str | Path) -> TorchPredictor:
+    def load(self, path: str | Path, *, expected_model: str | None = None) -> TorchPredictor:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: exported predictor not found")
@@ -152,6 +152,9 @@ class TorchBackend:
         if meta.get("format") != _FORMAT:
             raise ValueError(f"{path}: unsupported format {meta.get('format')!r}")
         spec, kind = ModelSpec.from_json(meta["spec"]), PredictorKind(meta["kind"])
+        if expected_model is not None and spec.name != expected_model:
+            raise ValueError(f"{path}: a predictor of the {spec.name!r} model, not of the {expected_model!r} model "
+                             "asked for")
         names = [layer.name for layer in spec.parametric_layers()]
         if kind is PredictorKind.PFP:
             weights = {n: GaussianLayerParams(*(arrays[f"{n}.{field}"] for field in _PFP_FIELDS)) for n in names}

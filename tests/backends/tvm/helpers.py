@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import socket
@@ -13,8 +14,10 @@ import numpy as np
 import torch
 
 from pfp.backends.torch_ref import GaussianLayerParams
-from pfp.spec import ModelSpec
+from pfp.spec import Dense, Flatten, ModelSpec, ReLU
 
+#: Batch size of the compiled networks of the shared fixtures (conftest.py).
+BATCH = 3
 #: Relative tolerance required of every TVM result against the PyTorch reference (float32).
 RTOL = 1e-4
 #: Absolute slack, as a fraction of the largest reference value of the same tensor. It only
@@ -126,3 +129,81 @@ def wait_for_key(port: int, key: str, server: subprocess.Popen, log: Path, timeo
                                f"(exit code {server.poll()}): {log.read_text()}")
         time.sleep(0.5)
     return time.monotonic() - start
+
+
+# --------------------------------------------------------------------------- tuning (tests/backends/tvm/tuning)
+
+TRIALS = 2
+SPEC = ModelSpec("tiny", (1, 4, 4), (Flatten(), Dense("fc1", 16, 8), ReLU(), Dense("fc2", 8, 3)))
+TARGET = {"kind": "llvm", "num-cores": 1}
+
+
+def fast_config(work_dir, **overrides):
+    """A few trials, a small evolutionary population and short measurements: seconds per task."""
+    from pfp.backends.tvm.tuning.config import TuneConfig
+
+    settings = dict(trials_per_task=TRIALS, max_trials_global=3 * TRIALS, num_trials_per_iter=TRIALS,
+                    target=TARGET, work_dir=str(work_dir), builder_workers=1, number=2, repeat=1,
+                    min_repeat_ms=1, population_size=16, genetic_num_iters=1, init_min_unmeasured=4,
+                    seed=0, session_timeout_sec=60, selection_rounds=2)  # run-off: one round each way
+    settings.update(overrides)
+    return TuneConfig(**settings)
+
+
+def run_local(executable, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    import tvm
+    from tvm import relax
+
+    vm = relax.VirtualMachine(executable, tvm.cpu())
+    mean, var = vm["main"](tvm.runtime.tensor(x))
+    return mean.numpy(), var.numpy()
+
+
+def selected_record(database, task) -> tuple:
+    """(source, seconds) of the record a compiled module takes for ``task``."""
+    from pfp.backends.tvm.tuning.records import hand_trace_text, record_source
+
+    (record,) = database.get_top_k(database.commit_workload(task.dispatched[0]), 1)
+    return record_source(record.trace, hand_trace_text(task)), float(record.run_secs[0])
+
+
+def assert_selection_follows_report(mod, selection, report, finalists: int) -> None:
+    """Per side-by-side task, the selection's best record is the report's choice, with its figure."""
+    import pytest
+
+    from pfp.backends.tvm.tuning.records import count_records
+    from pfp.backends.tvm.tuning.search import extract_tuning_tasks
+
+    kept = report.kept()
+    for task in extract_tuning_tasks(mod, TARGET):
+        if task.task_name not in report.side_by_side:
+            continue
+        kind, seconds = selected_record(selection, task)
+        assert kind == kept[task.task_name]
+        expected = report.hand_ms[task.task_name] if kind == "hand" else report.other_ms[task.task_name]
+        assert seconds * 1e3 == pytest.approx(expected)
+        # one median each: the hand schedule's alone when it stays, else also up to `finalists` others
+        count = count_records(selection, task.dispatched[0])
+        assert count == 1 if kind == "hand" else 2 <= count <= 1 + finalists
+
+
+# --------------------------------------------------------------------------- single operators (tests/backends/tvm/ops)
+
+@functools.cache
+def compiled_op(op_name: str, shapes: tuple, **kwargs):
+    """Compile each (operator, shapes, options) once per test session (an ``ops.CompiledOp``)."""
+    from pfp.backends.tvm import ops
+
+    return ops.CompiledOp(getattr(ops, op_name), shapes, **kwargs)
+
+
+def run_op(op_name: str, *arrays, **kwargs) -> list[np.ndarray]:
+    arrays = [a.detach().numpy() if isinstance(a, torch.Tensor) else np.asarray(a, np.float32) for a in arrays]
+    return compiled_op(op_name, tuple(a.shape for a in arrays), **kwargs)(*arrays)
+
+
+def gaussian_input(shape, seed: int, var_range=(1e-3, 0.5)):
+    generator = torch.Generator().manual_seed(seed)
+    mean = torch.randn(shape, generator=generator)
+    var = var_range[0] + (var_range[1] - var_range[0]) * torch.rand(shape, generator=generator)
+    return mean, var

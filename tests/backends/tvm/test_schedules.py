@@ -14,9 +14,11 @@ pytest.importorskip("tvm")
 import tvm  # noqa: E402
 
 from pfp.backends import torch_ref as ref  # noqa: E402
-from pfp.backends.tvm import build as tb  # noqa: E402
-from pfp.backends.tvm import ops  # noqa: E402
-from pfp.backends.tvm.lowering import register_pipeline  # noqa: E402
+from pfp.backends.tvm import (
+    ops,  # noqa: E402
+    pipeline,  # noqa: E402
+)
+from pfp.backends.tvm.passes import register_pipeline  # noqa: E402
 from pfp.backends.tvm.schedules import MAX_VECTOR_LANES, schedule_prim_func  # noqa: E402
 from pfp.spec import Architecture, build_spec  # noqa: E402
 
@@ -71,7 +73,7 @@ def _inputs(shapes, seed=0):
 
 
 def _run(func, inputs, output_shapes):
-    # lowered as compiled modules are (e.g. the joint conv's accumulation order, see pfp.backends.tvm.lowering)
+    # lowered as compiled modules are (e.g. the joint conv's accumulation order, see pfp.backends.tvm.passes.reassociate)
     executable = tvm.tirx.build(tvm.IRModule({"main": func}), target=TARGET, pipeline=register_pipeline())
     device = tvm.cpu()
     args = [tvm.runtime.tensor(a, device) for a in inputs]
@@ -320,14 +322,14 @@ def test_relu_mean_and_variance_share_one_loop():
 
 
 @pytest.mark.parametrize("architecture", list(Architecture), ids=lambda a: a.value)
-@pytest.mark.parametrize("schedule", [tb.Schedule.DEFAULT, tb.Schedule.HAND])
+@pytest.mark.parametrize("schedule", [pipeline.Schedule.DEFAULT, pipeline.Schedule.HAND])
 def test_networks_compile_with_every_schedule(architecture, schedule):
     spec = build_spec(architecture)
     params = random_params(spec, seed=4)
     x = torch.randn(8, *spec.input_shape, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         ref_mean, ref_var = ref.pfp_forward(spec, params, x)
-    mean, var = tb.compile_pfp(spec, params, batch_size=8, schedule=schedule)(x.numpy())
+    mean, var = pipeline.compile_pfp(spec, params, batch_size=8, schedule=schedule)(x.numpy())
     assert_close(mean, ref_mean, what=f"{schedule.value} mean")
     assert_close(var, ref_var, what=f"{schedule.value} var")
 
@@ -335,6 +337,6 @@ def test_networks_compile_with_every_schedule(architecture, schedule):
 def test_tuned_schedule_needs_a_database(tmp_path):
     spec = build_spec("mlp")
     with pytest.raises(ValueError, match="needs the tuning database"):
-        tb.compile_pfp(spec, random_params(spec), schedule=tb.Schedule.TUNED)
+        pipeline.compile_pfp(spec, random_params(spec), schedule=pipeline.Schedule.TUNED)
     with pytest.raises(FileNotFoundError, match="tuning database folder not found"):
-        tb.compile_pfp(spec, random_params(spec), schedule=tb.Schedule.TUNED, database=tmp_path / "missing")
+        pipeline.compile_pfp(spec, random_params(spec), schedule=pipeline.Schedule.TUNED, database=tmp_path / "missing")

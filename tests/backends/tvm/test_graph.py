@@ -1,9 +1,6 @@
-"""Whole networks through Relax + tvm.compile against the PyTorch reference; export, targets, errors."""
+"""Whole networks built by the graph tables (PFP, twin, ensemble), compiled and run against the PyTorch reference; errors."""
 
 from __future__ import annotations
-
-import shutil
-import sys
 
 import numpy as np
 import pytest
@@ -14,50 +11,16 @@ pytest.importorskip("tvm")
 import tvm  # noqa: E402
 
 from pfp.backends import torch_ref as ref  # noqa: E402
-from pfp.backends.tvm import build as tb  # noqa: E402
-from pfp.convert import pool_before_relu  # noqa: E402
-from pfp.spec import Architecture, Conv2d, Dense, Flatten, MaxPool2d, ModelSpec, ReLU, build_spec  # noqa: E402
+from pfp.backends.tvm import graph, pipeline, runtime, targets  # noqa: E402
+from pfp.spec import LAYER_KINDS, Architecture, Conv2d, Dense, Flatten, LayerTable, MaxPool2d, ModelSpec, ReLU, build_spec  # noqa: E402  # noqa: E402
 
-from .helpers import assert_close, random_params  # noqa: E402
-
-BATCH = 3
-
-
-@pytest.fixture(scope="module", params=[Architecture.MLP, Architecture.LENET], ids=lambda a: a.value)
-def network(request):
-    """(spec, params, x, reference mean, reference var), per architecture, in the converted layer order."""
-    spec = pool_before_relu(build_spec(request.param))
-    params = random_params(spec, seed=0)
-    x = torch.randn(BATCH, *spec.input_shape, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        ref_mean, ref_var = ref.pfp_forward(spec, params, x)
-    return spec, params, x, ref_mean, ref_var
-
-
-@pytest.fixture(scope="module")
-def joint_runner(network):
-    spec, params, *_ = network
-    return tb.compile_pfp(spec, params, batch_size=BATCH, joint=True)
+from .helpers import BATCH, assert_close, random_params  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def separate_runner(network):
     spec, params, *_ = network
-    return tb.compile_pfp(spec, params, batch_size=BATCH, joint=False)
-
-
-@pytest.fixture(scope="module")
-def mlp_case():
-    spec = build_spec("mlp")
-    params = random_params(spec, seed=2)
-    x = torch.randn(BATCH, *spec.input_shape, generator=torch.Generator().manual_seed(3))
-    return spec, params, x
-
-
-@pytest.fixture(scope="module")
-def mlp_params_runner(mlp_case):
-    spec, params, _ = mlp_case
-    return tb.compile_pfp(spec, params, batch_size=BATCH, weights_as_params=True)
+    return pipeline.compile_pfp(spec, params, batch_size=BATCH, joint=False)
 
 
 # --------------------------------------------------------------------------- whole networks
@@ -80,7 +43,7 @@ def test_network_in_the_trained_layer_order_matches_reference():
     x = torch.randn(BATCH, *spec.input_shape, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref_mean, ref_var = ref.pfp_forward(spec, params, x)
-    runner = tb.compile_pfp(spec, params, batch_size=BATCH, joint=True)
+    runner = pipeline.compile_pfp(spec, params, batch_size=BATCH, joint=True)
     operators = [row["operator"] for row in runner.profile(number=1, x=x.numpy())]
     assert any(name.endswith("relu_gaussian1_maxpool_gaussian2") for name in operators), operators
     mean, var = runner(x.numpy())
@@ -98,21 +61,21 @@ def test_separate_network_matches_reference(network, separate_runner):
 def test_deterministic_twin_matches_reference(network):
     spec, params, x, _, _ = network
     weights = {name: (p.weight_mean, p.bias_mean) for name, p in params.items()}
-    runner = tb.compile_deterministic(spec, weights, batch_size=BATCH)
+    runner = pipeline.compile_deterministic(spec, weights, batch_size=BATCH)
     logits = runner(x.numpy())
     with torch.no_grad():
         expected = ref.deterministic_forward(spec, weights, x)
     assert logits.shape == (BATCH, 10)
     assert_close(logits, expected, what="logits")
     # GaussianLayerParams are accepted too (their means are the twin's weights)
-    np.testing.assert_array_equal(tb.deterministic_weight_arrays(spec, params)[f"{spec.parametric_layers()[0].name}_weight"],
+    np.testing.assert_array_equal(graph.deterministic_weight_arrays(spec, params)[f"{spec.parametric_layers()[0].name}_weight"],
                                   weights[spec.parametric_layers()[0].name][0].numpy())
 
 
 def test_joint_and_separate_modules_differ_in_operators(network):
     spec, params, *_ = network
-    joint = tb.build_pfp_module(spec, params, batch_size=BATCH, joint=True)
-    separate = tb.build_pfp_module(spec, params, batch_size=BATCH, joint=False)
+    joint = graph.build_pfp_module(spec, params, batch_size=BATCH, joint=True)
+    separate = graph.build_pfp_module(spec, params, batch_size=BATCH, joint=False)
     joint_names = {gv.name_hint for gv in joint.get_global_vars()}
     separate_names = {gv.name_hint for gv in separate.get_global_vars()}
     layers = [layer.name for layer in spec.parametric_layers()]
@@ -133,7 +96,7 @@ def test_predict_any_number_of_examples(network, joint_runner):
 
 def test_variance_scale(mlp_case):
     spec, params, x = mlp_case
-    runner = tb.compile_pfp(spec, params, batch_size=BATCH, variance_scale=0.5)
+    runner = pipeline.compile_pfp(spec, params, batch_size=BATCH, variance_scale=0.5)
     mean, var = runner(x.numpy())
     with torch.no_grad():
         ref_mean, ref_var = ref.pfp_forward(spec, params, x, variance_scale=0.5)
@@ -143,9 +106,9 @@ def test_variance_scale(mlp_case):
 
 def test_weights_as_params(mlp_case, mlp_params_runner):
     spec, params, x = mlp_case
-    mod = tb.build_pfp_module(spec, params, batch_size=BATCH, weights_as_params=True)
+    mod = graph.build_pfp_module(spec, params, batch_size=BATCH, weights_as_params=True)
     names = [str(param) for param in mod["main"].params]
-    expected = ["x", *tb.pfp_weight_arrays(spec, params)]
+    expected = ["x", *graph.pfp_weight_arrays(spec, params)]
     assert names == expected
     assert "fc1_weight_m2" not in expected  # the first layer has a deterministic input: no E[w^2]
     mean, var = mlp_params_runner(x.numpy())
@@ -158,14 +121,14 @@ def test_weights_as_params(mlp_case, mlp_params_runner):
 def test_channels_last_weights_are_transposed_at_compile_time():
     """LeNet's conv2 (16 channels) takes channels-last weights in every variant, conv1 (6) the flat form.
     Bound weights are transposed once, by FoldConstant; weight parameters are transposed in the graph."""
-    from pfp.backends.tvm.schedules import fuse_operators
+    from pfp.backends.tvm.pipeline import fuse_operators
 
     spec = build_spec("lenet")
     params = random_params(spec, seed=3)
     stacked = {name: (torch.stack([p.weight_mean] * 3), torch.stack([p.bias_mean] * 3)) for name, p in params.items()}
-    for mod in (tb.build_pfp_module(spec, params, batch_size=2), tb.build_pfp_module(spec, params, batch_size=2, joint=False),
-                tb.build_deterministic_module(spec, params, batch_size=2), tb.build_ensemble_module(spec, stacked, batch_size=2)):
-        fused = fuse_operators(mod, tb.make_target("host"))
+    for mod in (graph.build_pfp_module(spec, params, batch_size=2), graph.build_pfp_module(spec, params, batch_size=2, joint=False),
+                graph.build_deterministic_module(spec, params, batch_size=2), graph.build_ensemble_module(spec, stacked, batch_size=2)):
+        fused = fuse_operators(mod, targets.make_target("host"))
         kernels = {gv.name_hint: func for gv, func in fused.functions_items() if isinstance(func, tvm.tirx.PrimFunc)}
         assert not [name for name in kernels if "transpose" in name or "permute" in name], sorted(kernels)
         conv2 = [func for name, func in kernels.items() if "conv2_" in name]  # the twin's is fused with its ReLU
@@ -175,7 +138,7 @@ def test_channels_last_weights_are_transposed_at_compile_time():
     x = torch.randn(2, *spec.input_shape, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         ref_mean, ref_var = ref.pfp_forward(spec, params, x)
-    as_params = tb.compile_pfp(spec, params, batch_size=2, weights_as_params=True)
+    as_params = pipeline.compile_pfp(spec, params, batch_size=2, weights_as_params=True)
     mean, var = as_params(x.numpy())
     assert_close(mean, ref_mean, what="mean (weight parameters)")
     assert_close(var, ref_var, atol_fraction=0.0, what="var (weight parameters)")
@@ -183,7 +146,7 @@ def test_channels_last_weights_are_transposed_at_compile_time():
 
 def test_spec_without_parametric_layers_returns_zero_variance():
     spec = ModelSpec("tiny", (1, 2, 2), (Flatten(), ReLU()))
-    runner = tb.compile_pfp(spec, {}, batch_size=2)
+    runner = pipeline.compile_pfp(spec, {}, batch_size=2)
     x = np.array([[[[-1.0, 2.0], [0.5, -3.0]]], [[[1.0, -2.0], [0.0, 4.0]]]], np.float32)
     mean, var = runner(x)
     np.testing.assert_array_equal(mean, np.maximum(x.reshape(2, -1), 0))
@@ -193,7 +156,7 @@ def test_spec_without_parametric_layers_returns_zero_variance():
 def test_inconsistent_spec_is_rejected():
     spec = ModelSpec("dense_only", (1, 2, 3), (Dense("fc", 6, 4),))  # no Flatten before the dense layer
     with pytest.raises(ValueError, match="expects"):
-        tb.build_pfp_module(spec, random_params(spec, seed=4))
+        graph.build_pfp_module(spec, random_params(spec, seed=4))
 
 
 # --------------------------------------------------------------------------- errors
@@ -213,90 +176,27 @@ def test_batch_size_mismatch_and_wrong_shape_raise_clear_errors(mlp_case, mlp_pa
 def test_bad_parameters_raise_clear_errors(mlp_case):
     spec, params, _ = mlp_case
     with pytest.raises(KeyError, match="no parameters for layer 'fc2'"):
-        tb.build_pfp_module(spec, {"fc1": params["fc1"], "fc3": params["fc3"]})
+        graph.build_pfp_module(spec, {"fc1": params["fc1"], "fc3": params["fc3"]})
     wrong = dict(params)
     wrong["fc2"] = ref.GaussianLayerParams.from_mean_var(torch.zeros(100, 99), torch.ones(100, 99),
                                                          torch.zeros(100), torch.ones(100))
     with pytest.raises(ValueError, match=r"fc2.weight_mean has shape \(100, 99\)"):
-        tb.build_pfp_module(spec, wrong)
+        graph.build_pfp_module(spec, wrong)
     with pytest.raises(ValueError, match="batch_size"):
-        tb.build_pfp_module(spec, params, batch_size=0)
+        graph.build_pfp_module(spec, params, batch_size=0)
     with pytest.raises(ValueError, match="variance scale"):
-        tb.build_pfp_module(spec, params, variance_scale=-1.0)
+        graph.build_pfp_module(spec, params, variance_scale=-1.0)
 
 
 def test_missing_weights_for_parameter_module(mlp_case):
     spec, params, x = mlp_case
-    mod = tb.build_pfp_module(spec, params, batch_size=BATCH, weights_as_params=True)
-    runner = tb.CompiledPFP(tb.compile_module(mod), (BATCH, *spec.input_shape))  # no weights given
+    mod = graph.build_pfp_module(spec, params, batch_size=BATCH, weights_as_params=True)
+    runner = runtime.CompiledPFP(pipeline.compile_module(mod), (BATCH, *spec.input_shape))  # no weights given
     with pytest.raises(ValueError, match="missing"):
         runner(x.numpy())
 
 
 # --------------------------------------------------------------------------- export / load
-
-def test_export_load_round_trip(tmp_path, network, joint_runner):
-    _, _, x, _, _ = network
-    path = joint_runner.export_library(tmp_path / "model.so")
-    assert path.is_file() and (tmp_path / "model.so.json").is_file()
-    loaded = tb.load_compiled(path)
-    assert isinstance(loaded, tb.CompiledPFP)
-    assert loaded.input_shape == joint_runner.input_shape
-    expected = joint_runner(x.numpy())
-    for got, want in zip(loaded(x.numpy()), expected):
-        np.testing.assert_array_equal(got, want)
-    with pytest.raises(RuntimeError, match="loaded from a library"):
-        loaded.export_library(tmp_path / "again.so")
-
-
-def test_export_load_round_trip_with_weight_parameters(tmp_path, mlp_case, mlp_params_runner):
-    _, _, x = mlp_case
-    path = mlp_params_runner.export_library(tmp_path / "mlp_params.so")
-    assert (tmp_path / "mlp_params.so.weights.npz").is_file()
-    loaded = tb.CompiledPFP.load(path)
-    for got, want in zip(loaded(x.numpy()), mlp_params_runner(x.numpy())):
-        np.testing.assert_array_equal(got, want)
-    with pytest.raises(ValueError, match="not a deterministic model"):
-        tb.CompiledDeterministic.load(path)
-
-
-def test_load_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="not found"):
-        tb.load_compiled(tmp_path / "missing.so")
-
-
-def test_benchmark(mlp_params_runner):
-    timing = mlp_params_runner.benchmark(number=2, repeat=2)
-    assert timing["mean_ms"] > 0 and timing["repeat"] == 2
-
-
-def test_profile_lists_every_operator_of_the_network(mlp_params_runner):
-    rows = mlp_params_runner.profile(number=2)
-    names = {row["operator"] for row in rows}
-    assert {"fc1_dense_joint_first", "fc2_dense_joint", "fc3_dense_joint"} <= names
-    assert all(row["ms"] > 0 and row["calls"] >= 1 for row in rows)
-    assert [row["ms"] for row in rows] == sorted((row["ms"] for row in rows), reverse=True)
-    assert not any(name.startswith("vm.builtin") for name in names)
-    # the instrument is removed afterwards: a run calls no Python function at all
-    main = mlp_params_runner._machine()["main"]
-    args = [tvm.runtime.tensor(np.zeros(mlp_params_runner.input_shape, np.float32)), *mlp_params_runner._weight_args]
-    calls = []
-    sys.setprofile(lambda frame, event, arg: calls.append(frame.f_code.co_name) if event == "call" else None)
-    try:
-        main(*args)
-    finally:
-        sys.setprofile(None)
-    assert calls == [], calls
-
-
-def test_export_keeps_the_provenance_info(tmp_path, mlp_case):
-    spec, params, x = mlp_case
-    runner = tb.compile_pfp(spec, params, batch_size=BATCH)
-    runner.info = {"variant": "pfp", "variance_scale": 0.5}
-    loaded = tb.load_compiled(runner.export_library(tmp_path / "m.so"))
-    assert loaded.info == {"variant": "pfp", "variance_scale": 0.5}
-    assert not list(tmp_path.glob(".*tmp*")), "temp files left behind"
-
 
 # --------------------------------------------------------------------------- ensemble (SVI baseline) and memory
 
@@ -312,7 +212,7 @@ def test_ensemble_matches_per_member_deterministic_networks(architecture):
                                                                             generator=generator))
                for layer in spec.parametric_layers()}
     x = torch.randn(BATCH, *spec.input_shape, generator=generator)
-    runner = tb.compile_ensemble(spec, stacked, batch_size=BATCH)
+    runner = pipeline.compile_ensemble(spec, stacked, batch_size=BATCH)
     logits = runner(x.numpy())
     assert logits.shape == (members, BATCH, spec.num_outputs)
     for member in range(members):
@@ -327,77 +227,12 @@ def test_ensemble_rejects_inconsistent_members():
     stacked = {layer.name: (params[layer.name].weight_mean[None].repeat(2, *[1] * len(layer.weight_shape)),
                             params[layer.name].bias_mean[None].repeat(3, 1)) for layer in spec.parametric_layers()}
     with pytest.raises(ValueError, match="bias"):
-        tb.build_ensemble_module(spec, stacked)
+        graph.build_ensemble_module(spec, stacked)
 
 
-def test_memory_estimate_counts_weights_and_planned_activations():
-    spec = build_spec("lenet")
-    params = random_params(spec)
-    pfp = tb.memory_estimate(tb.build_pfp_module(spec, params, batch_size=4))
-    det = tb.memory_estimate(tb.build_deterministic_module(spec, params, batch_size=4))
-    floats = sum(int(np.prod(layer.weight_shape)) + int(np.prod(layer.bias_shape)) for layer in spec.parametric_layers())
-    assert det["weight_bytes"] == 4 * floats
-    # PFP stores mean, variance and E[w^2] of every weight (the bias has mean and variance; the
-    # first layer needs no E[w^2]): at most 3x the twin's weights
-    assert 2 * det["weight_bytes"] < pfp["weight_bytes"] <= 3 * det["weight_bytes"]
-    assert 0 < det["activation_bytes"] < pfp["activation_bytes"] <= 2 * det["activation_bytes"] + 1024
-    assert pfp["total_bytes"] == pfp["weight_bytes"] + pfp["activation_bytes"]
-    as_params = tb.memory_estimate(tb.build_pfp_module(spec, params, batch_size=4, weights_as_params=True))
-    assert as_params["weight_bytes"] == pfp["weight_bytes"]
-
-
-# --------------------------------------------------------------------------- targets
-
-def test_make_target_names():
-    host = tb.make_target("host")
-    assert host.kind.name == "llvm"
-    assert int(host.attrs["num-cores"]) >= 1
-    for name, cpu in [(tb.TargetName.RASP4B, "cortex-a72"), (tb.TargetName.RASP5, "cortex-a76")]:
-        target = tb.make_target(name)
-        assert str(target.attrs["mtriple"]) == "aarch64-linux-gnu"
-        assert str(target.attrs["mcpu"]) == cpu
-        assert list(target.attrs["mattr"]) == ["+neon"]
-        assert int(target.attrs["num-cores"]) == 4
-    assert tb.make_target({"kind": "llvm"}).kind.name == "llvm"
-    given = tvm.target.Target({"kind": "llvm"})
-    assert tb.make_target(given) is given
-    with pytest.raises(ValueError, match="unknown target 'rasp3'"):
-        tb.make_target("rasp3")
-
-
-@pytest.fixture(scope="module")
-def arm_runner(mlp_case):
-    spec, params, _ = mlp_case
-    return tb.compile_pfp(spec, params, batch_size=BATCH, target=tb.TargetName.RASP4B)
-
-
-def test_arm_module_does_not_run_on_the_host(arm_runner, mlp_case):
-    _, _, x = mlp_case
-    with pytest.raises(RuntimeError, match="compiled for aarch64"):
-        arm_runner(x.numpy())
-
-
-def test_arm_module_holds_aarch64_code(arm_runner, tmp_path):
-    """The kernels are aarch64 machine code (checked on the object file; linking needs the cross gcc)."""
-    (llvm_module,) = [m for m in arm_runner.module.mod.imports if m.kind == "llvm"]
-    llvm_module.write_to_file(str(tmp_path / "kernels.o"))
-    header = (tmp_path / "kernels.o").read_bytes()[:20]
-    assert header[:4] == b"\x7fELF"
-    assert int.from_bytes(header[18:20], "little") == 183  # e_machine EM_AARCH64
-
-
-def test_arm_export_without_cross_compiler_is_a_clear_error(arm_runner, tmp_path, monkeypatch):
-    monkeypatch.setattr(tb.shutil, "which", lambda name: None)
-    with pytest.raises(RuntimeError, match="gcc-aarch64-linux-gnu"):
-        arm_runner.export_library(tmp_path / "arm.so")
-
-
-@pytest.mark.skipif(shutil.which(tb.ARM_CROSS_COMPILER) is None,
-                    reason=f"{tb.ARM_CROSS_COMPILER} not installed (Debian/Ubuntu: apt-get install gcc-aarch64-linux-gnu)")
-def test_arm_cross_export(arm_runner, tmp_path):
-    path = arm_runner.export_library(tmp_path / "mlp_rasp4b.so")
-    header = path.read_bytes()[:20]
-    assert header[:4] == b"\x7fELF"
-    assert int.from_bytes(header[18:20], "little") == 183  # e_machine EM_AARCH64
-    with pytest.raises(RuntimeError, match="compiled for aarch64"):
-        tb.load_compiled(path)
+def test_the_graph_tables_cover_every_layer_kind():
+    for table in (graph.PFP_TABLE, graph.DETERMINISTIC_TABLE, graph.ENSEMBLE_TABLE):
+        assert LayerTable.REGISTRY[table.backend] is table
+        assert table.missing_kinds() == [], table.backend
+    assert {"tvm.pfp", "tvm.deterministic", "tvm.ensemble"} <= set(LayerTable.REGISTRY)
+    assert set(graph.PFP_TABLE) == set(LAYER_KINDS)

@@ -12,41 +12,21 @@ share of the loop, each with its own saved word, so no thread is left in a chang
 
 This runs after the TIR lowering pipeline, where parallel loops are still ``For`` nodes and the
 compute body is the ``compute_scope`` attribute that ``MakePackedAPI`` adds (see
-:func:`pfp.backends.tvm.lowering.register_pipeline`).
+:func:`pfp.backends.tvm.passes.tir_pipeline.register_pipeline`).
 """
 
 from __future__ import annotations
 
-import enum
-
 import tvm
 from tvm import tirx
-from tvm.target import codegen
 
-__all__ = ["FloatControl", "FlushDenormals", "flush_denormals", "float_control"]
+from pfp.backends.tvm.targets import FloatControl, float_control
+
+__all__ = ["FlushDenormals", "flush_denormals"]
 
 
 _MXCSR_FTZ_DAZ = 0x8040  # bit 15 flush-to-zero, bit 6 denormals-are-zero
 _FPCR_FZ = 1 << 24  # AArch64: flush denormal inputs and results to zero (single and double)
-
-
-class FloatControl(enum.Enum):
-    """Which floating-point control register a target's CPU has (None: left alone)."""
-
-    X86_MXCSR = "x86"
-    AARCH64_FPCR = "aarch64"
-
-
-def float_control(target: tvm.target.Target) -> FloatControl | None:
-    """The control register of an LLVM target's CPU, from its triple (the host's when unset)."""
-    if target.kind.name != "llvm":
-        return None
-    triple = str(target.attrs.get("mtriple", "") or codegen.llvm_get_system_triple())
-    if triple.startswith(("x86_64", "i386", "i686")):
-        return FloatControl.X86_MXCSR
-    if triple.startswith(("aarch64", "arm64")):
-        return FloatControl.AARCH64_FPCR
-    return None
 
 
 class _Control:

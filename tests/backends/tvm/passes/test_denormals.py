@@ -14,12 +14,12 @@ pytest.importorskip("tvm")
 import tvm  # noqa: E402
 from tvm import s_tir, te  # noqa: E402
 
-from pfp.backends.tvm import build as tb  # noqa: E402
-from pfp.backends.tvm.denormals import FloatControl, float_control  # noqa: E402
-from pfp.backends.tvm.lowering import register_pipeline  # noqa: E402
+from pfp.backends.tvm import graph  # noqa: E402
+from pfp.backends.tvm.passes import register_pipeline  # noqa: E402
+from pfp.backends.tvm.targets import TargetName, make_target  # noqa: E402
 from pfp.spec import Architecture, build_spec  # noqa: E402
 
-from .helpers import random_params  # noqa: E402
+from ..helpers import random_params  # noqa: E402
 
 X86 = platform.machine() in ("x86_64", "AMD64")
 SMALLEST_NORMAL = float(np.finfo(np.float32).tiny)  # 1.2e-38
@@ -58,7 +58,7 @@ def _scale_up(value):
 @pytest.mark.skipif(not X86, reason="runs x86 code on this host")
 @pytest.mark.parametrize("parallel", [False, True], ids=["serial", "parallel"])
 def test_subnormal_results_and_inputs_flush_to_zero(parallel):
-    host = tb.make_target("host")
+    host = make_target("host")
     x = np.full(N, 1e-20, np.float32)
     x[::2] = 1e-10  # normal squares stay exact
     plain, flushing = (_build(_kernel(_square, parallel), host, flush) for flush in (False, True))
@@ -77,7 +77,7 @@ def test_subnormal_results_and_inputs_flush_to_zero(parallel):
 @pytest.mark.skipif(not X86, reason="runs x86 code on this host")
 def test_threads_get_their_own_mode_back():
     """After a flushing kernel, the caller (numpy here) and the pool's workers compute subnormals again."""
-    host = tb.make_target("host")
+    host = make_target("host")
     x = np.full(N, 1e-20, np.float32)
     flushing = _build(_kernel(_square, True), host, True)
     plain = _build(_kernel(_square, True), host, False)
@@ -88,18 +88,9 @@ def test_threads_get_their_own_mode_back():
     assert np.all(_run(_build(_kernel(_square, False), host, False), x) > 0.0)
 
 
-def test_float_control_by_target():
-    assert float_control(tb.make_target(tb.TargetName.RASP4B)) is FloatControl.AARCH64_FPCR
-    assert float_control(tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu"})) is FloatControl.X86_MXCSR
-    assert float_control(tvm.target.Target({"kind": "llvm", "mtriple": "riscv64-linux-gnu"})) is None
-    assert float_control(tvm.target.Target("c")) is None
-    if X86:
-        assert float_control(tb.make_target("host")) is FloatControl.X86_MXCSR
-
-
 def test_arm_kernels_set_and_restore_fpcr():
     """AArch64: FPCR.FZ is set on entry and in every parallel iteration, and the saved word written back."""
-    arm = tb.make_target(tb.TargetName.RASP4B)
+    arm = make_target(TargetName.RASP4B)
     flushing = _build(_kernel(_square, True), arm, True).inspect_source("asm").lower()
     plain = _build(_kernel(_square, True), arm, False).inspect_source("asm").lower()
     assert "fpcr" not in plain
@@ -112,8 +103,8 @@ def test_arm_kernels_set_and_restore_fpcr():
 @pytest.mark.skipif(not X86, reason="inspects x86 code")
 def test_compiled_models_flush_unless_asked_not_to():
     spec = build_spec(Architecture.MLP)
-    mod = tb.build_pfp_module(spec, random_params(spec), batch_size=2)
-    from pfp.backends.tvm.schedules import compile_scheduled
+    mod = graph.build_pfp_module(spec, random_params(spec), batch_size=2)
+    from pfp.backends.tvm.pipeline import compile_scheduled
 
     def assembly(executable) -> str:
         return "".join(m.inspect_source("asm") for m in executable.mod.imports if m.kind == "llvm")
