@@ -7,9 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from pfp.artifacts.pfp_params import load_pfp_params, save_pfp_params
 from pfp.backends.torch_ref import deterministic_forward, maxpool2x2, pfp_forward, relu
 from pfp.bnn import Posterior, PosteriorError, site_names
-from pfp.convert import PFPModel, convert_posterior, pool_before_relu, predict_pfp
+from pfp.convert import convert_posterior, pool_before_relu, predict_pfp
 from pfp.spec import Conv2d, Dense, Flatten, MaxPool2d, ModelSpec, ReLU, build_spec
 
 N_SIGMA = 5.0
@@ -107,9 +108,9 @@ def test_posterior_sample_weights_matches_converted_moments():
 def test_pfp_model_save_load_round_trip(tmp_path):
     model = convert_posterior(random_posterior(build_spec("mlp"), seed=5))
     path = tmp_path / "pfp.npz"
-    model.save(path)
+    save_pfp_params(model, path, parent=None)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pfp.npz"]
-    loaded = PFPModel.load(path)
+    loaded = load_pfp_params(path, None)
     assert loaded.spec == model.spec
     assert loaded.params.keys() == model.params.keys()
     for name, p in model.params.items():
@@ -119,7 +120,7 @@ def test_pfp_model_save_load_round_trip(tmp_path):
 
 def _saved_arrays(tmp_path):
     path = tmp_path / "good.npz"
-    convert_posterior(random_posterior(tiny_spec(), seed=6)).save(path)
+    save_pfp_params(convert_posterior(random_posterior(tiny_spec(), seed=6)), path, parent=None)
     with np.load(path) as archive:
         return {key: archive[key] for key in archive.files}
 
@@ -131,7 +132,7 @@ def test_load_rejects_nan(tmp_path, key):
     path = tmp_path / "pfp.npz"
     np.savez(path, **arrays)
     with pytest.raises(PosteriorError) as info:
-        PFPModel.load(path)
+        load_pfp_params(path, None)
     assert str(path) in str(info.value)
     assert f"{key} contains NaN or infinite values" in str(info.value)
 
@@ -142,17 +143,17 @@ def test_load_missing_array_and_missing_file(tmp_path):
     path = tmp_path / "pfp.npz"
     np.savez(path, **arrays)
     with pytest.raises(PosteriorError, match="missing array 'fc2.weight_m2'"):
-        PFPModel.load(path)
+        load_pfp_params(path, None)
     with pytest.raises(PosteriorError, match="PFP parameter file not found"):
-        PFPModel.load(tmp_path / "absent.npz")
+        load_pfp_params(tmp_path / "absent.npz", None)
 
 
 def test_load_truncated_file(tmp_path):
     path = tmp_path / "pfp.npz"
-    convert_posterior(random_posterior(tiny_spec(), seed=6)).save(path)
+    save_pfp_params(convert_posterior(random_posterior(tiny_spec(), seed=6)), path, parent=None)
     path.write_bytes(path.read_bytes()[:150])
     with pytest.raises(PosteriorError, match="not a readable PFP parameter file"):
-        PFPModel.load(path)
+        load_pfp_params(path, None)
 
 
 @pytest.mark.parametrize("name", ["mlp", "lenet"])
@@ -205,8 +206,8 @@ def test_convert_runs_pools_before_relus_by_default_and_saves_that_order(tmp_pat
     model = convert_posterior(posterior)
     assert model.spec == pool_before_relu(posterior.spec)
     assert convert_posterior(posterior, pool_first=False).spec == posterior.spec
-    model.save(tmp_path / "pfp.npz")
-    assert PFPModel.load(tmp_path / "pfp.npz").spec == model.spec
+    save_pfp_params(model, tmp_path / "pfp.npz", parent=None)
+    assert load_pfp_params(tmp_path / "pfp.npz", None).spec == model.spec
 
 
 def test_pool_first_order_is_the_same_deterministic_network():

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from pfp.artifacts.posterior import save_posterior
 from pfp.bnn import Posterior, site_names
 from pfp.spec import build_spec
 
@@ -107,7 +108,7 @@ def write_posterior(path: Path) -> dict[str, np.ndarray]:
     g = torch.Generator().manual_seed(0)
     loc = {s: 0.05 * torch.randn(shape, generator=g) for l in spec.parametric_layers()
            for s, shape in zip(site_names(l.name), (l.weight_shape, l.bias_shape))}
-    Posterior(spec, loc, {s: torch.full_like(v, 0.01) for s, v in loc.items()}).save(path)
+    save_posterior(Posterior(spec, loc, {s: torch.full_like(v, 0.01) for s, v in loc.items()}), path)
     with np.load(path) as archive:
         return {key: archive[key] for key in archive.files}
 
@@ -140,7 +141,7 @@ def test_convert_refuses_another_models_posterior(tmp_path, mlflow_db):
     spec = build_spec("lenet")
     loc = {s: torch.zeros(shape) for l in spec.parametric_layers()
            for s, shape in zip(site_names(l.name), (l.weight_shape, l.bias_shape))}
-    Posterior(spec, loc, {s: torch.full_like(v, 0.01) for s, v in loc.items()}).save(posterior)
+    save_posterior(Posterior(spec, loc, {s: torch.full_like(v, 0.01) for s, v in loc.items()}), posterior)
     result = run_stage(tmp_path, mlflow_db, "tasks.convert", "mlp")
     assert_user_error(result, "models/mlp/posterior.npz", "of model 'lenet', expected 'mlp'", "belongs to another model")
     assert sorted(p.name for p in posterior.parent.iterdir()) == ["posterior.npz"]

@@ -8,7 +8,7 @@ maximises the minibatch ELBO scaled to the full data set (``pyro.plate`` with
 Example::
 
     >>> posterior, losses = train_svi(build_spec("mlp"), TrainConfig(epochs=1), x, y, seed=0)
-    >>> posterior.save("posterior.npz")
+    >>> save_posterior(posterior, "posterior.npz")  # pfp.artifacts.posterior
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -97,19 +96,6 @@ class Posterior:
     spec: ModelSpec
     loc: dict[str, torch.Tensor]
     scale: dict[str, torch.Tensor]
-
-    def save(self, path: str | Path, *, parent: str | Path | None = None) -> None:
-        """Write the posterior artifact (see :func:`pfp.artifacts.posterior.save_posterior`)."""
-        from pfp.artifacts.posterior import save_posterior  # builds on this module: imported here, not on top
-
-        save_posterior(self, path, parent=parent)
-
-    @classmethod
-    def load(cls, path: str | Path, model: str | None = None) -> "Posterior":
-        """Read a validated posterior of ``model`` (None: any; see :func:`pfp.artifacts.posterior.load_posterior`)."""
-        from pfp.artifacts.posterior import load_posterior  # builds on this module: imported here, not on top
-
-        return load_posterior(path, model)
 
     def mean_weights(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         return {layer.name: tuple(self.loc[site] for site in site_names(layer.name)) for layer in self.spec.parametric_layers()}

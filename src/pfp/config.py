@@ -14,6 +14,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pfp.backends.base import Backend
+from pfp.backends.tvm.targets import TargetName
 from pfp.spec import Architecture
 
 
@@ -144,12 +145,8 @@ def _positive_batch_sizes(sizes: list[int]) -> list[int]:
 BatchSizes = Annotated[list[int], AfterValidator(_positive_batch_sizes)]
 
 
-class CompileTarget(str, Enum):
-    """Where the compiled modules run (see pfp.backends.tvm.targets.make_target)."""
-
-    HOST = "host"  # this machine's CPU
-    RASP4B = "rasp4b"  # Raspberry Pi 4 (Cortex-A72), cross-compiled
-    RASP5 = "rasp5"  # Raspberry Pi 5 (Cortex-A76), cross-compiled
+#: Where the compiled modules run: the board registry's names (one enum for the targets)
+CompileTarget = TargetName
 
 
 class Variant(str, Enum):

@@ -11,7 +11,6 @@ ReLU directly followed by a 2x2 max-pool is moved after it (:func:`pool_before_r
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -26,19 +25,6 @@ class PFPModel:
 
     spec: ModelSpec
     params: dict[str, GaussianLayerParams]
-
-    def save(self, path: str | Path, *, parent: str | Path | None = None) -> None:
-        """Write the PFP parameter artifact (see :func:`pfp.artifacts.pfp_params.save_pfp_params`)."""
-        from pfp.artifacts.pfp_params import save_pfp_params  # builds on this module: imported here, not on top
-
-        save_pfp_params(self, path, parent=parent)
-
-    @classmethod
-    def load(cls, path: str | Path, model: str | None = None) -> "PFPModel":
-        """Read validated PFP parameters of ``model`` (None: any; see :func:`pfp.artifacts.pfp_params.load_pfp_params`)."""
-        from pfp.artifacts.pfp_params import load_pfp_params  # builds on this module: imported here, not on top
-
-        return load_pfp_params(path, model)
 
 
 def pool_before_relu(spec: ModelSpec) -> ModelSpec:

@@ -222,17 +222,11 @@ def test_tune_stage_uses_the_emulated_board_and_keeps_its_timings_apart(board, t
     from pfp.backends.torch_ref import pfp_forward
     from pfp.convert import convert_posterior
 
-    from ..common import random_posterior
+    from ..common import write_model_artifacts
 
     workspace = tmp_path / "workspace"
-    (workspace / "models" / "mlp").mkdir(parents=True)
-    posterior = random_posterior("mlp")
-    posterior.save(workspace / "models/mlp/posterior.npz")
+    posterior = write_model_artifacts(workspace, "mlp")
     pfp_model = convert_posterior(posterior)
-    pfp_model.save(workspace / "models/mlp/pfp.npz")
-    (workspace / "models/mlp/calibration.json").write_text(json.dumps(
-        {"variance_scale": 1.0, "temperature": 1.0, "nll_before": 1.0, "nll_after": 1.0, "ece_before": 0.1,
-         "ece_after": 0.1}))
     (workspace / "params.yaml").write_text(yaml.safe_dump({
         "models": ["mlp"], "train": {"mlp": {}},
         # hand schedules only: the Meta Scheduler's search on the board is test_meta_scheduler_tuning_on_the_board's

@@ -20,13 +20,9 @@ from __future__ import annotations
 import importlib
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
-
-if TYPE_CHECKING:  # torch-side types, for annotations only
-    from pfp.bnn import Posterior
-    from pfp.convert import PFPModel
 
 
 class PredictorKind(str, Enum):
@@ -92,7 +88,7 @@ class BackendFactory(Protocol):
     #: file name ending of :meth:`Predictor.export`'s main file (how :func:`load` picks the backend)
     suffix: str
 
-    def create(self, variant: str, pfp_model: PFPModel, posterior: Posterior | None = None, *, batch_size: int,
+    def create(self, variant: str, pfp_model: Any, posterior: Any | None = None, *, batch_size: int,
                variance_scale: float = 1.0, svi_samples: int = 30, seed: int = 0,
                schedule: Schedule = Schedule.HAND, target: str = "host", database: Any = None,
                info: dict[str, Any] | None = None) -> Predictor:
@@ -107,7 +103,7 @@ class BackendFactory(Protocol):
     def load(self, path: str | Path, *, expected_model: str | None = None) -> Predictor:
         """A predictor written by :meth:`Predictor.export`; refused if it holds another model than ``expected_model``."""
 
-    def memory(self, variant: str, pfp_model: PFPModel, posterior: Posterior | None = None, *, batch_size: int,
+    def memory(self, variant: str, pfp_model: Any, posterior: Any | None = None, *, batch_size: int,
                variance_scale: float = 1.0, svi_samples: int = 30, seed: int = 0) -> dict[str, int] | None:
         """Bytes the predictor needs ``{"activation_bytes", "weight_bytes", "total_bytes"}``, or None if unknown."""
 
@@ -138,7 +134,7 @@ def factory(backend: Backend | str) -> BackendFactory:
     return _FACTORIES[backend]
 
 
-def create(backend: Backend | str, variant: str, pfp_model: PFPModel, posterior: Posterior | None = None,
+def create(backend: Backend | str, variant: str, pfp_model: Any, posterior: Any | None = None,
            **options: Any) -> Predictor:
     """A predictor of ``variant`` on ``backend``; ``options`` as :meth:`BackendFactory.create`."""
     return factory(backend).create(variant, pfp_model, posterior, **options)
