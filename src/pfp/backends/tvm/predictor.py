@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from pfp.backends.base import VARIANT_KIND, Backend, PredictorKind, Schedule
-from pfp.backends.tvm import graph, pipeline, runtime, targets
+from pfp.backends.tvm import graph, pipeline, runtime
 from pfp.backends.weights import ensemble_weights
 
 __all__ = ["FACTORY", "TVMBackend", "build_variant_module"]
@@ -20,6 +20,15 @@ __all__ = ["FACTORY", "TVMBackend", "build_variant_module"]
 
 def _variant(variant) -> str:
     return str(getattr(variant, "value", variant))
+
+
+def _checked(posterior, spec, variant: str):
+    """The posterior the twin / ensemble is built from, checked to have the PFP model's layers."""
+    if posterior is None:
+        raise ValueError(f"the {variant} predictor is built from the posterior: pass posterior=")
+    if spec.parametric_layers() != posterior.spec.parametric_layers():
+        raise ValueError(f"the PFP model ({spec.name}) and the posterior ({posterior.spec.name}) have different layers")
+    return posterior
 
 
 def build_variant_module(variant: str, pfp_model, posterior=None, *, batch_size: int, variance_scale: float = 1.0,
@@ -33,10 +42,7 @@ def build_variant_module(variant: str, pfp_model, posterior=None, *, batch_size:
     if kind is PredictorKind.PFP:
         return graph.build_pfp_module(spec, pfp_model.params, batch_size=batch_size, joint=variant == "pfp",
                                       variance_scale=variance_scale)
-    if posterior is None:
-        raise ValueError(f"the {variant} predictor is built from the posterior: pass posterior=")
-    if spec.parametric_layers() != posterior.spec.parametric_layers():
-        raise ValueError(f"the PFP model ({spec.name}) and the posterior ({posterior.spec.name}) have different layers")
+    posterior = _checked(posterior, spec, variant)
     if kind is PredictorKind.DETERMINISTIC:
         return graph.build_deterministic_module(spec, posterior.mean_weights(), batch_size=batch_size)
     return graph.build_ensemble_module(spec, ensemble_weights(posterior, svi_samples, seed), batch_size=batch_size)
@@ -51,19 +57,24 @@ class TVMBackend:
     def create(self, variant: str, pfp_model, posterior=None, *, batch_size: int, variance_scale: float = 1.0,
                svi_samples: int = 30, seed: int = 0, schedule: Schedule = Schedule.HAND, target: str = "host",
                database: Any = None, info: Mapping[str, Any] | None = None):
-        classes = {PredictorKind.PFP: runtime.CompiledPFP, PredictorKind.DETERMINISTIC: runtime.CompiledDeterministic,
-                   PredictorKind.ENSEMBLE: runtime.CompiledEnsemble}
-        mod = build_variant_module(variant, pfp_model, posterior, batch_size=batch_size, variance_scale=variance_scale,
-                                   svi_samples=svi_samples, seed=seed)
-        schedule = Schedule(schedule)
-        tvm_target = targets.make_target(_variant(target))
-        executable = pipeline.compile_module(mod, tvm_target, schedule, database)
-        info = {"model": pfp_model.spec.name, "variant": _variant(variant), "batch_size": batch_size, "schedule": schedule.value,
-                "variance_scale": variance_scale, **(info or {})}
-        if VARIANT_KIND[_variant(variant)] is PredictorKind.ENSEMBLE:
-            info.update(svi_samples=svi_samples, seed=seed)
-        return classes[VARIANT_KIND[_variant(variant)]](executable, (batch_size, *pfp_model.spec.input_shape),
-                                                         target=tvm_target, info=info, model=pfp_model.spec.name)
+        variant = _variant(variant)
+        kind = VARIANT_KIND[variant]
+        spec = pfp_model.spec
+        options = {"batch_size": batch_size, "target": _variant(target), "schedule": Schedule(schedule),
+                   "database": database}
+        if kind is PredictorKind.PFP:
+            compiled = pipeline.compile_pfp(spec, pfp_model.params, joint=variant == "pfp",
+                                            variance_scale=variance_scale, **options)
+        elif kind is PredictorKind.DETERMINISTIC:
+            compiled = pipeline.compile_deterministic(spec, _checked(posterior, spec, variant).mean_weights(), **options)
+        else:
+            stacked = ensemble_weights(_checked(posterior, spec, variant), svi_samples, seed)
+            compiled = pipeline.compile_ensemble(spec, stacked, **options)
+        compiled.info.update({"variant": variant, "batch_size": batch_size, "schedule": Schedule(schedule).value,
+                              "variance_scale": variance_scale, **(info or {})})
+        if kind is PredictorKind.ENSEMBLE:
+            compiled.info.update(svi_samples=svi_samples, seed=seed)
+        return compiled
 
     def load(self, path: str | Path, *, expected_model: str | None = None):
         return runtime.load(path, expected_model=expected_model)
