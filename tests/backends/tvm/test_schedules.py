@@ -181,6 +181,110 @@ def test_small_image_stages_share_one_parallel_loop(op, inputs, batch, parallel)
         assert all(f'T.sblock("{name}")' in body for name in names), func.script()
 
 
+# --------------------------------------------------------------------------- elementwise ops inside a small image chain
+# FuseOps/FuseTIR put a Relax elementwise op between the ReLU and the max-pool into the same
+# function: its blocks have the ReLU's shape but read the ReLU's output. The chain rule had merged
+# them into the ReLU's vector loop (TVM then miscompiled the one-element intermediate: every lane
+# read the last lane's value, errors of ~13 on values ~10). Each (name: Gaussian op, twin op,
+# torch reference of the Gaussian op, of the twin op); the Gaussian ops map (mean, var) -> (mean, var).
+
+def _relax_scale(bb, mean, var):
+    from tvm import relax
+
+    def times(value, factor):
+        return bb.emit(relax.op.multiply(value, relax.const(factor, "float32")))
+
+    return times(mean, 2.0), None if var is None else times(var, 4.0)
+
+
+def _relax_shift(bb, mean, var):
+    from tvm import relax
+
+    return bb.emit(relax.op.subtract(bb.emit(relax.op.add(mean, relax.const(0.75, "float32"))),
+                                     relax.const(2.0, "float32"))), var
+
+
+def _relax_relu(bb, mean, var):
+    from tvm import relax
+
+    if var is None:
+        return bb.emit_te(ops.relu, mean), None
+    out = bb.emit_te(ops.relu_gaussian, mean, var)
+    return bb.emit(relax.TupleGetItem(out, 0)), bb.emit(relax.TupleGetItem(out, 1))
+
+
+CHAIN_MIDDLES = {
+    "multiply": (_relax_scale, lambda m, v: (2.0 * m, None if v is None else 4.0 * v)),
+    "add_subtract": (_relax_shift, lambda m, v: (m + 0.75 - 2.0, v)),
+    "second_relu": (_relax_relu, lambda m, v: (torch.relu(m), None) if v is None else ref.relu(m, v)),
+}
+
+
+def _relu_middle_maxpool_module(middle, shape, gaussian: bool) -> tvm.IRModule:
+    """Relax ``main``: ReLU -> ``middle`` -> 2x2 max-pool on (mean, var) inputs (a Gaussian network) or one input (twin)."""
+    from tvm import relax
+
+    bb = relax.BlockBuilder()
+    inputs = [relax.Var(name, relax.TensorType(shape, "float32")) for name in ("mean", "var")[:1 + gaussian]]
+    with bb.function("main", inputs):
+        with bb.dataflow():
+            mean, var = _relax_relu(bb, inputs[0], inputs[1] if gaussian else None)
+            mean, var = middle(bb, mean, var)
+            out = bb.emit_te(ops.maxpool2x2_gaussian, mean, var) if gaussian else bb.emit_te(ops.maxpool2x2, mean)
+            output = bb.emit_output(out)
+        bb.emit_func_output(output)
+    return bb.get()
+
+
+def _run_module(mod, schedule, inputs) -> list[np.ndarray]:
+    from tvm import relax
+
+    vm = relax.VirtualMachine(pipeline.compile_module(mod, "host", schedule), tvm.cpu())
+    out = vm["main"](*[tvm.runtime.tensor(a) for a in inputs])
+    return [out.numpy()] if hasattr(out, "numpy") else [o.numpy() for o in out]  # one tensor, or a tuple of them
+
+
+@pytest.mark.parametrize("shape", [(5, 2, 4, 4), (2, 6, 12, 12)], ids=["repro", "parallel"])
+@pytest.mark.parametrize("gaussian", [True, False], ids=["pfp", "twin"])
+@pytest.mark.parametrize("middle", sorted(CHAIN_MIDDLES))
+def test_elementwise_ops_between_relu_and_pool_keep_the_hand_schedule_exact(middle, gaussian, shape):
+    """ReLU -> elementwise op -> max-pool, fused into one function: the hand build equals TVM's default
+    build and the PyTorch reference (it had errors of the size of the values with a multiply)."""
+    relax_middle, torch_middle = CHAIN_MIDDLES[middle]
+    generator = torch.Generator().manual_seed(0)
+    mean = 3.0 * torch.randn(shape, generator=generator)
+    var = 0.05 + torch.rand(shape, generator=generator)
+    mod = _relu_middle_maxpool_module(relax_middle, shape, gaussian)
+    fused = [gvar.name_hint for gvar, func in pipeline.fuse_operators(mod, "host").functions_items()
+             if isinstance(func, tvm.tirx.PrimFunc)]
+    assert any("relu" in name and "maxpool" in name for name in fused), fused  # one function: the case of the bug
+    with torch.no_grad():
+        if gaussian:
+            expected = ref.maxpool2x2(*torch_middle(*ref.relu(mean, var)))
+        else:
+            expected = (torch.nn.functional.max_pool2d(torch_middle(torch.relu(mean), None)[0], 2),)
+    inputs = [mean.numpy(), var.numpy()][:1 + gaussian]
+    default = _run_module(mod, "default", inputs)
+    hand = _run_module(mod, "hand", inputs)
+    for what, actual, reference, baseline in zip(("mean", "var"), hand, expected, default):
+        assert_close(baseline, reference, what=f"default {what}")
+        assert_close(actual, reference, what=f"hand {what}")
+
+
+def test_a_stage_never_shares_a_vector_loop_with_its_producer():
+    """In the chain ReLU -> multiply -> pool the multiplies run in a nest after the ReLU's (mean and
+    variance still share theirs), not in the ReLU's vector loop."""
+    mod = _relu_middle_maxpool_module(_relax_scale, (5, 2, 4, 4), gaussian=True)
+    (func,) = [func for gvar, func in pipeline.fuse_operators(mod, "host").functions_items()
+               if isinstance(func, tvm.tirx.PrimFunc) and "maxpool" in gvar.name_hint]
+    script = schedule_prim_func(func).script()
+    nests = script.split("T.vectorized")
+    relu_nest = next(nest for nest in nests if 'T.sblock("relu_mean")' in nest)
+    assert 'T.sblock("relu_var")' in relu_nest and "T_multiply" not in relu_nest, script
+    multiply_nest = next(nest for nest in nests if 'T.sblock("T_multiply")' in nest)
+    assert 'T.sblock("T_multiply1")' in multiply_nest and 'T.sblock("relu' not in multiply_nest, script
+
+
 def _dense_mean_then_relu_gaussian(x, var, weight, bias):
     return ops.relu_gaussian(ops.dense(x, weight, bias), var)
 

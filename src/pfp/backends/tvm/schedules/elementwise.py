@@ -67,6 +67,50 @@ def _reads_strided_plane(sch: s_tir.Schedule, block) -> bool:
     return strided
 
 
+def _depends_on(sch: s_tir.Schedule, block, names: set[str]) -> bool:
+    """True when ``block`` reads, directly or through other blocks, what a block of ``names`` writes."""
+    frontier, seen = [block], set()
+    while frontier:
+        for producer in sch.get_producers(frontier.pop()):
+            name = sch.get(producer).name_hint
+            if name in names:
+                return True
+            if name not in seen:
+                seen.add(name)
+                frontier.append(producer)
+    return False
+
+
+def _can_share_loop(sch: s_tir.Schedule, first: str, name: str) -> bool:
+    """True when block ``name`` may join the loop nest of block ``first`` (and of its merged siblings).
+
+    ``sch.merge`` moves the nest to ``name``'s loop (the last one merged), past every block in
+    between (root order), and runs ``name`` after the nest's blocks in the same body. So no block
+    in between may depend on the nest or ``name`` or be read by them (checked both ways, whatever
+    the placement), and ``name`` may not read what the nest computes, not even at its own
+    position: a window read would see rows its loop has not computed yet, and a pointwise read is
+    miscompiled once vectorised (TVM compacts the intermediate to one element inside the vector
+    loop, then ``VectorizeLoop`` hoists it unwidened: every lane reads the last lane's value).
+    E.g. a Gaussian ReLU, a Relax ``multiply`` and a max-pool fused into one function by FuseOps.
+    """
+    block = sch.get_sblock(name)
+    enclosing = [sch.get(loop) for loop in sch.get_loops(block)]
+    nest = {first}
+    for loop in sch.get_loops(sch.get_sblock(first)):  # the outermost loop of first's not around name
+        if not any(sch.get(loop).same_as(stmt) for stmt in enclosing):
+            nest = {sch.get(child).name_hint for child in sch.get_child_blocks(loop)}
+            break
+    order = [sch.get(child).name_hint for child in sch.get_child_blocks(sch.get_sblock("root"))]
+    positions = [order.index(member) for member in nest | {name}]
+    between = set(order[min(positions):max(positions) + 1]) - nest - {name}
+    movers = nest | {name}
+    if _depends_on(sch, block, nest) or any(_depends_on(sch, sch.get_sblock(member), {name}) for member in nest):
+        return False
+    return not any(_depends_on(sch, sch.get_sblock(other), movers)
+                   or any(_depends_on(sch, sch.get_sblock(mover), {other}) for mover in movers)
+                   for other in between)
+
+
 def _contiguous_lanes(extent: int) -> int:
     """Vector length for a contiguous loop: whole if short, else 16 or the longest divisor that fits."""
     if extent <= MAX_VECTOR_LANES:
@@ -134,7 +178,8 @@ def _schedule_elementwise(sch: s_tir.Schedule, blocks: list) -> None:
         producers = {sch.get(p).name_hint for p in sch.get_producers(block)}
         last = groups[-1] if groups else None
         form = (by_rows, strided, light)
-        if last is not None and (last["extents"], last["form"]) == (extents, form) and not producers & last["names"]:
+        if (last is not None and (last["extents"], last["form"]) == (extents, form) and not producers & last["names"]
+                and _can_share_loop(sch, sch.get(last["block"]).name_hint, name)):
             for level in range(len(sch.get_loops(block))):  # loop handles change on merging: looked up again
                 sch.merge(sch.get_loops(last["block"])[level], sch.get_loops(block)[level])
             last["names"].add(name)
@@ -179,8 +224,10 @@ def _schedule_small_image_chain(sch: s_tir.Schedule, blocks: list) -> set[str]:
     at batch 1, LeNet's Gaussian pool + ReLU kernels ran 10.4 -> 8.9 us and 7.5 -> 4.0 us (the
     second one parallel now), the twin's 0.62x and 0.89x the time. Only small chains: chaining
     every size made the first Gaussian pool 1.05x slower at batch 10 and 1.2x at batch 100 (its
-    row stage's results are read back right away). Returns the names of the blocks it scheduled
-    (none if it did not apply).
+    row stage's results are read back right away). Stages are the blocks that may share a nest
+    (see :func:`_can_share_loop`): siblings such as a ReLU's mean and variance, never a block and
+    what it reads (an elementwise Relax op FuseOps put between the ReLU and the pool runs in a
+    nest of its own). Returns the names of the blocks it scheduled (none if it did not apply).
     """
     chain = [block for block in blocks if len(sch.get_loops(block)) == 4
              and LIGHT_ANNOTATION not in sch.get(block).annotations]
@@ -193,6 +240,8 @@ def _schedule_small_image_chain(sch: s_tir.Schedule, blocks: list) -> set[str]:
                  for name, block in zip(names, chain)}
     sinks = [name for name in names if not consumers[name]]
     if len(sinks) == len(names) or len({extents[name] for name in sinks}) != 1:  # no stage feeds another
+        return set()
+    if not all(_can_share_loop(sch, sinks[0], name) for name in sinks[1:]):  # one sink feeds another through a non-chain block
         return set()
     forms = {name: _plane_form(sch, sch.get_sblock(name), extents[name][-1]) for name in names}
 
@@ -212,17 +261,19 @@ def _schedule_small_image_chain(sch: s_tir.Schedule, blocks: list) -> set[str]:
     for name in sinks[1:]:
         merge(anchor, name, range(len(sch.get_loops(sch.get_sblock(anchor)))))
     outer = sch.get_loops(sch.get_sblock(anchor))[0]
-    for name in reversed(names):
+    for name in reversed(names):  # each at the front of the loop's body: the nests then run in block order
         if name not in sinks:
-            sch.compute_at(sch.get_sblock(name), outer)
+            sch.compute_at(sch.get_sblock(name), outer, index=-2)
             fuse_plane(name)
     # each stage below the shared loop: siblings merged, then vectorised as in _schedule_elementwise
     stages: list[list[str]] = []
     for name in names:
         if name in sinks[1:]:
             continue
-        stage = next((s for s in stages if extents[s[0]] == extents[name] and forms[s[0]] == forms[name]
-                      and not consumers[name] & set(s) and name not in sinks), None)
+        # only independent blocks share a nest (see _can_share_loop): a stage's consumer (the
+        # multiply after a ReLU, the pool after it) gets a nest of its own after the stage's
+        stage = next((s for s in stages if name not in sinks and extents[s[0]] == extents[name]
+                      and forms[s[0]] == forms[name] and _can_share_loop(sch, s[0], name)), None)
         if stage is None:
             stages.append([name])
             continue
