@@ -59,19 +59,19 @@ def test_libraries_compute_the_reference(tuned):
         ref_mean, ref_var = pfp_forward(pfp_model.spec, pfp_model.params, x, variance_scale=SCALE)
         ref_det = deterministic_forward(posterior.spec, posterior.mean_weights(), x)
         ref_svi = ensemble_forward(posterior.spec, ensemble_weights(posterior, 3, seed=3), x[:2])
-    mean, var = load_library(out, "host", Variant.PFP, 2).predict(x.numpy())
+    mean, var = load_library(out, "host", Variant.PFP, 2, model="lenet").predict(x.numpy())
     np.testing.assert_allclose(mean, ref_mean, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(var, ref_var, rtol=1e-4, atol=1e-8)
-    (det,) = load_library(out, "host", Variant.DET, 2).predict(x.numpy())
+    (det,) = load_library(out, "host", Variant.DET, 2, model="lenet").predict(x.numpy())
     np.testing.assert_allclose(det, ref_det, rtol=1e-4, atol=1e-6)
-    np.testing.assert_allclose(load_library(out, "host", Variant.SVI, 2)(x[:2].numpy()), ref_svi, rtol=1e-4, atol=1e-6)
-    (svi,) = load_library(out, "host", Variant.SVI, 2).predict(x.numpy())  # any number of examples, members first
+    np.testing.assert_allclose(load_library(out, "host", Variant.SVI, 2, model="lenet")(x[:2].numpy()), ref_svi, rtol=1e-4, atol=1e-6)
+    (svi,) = load_library(out, "host", Variant.SVI, 2, model="lenet").predict(x.numpy())  # any number of examples, members first
     np.testing.assert_allclose(svi[:, :2], ref_svi, rtol=1e-4, atol=1e-6)
 
 
 def test_libraries_are_predictors_that_describe_their_provenance(tuned):
     _, _, _, out, _ = tuned
-    library = load_library(out, "host", Variant.SVI, 2)
+    library = load_library(out, "host", Variant.SVI, 2, model="lenet")
     assert isinstance(library, Predictor)
     info = library.describe()
     assert json.loads(json.dumps(info)) == info
@@ -89,7 +89,7 @@ def test_second_run_resumes_from_the_recorded_measurements(tuned):
 
 def test_missing_library_names_the_stage(tmp_path):
     with pytest.raises(DataError, match="run the tune stage first"):
-        load_library(tmp_path, "host", Variant.PFP, 1)
+        load_library(tmp_path, "host", Variant.PFP, 1, model="lenet")
 
 
 def test_tune_config_takes_every_knob_of_the_params():

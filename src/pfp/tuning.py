@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from pfp.backends.base import Backend, Predictor, Schedule
 from pfp.bnn import Posterior
 from pfp.config import CompileTarget, TuneParams, Variant
 from pfp.convert import PFPModel
+from pfp.data.idx import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -83,10 +85,12 @@ def tune_config(params: TuneParams, work_dir: Path):
 
 
 def tune_model(posterior: Posterior, pfp_model: PFPModel, params: TuneParams, out_dir: str | Path, *,
-               variance_scale: float = 1.0, seed: int = 0) -> list[TunedLibrary]:
+               variance_scale: float = 1.0, seed: int = 0, made_from: Mapping[str, str] | None = None) -> list[TunedLibrary]:
     """Tune and export every variant x batch size of ``params``; returns what was written.
 
-    ``params.trials_per_task == 0`` measures and records the hand schedules only.
+    ``params.trials_per_task == 0`` measures and records the hand schedules only. ``made_from``
+    (artifact kind -> sha256 of the file the libraries were built from) goes into each library's
+    metadata, so a reader can tell a library made from other artifacts (:func:`check_made_from`).
     """
     from pfp.backends.tvm.predictor import build_variant_module
     from pfp.backends.tvm.tuning import config as tuning_config
@@ -111,7 +115,7 @@ def tune_model(posterior: Posterior, pfp_model: PFPModel, params: TuneParams, ou
         # the same module again (weights and ensemble draws are fixed by the options), compiled with the run-off's choice
         compiled = base.create(Backend.TVM, variant, pfp_model, posterior, **options, schedule=Schedule.TUNED,
                                target=params.target.value, database=database,
-                               info={"trials_per_task": params.trials_per_task})
+                               info={"trials_per_task": params.trials_per_task, "made_from": dict(made_from or {})})
         path = library_path(out_dir, params.target, variant, batch)
         compiled.export(path)
         seconds = time.perf_counter() - start
@@ -129,11 +133,24 @@ def _drop_logs(work_dir: Path) -> None:
     shutil.rmtree(work_dir / "logs", ignore_errors=True)
 
 
-def load_library(out_dir: str | Path, target: CompileTarget | str, variant: Variant | str, batch_size: int) -> Predictor:
-    """Load a library written by :func:`tune_model` (host target only: it runs here)."""
+def load_library(out_dir: str | Path, target: CompileTarget | str, variant: Variant | str, batch_size: int, *,
+                 model: str, made_from: Mapping[str, str] | None = None) -> Predictor:
+    """Load a library written by :func:`tune_model` (host target only: it runs here).
+
+    Refused (:class:`~pfp.data.idx.DataError`) when it holds another model than ``model``, or was
+    built from other artifacts than ``made_from`` says (kind -> sha256; e.g. a retrained posterior).
+    """
     path = library_path(out_dir, target, variant, batch_size)
     if not path.is_file():
-        from pfp.data.idx import DataError
-
         raise DataError(f"{path}: compiled library not found; run the tune stage first (dvc repro tune)")
-    return base.load(path, Backend.TVM)
+    library = base.load(path, Backend.TVM)
+    described = library.describe()
+    if described.get("model") != model:
+        raise DataError(f"{path}: a compiled library of model {described.get('model')!r}, expected {model!r} "
+                        f"(a library copied into the wrong slot?); re-run the tune@{model} stage")
+    recorded = described.get("made_from") or {}
+    stale = sorted(kind for kind, digest in (made_from or {}).items() if recorded.get(kind) != digest)
+    if stale:
+        raise DataError(f"{path}: compiled from other {', '.join(stale)} than the workspace holds (stale library); "
+                        f"re-run the tune@{model} stage")
+    return library

@@ -61,3 +61,25 @@ def test_both_backends_give_the_same_pfp_metrics(tuned_workspace, tune_params, m
                                      seed=0).results["pfp"] for backend in PFPBackend}
     for key in ("accuracy", "nll", "ece", "brier", "mi_id", "mi_ood"):
         assert results[PFPBackend.TVM][key] == pytest.approx(results[PFPBackend.TORCH][key], rel=1e-3, abs=1e-6), key
+
+
+def test_evaluate_refuses_another_models_library_and_a_stale_one(tuned_workspace, tune_params, monkeypatch, tmp_path):
+    """Tried by a user: a LeNet evaluation ran on the MLP's compiled library and reported its accuracy as LeNet's."""
+    import shutil
+
+    from ..common import write_model_artifacts
+
+    workspace, _ = tuned_workspace
+    copy = tmp_path / "workspace"
+    shutil.copytree(workspace, copy)
+    monkeypatch.chdir(copy)
+    write_model_artifacts(copy, "lenet", variance_scale=SCALE)
+    shutil.copytree(copy / "models/mlp/tvm", copy / "models/lenet/tvm")
+    with pytest.raises(DataError, match=r"models/lenet/tvm/host/pfp_b2.so: a compiled library of model 'mlp', "
+                                        r"expected 'lenet'.*re-run the tune@lenet stage"):
+        evaluate.tuned_pfp_library("lenet", tune_params, SCALE)
+    # the MLP retrained (another posterior, PFP file and calibration): its library is stale
+    write_model_artifacts(copy, "mlp", variance_scale=SCALE, seed=7)
+    with pytest.raises(DataError, match=r"pfp_b2.so: compiled from other calibration, pfp_params, posterior than the "
+                                        r"workspace holds \(stale library\); re-run the tune@mlp stage"):
+        evaluate.tuned_pfp_library("mlp", tune_params, SCALE)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pfp.artifacts.calibration import load_calibration
+from pfp.artifacts.header import sha256_of
 from pfp.artifacts.pfp_params import load_pfp_params
 from pfp.artifacts.posterior import load_posterior
 from pfp.bnn import Posterior
@@ -34,3 +35,10 @@ def load_trained(model: str, root: Path = Path(".")) -> TrainedModel:
     return TrainedModel(posterior=load_posterior(posterior_file, model),
                         pfp_model=load_pfp_params(pfp_file, model, parent=posterior_file),
                         calibration=load_calibration(root / calibration_path(model), model, parent=pfp_file))
+
+
+def trained_digests(model: str, root: Path = Path(".")) -> dict[str, str]:
+    """sha256 of each trained artifact of ``model`` that exists: what a compiled library records it was made from."""
+    paths = {"posterior": posterior_path(model), "pfp_params": pfp_params_path(model),
+             "calibration": calibration_path(model)}
+    return {kind: sha256_of(root / path) for kind, path in paths.items() if (root / path).is_file()}

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pfp import plots
-from pfp.artifacts.trained import load_trained
+from pfp.artifacts.trained import load_trained, trained_digests
 from pfp.backends import base
 from pfp.backends.base import Backend, Predictor
 from pfp.bench import benchmark_model
@@ -38,7 +38,9 @@ def host_libraries(model: str, tune: TuneParams, batch: int) -> dict[Variant, Pr
     """The tune stage's host libraries for this batch size (variants it did not build are absent)."""
     if tune.target is not CompileTarget.HOST:
         return {}
-    return {variant: load_library(tvm_dir(model), tune.target, variant, batch) for variant in Variant
+    made_from = trained_digests(model)
+    return {variant: load_library(tvm_dir(model), tune.target, variant, batch, model=model, made_from=made_from)
+            for variant in Variant
             if library_path(tvm_dir(model), tune.target, variant, batch).is_file()}
 
 

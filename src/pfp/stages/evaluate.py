@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pfp.artifacts.trained import load_trained
+from pfp.artifacts.trained import load_trained, trained_digests
 from pfp.backends.base import Predictor
 from pfp.config import CompileTarget, EvaluateConfig, PFPBackend, TuneParams, Variant
 from pfp.data.dirty_mnist import load_prepared
@@ -36,7 +36,8 @@ def tuned_pfp_library(model: str, tune: TuneParams, variance_scale: float) -> tu
     if tune.target is not CompileTarget.HOST:
         return None, f"compiled here with hand schedules (tune.target {tune.target.value} is a board)"
     batch = max(tune.batch_sizes)
-    library = load_library(tvm_dir(model), tune.target, Variant.PFP, batch)
+    library = load_library(tvm_dir(model), tune.target, Variant.PFP, batch, model=model,
+                           made_from=trained_digests(model))
     compiled_scale = library.describe().get("variance_scale")
     if compiled_scale is None or abs(compiled_scale - variance_scale) > 1e-12:
         raise DataError(f"{library_path(tvm_dir(model), tune.target, Variant.PFP, batch)}: compiled with variance "

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pfp.artifacts.trained import load_trained
+from pfp.artifacts.trained import load_trained, trained_digests
 from pfp.config import TuneParams
 from pfp.io import atomic_write_json
 from pfp.stage import METRICS_DIR, tvm_dir
@@ -46,7 +46,7 @@ def run(model: str, params: TuneParams, *, seed: int) -> TuneOutcome:
     trained = load_trained(model)
     calibration = trained.calibration
     libraries = tune_model(trained.posterior, trained.pfp_model, params, tvm_dir(model),
-                           variance_scale=calibration.variance_scale, seed=seed)
+                           variance_scale=calibration.variance_scale, seed=seed, made_from=trained_digests(model))
     # timings here were measured on the tuning runner: an emulated board's are emulated, never host figures
     summary = {"target": params.target.value, "runner": runner_name(params), "emulated": params.rpc.emulated,
                "trials_per_task": params.trials_per_task, "variance_scale": calibration.variance_scale,
