@@ -26,6 +26,11 @@ def random_posterior(model: str, seed: int = 0) -> Posterior:
     return Posterior(spec=spec, loc=loc, scale=scale)
 
 
+def predictor_options(batch_size: int) -> dict:
+    """The options the backend tests give ``pfp.backends.base.create`` (any backend)."""
+    return {"batch_size": batch_size, "variance_scale": 0.7, "svi_samples": 3, "seed": 2}
+
+
 def write_prepared(root: Path, *, per_split: int = 12, labels_per_image: int = 2, seed: int = 0) -> dict[str, np.ndarray]:
     """A small prepared data set under ``root/data/prepared`` (random images, the prepare stage's layout)."""
     rng = np.random.default_rng(seed)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from enum import Enum
 from typing import Any, ClassVar, TypeVar, Union
@@ -176,6 +176,14 @@ class LayerTable(dict):
                                 f"{layer.kind!r}") from None
             state = handler(layer, index, state, context)
         return state
+
+
+def layer_entry(table: Mapping[str, Any], name: str) -> Any:
+    """A backend's per-layer parameters ``table[name]``, with an error naming what it has."""
+    try:
+        return table[name]
+    except KeyError:
+        raise KeyError(f"no parameters for layer {name!r}; have {sorted(table)}") from None
 
 
 @dataclass(frozen=True)

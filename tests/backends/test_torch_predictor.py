@@ -10,32 +10,16 @@ import pytest
 from pfp.backends import base
 from pfp.backends.base import Backend, Predictor, PredictorKind
 from pfp.config import Variant
-from pfp.convert import convert_posterior
 
-from ..common import random_posterior
+from ..common import predictor_options
 
 VARIANTS = [Variant.PFP, Variant.PFP_SEPARATE, Variant.DET, Variant.SVI]
-
-
-@pytest.fixture(scope="module")
-def models():
-    posterior = random_posterior("mlp", seed=5)
-    return posterior, convert_posterior(posterior)
-
-
-@pytest.fixture(scope="module")
-def x():
-    return np.random.default_rng(0).standard_normal((5, 1, 28, 28)).astype(np.float32)
-
-
-def _options(batch_size: int) -> dict:
-    return {"batch_size": batch_size, "variance_scale": 0.7, "svi_samples": 3, "seed": 2}
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: v.value)
 def test_torch_predictor_satisfies_the_protocol(models, x, variant, tmp_path):
     posterior, pfp_model = models
-    predictor = base.create(Backend.TORCH, variant, pfp_model, posterior, **_options(2))
+    predictor = base.create(Backend.TORCH, variant, pfp_model, posterior, **predictor_options(2))
     assert isinstance(predictor, Predictor)
     assert predictor.kind is base.VARIANT_KIND[variant.value]
     outputs = predictor.predict(x)

@@ -13,34 +13,18 @@ pytest.importorskip("tvm")
 from pfp.backends import base  # noqa: E402
 from pfp.backends.base import Backend, Predictor, Schedule  # noqa: E402
 from pfp.config import Variant  # noqa: E402
-from pfp.convert import convert_posterior  # noqa: E402
 from tests.backends.tvm.helpers import assert_close  # noqa: E402
 
-from ..common import random_posterior  # noqa: E402
+from ..common import predictor_options  # noqa: E402
 
 VARIANTS = [Variant.PFP, Variant.PFP_SEPARATE, Variant.DET, Variant.SVI]
-
-
-@pytest.fixture(scope="module")
-def models():
-    posterior = random_posterior("mlp", seed=5)
-    return posterior, convert_posterior(posterior)
-
-
-@pytest.fixture(scope="module")
-def x():
-    return np.random.default_rng(0).standard_normal((5, 1, 28, 28)).astype(np.float32)
-
-
-def _options(batch_size: int) -> dict:
-    return {"batch_size": batch_size, "variance_scale": 0.7, "svi_samples": 3, "seed": 2}
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: v.value)
 def test_tvm_and_torch_predictors_agree(models, x, variant, tmp_path):
     posterior, pfp_model = models
-    reference = base.create(Backend.TORCH, variant, pfp_model, posterior, **_options(2))
-    compiled = base.create(Backend.TVM, variant, pfp_model, posterior, **_options(2), schedule=Schedule.HAND)
+    reference = base.create(Backend.TORCH, variant, pfp_model, posterior, **predictor_options(2))
+    compiled = base.create(Backend.TVM, variant, pfp_model, posterior, **predictor_options(2), schedule=Schedule.HAND)
     assert isinstance(compiled, Predictor)
     assert compiled.kind == reference.kind
     expected = reference.predict(x)

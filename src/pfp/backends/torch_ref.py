@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pfp.spec import Conv2d, Dense, LayerTable, ModelSpec
+from pfp.spec import Conv2d, Dense, LayerTable, ModelSpec, layer_entry
 
 __all__ = [
     "CLARK_EPS",
@@ -216,11 +216,7 @@ def _check_input(spec: ModelSpec, x: Tensor) -> Tensor:
     return x
 
 
-def _layer_param(table: dict, name: str):
-    try:
-        return table[name]
-    except KeyError:
-        raise KeyError(f"no parameters for layer {name!r}; have {sorted(table)}") from None
+
 
 
 # The four PyTorch networks of one spec, each a LayerTable driven by the one walk
@@ -238,7 +234,7 @@ def _flat(tensor: Tensor | None, start: int = 1) -> Tensor | None:
 
 def _pfp_dense(layer: Dense, _index, state, ctx: _PFPContext):
     h, var = state
-    p = scale_variance(_layer_param(ctx.params, layer.name), ctx.variance_scale)
+    p = scale_variance(layer_entry(ctx.params, layer.name), ctx.variance_scale)
     if h.dim() > 2:  # tolerate a spec that omits Flatten before a dense layer
         h, var = h.flatten(1), _flat(var)
     return dense_first(h, p) if var is None else dense(h, var, p)
@@ -246,7 +242,7 @@ def _pfp_dense(layer: Dense, _index, state, ctx: _PFPContext):
 
 def _pfp_conv2d(layer: Conv2d, _index, state, ctx: _PFPContext):
     h, var = state
-    p = scale_variance(_layer_param(ctx.params, layer.name), ctx.variance_scale)
+    p = scale_variance(layer_entry(ctx.params, layer.name), ctx.variance_scale)
     return (conv2d_first(h, p, layer.stride, layer.padding) if var is None
             else conv2d(h, var, p, layer.stride, layer.padding))
 
@@ -276,12 +272,12 @@ def pfp_forward(spec: ModelSpec, params: dict[str, GaussianLayerParams], x: Tens
 
 
 def _det_dense(layer: Dense, _index, h: Tensor, weights) -> Tensor:
-    weight, bias = _layer_param(weights, layer.name)
+    weight, bias = layer_entry(weights, layer.name)
     return F.linear(h.flatten(1) if h.dim() > 2 else h, weight, bias)
 
 
 def _det_conv2d(layer: Conv2d, _index, h: Tensor, weights) -> Tensor:
-    weight, bias = _layer_param(weights, layer.name)
+    weight, bias = layer_entry(weights, layer.name)
     return F.conv2d(h, weight, bias, stride=layer.stride, padding=layer.padding)
 
 

@@ -31,7 +31,7 @@ import tvm
 from tvm import relax
 
 from pfp.backends.tvm import ops
-from pfp.spec import Conv2d, LayerTable, ModelSpec
+from pfp.spec import Conv2d, LayerTable, ModelSpec, layer_entry
 
 __all__ = [
     "DETERMINISTIC_TABLE",
@@ -59,11 +59,7 @@ def _array(value, what: str, shape: tuple[int, ...]) -> np.ndarray:
     return array
 
 
-def _layer_entry(table: Mapping, name: str):
-    try:
-        return table[name]
-    except KeyError:
-        raise KeyError(f"no parameters for layer {name!r}; have {sorted(table)}") from None
+
 
 
 def _first_parametric_index(spec: ModelSpec) -> int:
@@ -85,7 +81,7 @@ def pfp_weight_arrays(spec: ModelSpec, params: Mapping, *, variance_scale: float
     for index, layer in enumerate(spec.layers):
         if not layer.parametric:
             continue
-        p = _layer_entry(params, layer.name)
+        p = layer_entry(params, layer.name)
         w_shape, b_shape = tuple(layer.weight_shape), tuple(layer.bias_shape)
         wm = _array(p.weight_mean, f"{layer.name}.weight_mean", w_shape)
         wv = _array(p.weight_var, f"{layer.name}.weight_var", w_shape)
@@ -114,7 +110,7 @@ def deterministic_weight_arrays(spec: ModelSpec, weights: Mapping) -> dict[str, 
     """
     arrays: dict[str, np.ndarray] = {}
     for layer in spec.parametric_layers():
-        entry = _layer_entry(weights, layer.name)
+        entry = layer_entry(weights, layer.name)
         weight, bias = (entry.weight_mean, entry.bias_mean) if hasattr(entry, "weight_mean") else entry
         arrays[f"{layer.name}_weight"] = _array(weight, f"{layer.name} weight", tuple(layer.weight_shape))
         arrays[f"{layer.name}_bias"] = _array(bias, f"{layer.name} bias", tuple(layer.bias_shape))
@@ -142,7 +138,7 @@ def ensemble_weight_arrays(spec: ModelSpec, stacked: Mapping) -> dict[str, np.nd
     arrays: dict[str, np.ndarray] = {}
     members = None
     for layer in spec.parametric_layers():
-        weight, bias = _layer_entry(stacked, layer.name)
+        weight, bias = layer_entry(stacked, layer.name)
         weight, bias = np.asarray(weight, dtype=np.float32), np.asarray(bias, dtype=np.float32)
         members = weight.shape[0] if members is None else members
         arrays[f"{layer.name}_weight"] = _array(weight, f"{layer.name} weight", (members, *layer.weight_shape))
