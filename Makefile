@@ -1,6 +1,6 @@
 # Two commands for a newcomer on a fresh clone:
 #   make run    set up .venv and run the whole pipeline on the embedded sample data
-#   make test   set up .venv and run the quick test suite (what CI runs)
+#   make test   set up .venv and the Debian packages the ARM tests need, run the quick test suite (what CI runs)
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
@@ -47,7 +47,8 @@ run-full: setup
 repro: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 
-test: setup
+# the ARM tests need the cross-linker and qemu: installed here (or a clear failure), never skipped
+test: setup system-deps
 	$(BIN)/ruff check src tasks flows tests
 	$(BIN)/python -m pytest -q
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,15 @@ import torch
 from pfp.bnn import Posterior, site_names
 from pfp.data.dirty_mnist import SPLIT_KEYS, save_prepared
 from pfp.spec import build_spec
+
+
+def require_command(command: str, package: str) -> str:
+    """The path of ``command``; a test that needs it fails (never skips) when it is missing."""
+    path = shutil.which(command)
+    if path is None:
+        pytest.fail(f"{command} not found: this test needs the Debian package {package} "
+                    "(run `make system-deps`, which installs it; `make test` does so first)", pytrace=False)
+    return path
 
 
 def random_posterior(model: str, seed: int = 0) -> Posterior:

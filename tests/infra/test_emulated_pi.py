@@ -44,18 +44,13 @@ from ..backends.tvm.helpers import (
     stop_process_group,
     wait_for_key,
 )
+from ..common import require_command
 
 SCRIPT = RPC_DIR / "emulated-pi.sh"
 KEY = "rasp4b-emulated"  # the script's default key
 BATCH = 2
 BUILD_TIMEOUT = 1200  # a cold build downloads ~130 MB (Debian arm64 packages, aarch64 wheels)
 SESSION_TIMEOUT = 120
-
-
-def _require(command: str, package: str) -> None:
-    if shutil.which(command) is None:
-        pytest.fail(f"{command} not found: the emulated Raspberry Pi needs the Debian package {package} "
-                    "(run `make system-deps`, which installs it)", pytrace=False)
 
 
 def _script(*args: str, env: dict, timeout: float) -> subprocess.CompletedProcess:
@@ -69,8 +64,8 @@ def _script(*args: str, env: dict, timeout: float) -> subprocess.CompletedProces
 
 @pytest.fixture(scope="module")
 def script_env() -> dict:
-    _require("qemu-aarch64-static", "qemu-user-static")
-    _require(ARM_CROSS_COMPILER, "gcc-aarch64-linux-gnu")
+    require_command("qemu-aarch64-static", "qemu-user-static")
+    require_command(ARM_CROSS_COMPILER, "gcc-aarch64-linux-gnu")
     env = dict(os.environ, HOST_PYTHON=sys.executable, TVM_NUM_THREADS="1")
     for name in ("PYTHON", "RPC_KEY", "TVM_USE_RUNTIME_LIB"):  # the script's defaults, as documented
         env.pop(name, None)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 
@@ -18,8 +17,9 @@ from pfp.backends.base import Predictor, PredictorKind  # noqa: E402
 from pfp.backends.tvm import (  # noqa: E402
     pipeline,
     runtime,  # noqa: E402
-    )
+)
 from pfp.backends.tvm.targets import ARM_CROSS_COMPILER  # noqa: E402
+from tests.common import require_command  # noqa: E402
 
 from .helpers import BATCH  # noqa: E402
 
@@ -117,9 +117,8 @@ def test_arm_export_without_cross_compiler_is_a_clear_error(arm_runner, tmp_path
         arm_runner.export(tmp_path / "arm.so")
 
 
-@pytest.mark.skipif(shutil.which(ARM_CROSS_COMPILER) is None,
-                    reason=f"{ARM_CROSS_COMPILER} not installed (Debian/Ubuntu: apt-get install gcc-aarch64-linux-gnu)")
 def test_arm_cross_export(arm_runner, tmp_path):
+    require_command(ARM_CROSS_COMPILER, "gcc-aarch64-linux-gnu")
     path = arm_runner.export(tmp_path / "mlp_rasp4b.so")
     header = path.read_bytes()[:20]
     assert header[:4] == b"\x7fELF"

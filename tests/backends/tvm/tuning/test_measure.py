@@ -13,6 +13,7 @@ import tvm  # noqa: E402
 
 from pfp.backends.tvm.targets import ARM_CROSS_COMPILER, make_target  # noqa: E402
 from pfp.backends.tvm.tuning.measure import export_aarch64_so, lean_build, make_builder  # noqa: E402
+from tests.common import require_command  # noqa: E402
 
 from ..helpers import fast_config  # noqa: E402
 
@@ -27,12 +28,12 @@ def test_arm_target_needs_rpc(tmp_path):
             make_builder(target, fast_config(tmp_path))
 
 
-@pytest.mark.skipif(shutil.which(ARM_CROSS_COMPILER) is None, reason="needs aarch64-linux-gnu-gcc")
 def test_arm_export_hook_cross_links():
+    compiler = require_command(ARM_CROSS_COMPILER, "gcc-aarch64-linux-gnu")
     a = tvm.te.placeholder((8,), name="a")
     b = tvm.te.compute((8,), lambda i: a[i] * 2.0, name="b")
     mod = tvm.IRModule({"main": tvm.te.create_prim_func([a, b])})
     rt_mod = lean_build(mod, make_target("rasp4b"))
-    path = export_aarch64_so(rt_mod, cc=shutil.which(ARM_CROSS_COMPILER))
+    path = export_aarch64_so(rt_mod, cc=compiler)
     header = Path(path).read_bytes()[:20]
     assert header[:4] == b"\x7fELF" and int.from_bytes(header[18:20], "little") == 183  # EM_AARCH64
