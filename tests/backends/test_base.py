@@ -30,8 +30,6 @@ def test_load_picks_the_backend_by_file_ending(tmp_path):
         base.load(tmp_path / "model.npz")
 
 
-def test_a_backend_can_be_registered(monkeypatch):
-    monkeypatch.setattr(base, "_MODULES", dict(base._MODULES))
+def test_a_backend_factory_comes_from_its_module_on_first_use(monkeypatch):
     monkeypatch.setattr(base, "_FACTORIES", {})
-    base.register_backend(Backend.TORCH, "pfp.backends.torch_predictor")
     assert base.factory("torch").backend is Backend.TORCH

@@ -116,13 +116,6 @@ _MODULES: dict[Backend, str] = {
 _FACTORIES: dict[Backend, BackendFactory] = {}
 
 
-def register_backend(backend: Backend | str, module: str) -> None:
-    """Name the module (dotted path) whose ``FACTORY`` makes ``backend``'s predictors."""
-    backend = Backend(backend)
-    _MODULES[backend] = module
-    _FACTORIES.pop(backend, None)
-
-
 def factory(backend: Backend | str) -> BackendFactory:
     """The factory of ``backend`` (imports its module on first use)."""
     try:
