@@ -1,0 +1,180 @@
+"""The bundle format: one folder per model and target, checked before any of its code is loaded.
+
+A bundle folder holds
+
+* ``bundle.json`` (:data:`METADATA_FILE`): the model (name, spec, classes), the target (TVM target,
+  architecture, the CPU features the code was compiled for), the libraries by batch size, the
+  input normalisation, the calibration (temperature, variance scale), the uncertainty head, the
+  out-of-distribution threshold, versions and provenance;
+* one shared library per compiled batch size (``pfp_b1.so``, ...): ``main(x) -> (probs,
+  logit_mean, logit_var, mi, sme)`` with ``x`` the normalised images (batch, 1, 28, 28);
+* ``SHA256SUMS`` (:data:`CHECKSUM_FILE`): the sha256 of every other file, in ``sha256sum``'s
+  format (``sha256sum -c SHA256SUMS`` checks a copy by hand).
+
+A ``.tar``/``.tar.gz`` archive of such a folder loads as well (unpacked to a temporary folder).
+"""
+
+from __future__ import annotations
+
+import atexit
+import hashlib
+import json
+import shutil
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pfp_runtime._cpu import host_arch, host_cpu_features
+
+__all__ = ["BUNDLE_FORMAT", "CHECKSUM_FILE", "HEAD_OUTPUTS", "METADATA_FILE", "Bundle", "BundleError", "file_sha256",
+           "read_bundle", "write_checksums"]
+
+BUNDLE_FORMAT = 1
+METADATA_FILE = "bundle.json"
+CHECKSUM_FILE = "SHA256SUMS"
+#: the outputs of every bundle library's ``main``, in order
+HEAD_OUTPUTS = ("probs", "logit_mean", "logit_var", "mi", "sme")
+_REQUIRED_KEYS = ("format", "model", "classes", "target", "libraries", "input", "calibration", "head", "ood")
+
+
+class BundleError(RuntimeError):
+    """A bundle that cannot be used here: missing or corrupt files, another model, architecture or CPU."""
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_checksums(folder: str | Path) -> Path:
+    """Write ``SHA256SUMS`` for every other file of ``folder`` (sorted names)."""
+    folder = Path(folder)
+    lines = [f"{file_sha256(path)}  {path.name}\n" for path in sorted(folder.iterdir())
+             if path.is_file() and path.name != CHECKSUM_FILE]
+    target = folder / CHECKSUM_FILE
+    tmp = folder / f".{CHECKSUM_FILE}.tmp"
+    tmp.write_text("".join(lines))
+    tmp.replace(target)
+    return target
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A checked bundle: its folder and metadata."""
+
+    folder: Path
+    metadata: dict[str, Any]
+
+    @property
+    def model(self) -> str:
+        return self.metadata["model"]
+
+    @property
+    def classes(self) -> int:
+        return int(self.metadata["classes"])
+
+    @property
+    def libraries(self) -> dict[int, Path]:
+        """Compiled batch size -> library path."""
+        return {int(size): self.folder / name for size, name in self.metadata["libraries"].items()}
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(int(d) for d in self.metadata["input"]["shape"])
+
+    @property
+    def ood_threshold(self) -> float:
+        return float(self.metadata["ood"]["threshold"])
+
+    @property
+    def ood_score(self) -> str:
+        return str(self.metadata["ood"]["score"])
+
+
+def _unpack(archive: Path) -> Path:
+    folder = Path(tempfile.mkdtemp(prefix="pfp-bundle-"))
+    atexit.register(shutil.rmtree, folder, True)
+    try:
+        with tarfile.open(archive) as tar:
+            tar.extractall(folder, filter="data")
+    except (tarfile.TarError, OSError) as error:
+        raise BundleError(f"{archive}: not a readable bundle archive ({error})") from None
+    found = sorted(folder.rglob(METADATA_FILE))
+    if not found:
+        raise BundleError(f"{archive}: the archive holds no {METADATA_FILE}")
+    return found[0].parent
+
+
+def _check_checksums(folder: Path, metadata: dict) -> None:
+    sums = folder / CHECKSUM_FILE
+    if not sums.is_file():
+        raise BundleError(f"{sums}: checksum file missing; the bundle is incomplete")
+    listed: dict[str, str] = {}
+    for number, line in enumerate(sums.read_text().splitlines(), 1):
+        digest, sep, name = line.partition("  ")
+        if not sep or len(digest) != 64:
+            raise BundleError(f"{sums}: line {number} is not '<sha256>  <file>'")
+        listed[name.strip()] = digest
+    needed = {METADATA_FILE, *metadata["libraries"].values()}
+    unlisted = sorted(needed - set(listed))
+    if unlisted:
+        raise BundleError(f"{sums}: no checksum for {', '.join(unlisted)}")
+    for name, digest in sorted(listed.items()):
+        path = folder / name
+        if not path.is_file():
+            raise BundleError(f"{path}: listed in {CHECKSUM_FILE} but missing")
+        actual = file_sha256(path)
+        if actual != digest:
+            raise BundleError(f"{path}: checksum mismatch (sha256 {actual[:12]}..., {CHECKSUM_FILE} says {digest[:12]}...): "
+                              "the file is corrupt, truncated or was changed after the bundle was made")
+
+
+def read_bundle(path: str | Path, *, expected_model: str | None = None, check_host: bool = True) -> Bundle:
+    """Read and check a bundle folder (or archive).
+
+    Refused with :class:`BundleError`, naming the file and the problem: a missing or invalid
+    ``bundle.json``, an unknown format, a checksum mismatch or missing file, another model than
+    ``expected_model``, and (``check_host``) another architecture or CPU features this host lacks.
+    """
+    path = Path(path)
+    if path.is_file() and (path.suffix in (".tar", ".gz", ".tgz")):
+        path = _unpack(path)
+    if not path.is_dir():
+        raise BundleError(f"{path}: bundle folder not found")
+    meta_path = path / METADATA_FILE
+    if not meta_path.is_file():
+        raise BundleError(f"{meta_path}: not found; {path} is not a bundle")
+    try:
+        metadata = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise BundleError(f"{meta_path}: not valid JSON ({error})") from None
+    if not isinstance(metadata, dict):
+        raise BundleError(f"{meta_path}: expected a JSON object")
+    missing = [key for key in _REQUIRED_KEYS if key not in metadata]
+    if missing:
+        raise BundleError(f"{meta_path}: missing field(s) {', '.join(missing)}")
+    if metadata["format"] != BUNDLE_FORMAT:
+        raise BundleError(f"{meta_path}: bundle format {metadata['format']!r}, this runtime reads format {BUNDLE_FORMAT}")
+    if not metadata["libraries"]:
+        raise BundleError(f"{meta_path}: the bundle lists no library")
+    _check_checksums(path, metadata)
+    bundle = Bundle(path, metadata)
+    if expected_model is not None and bundle.model != expected_model:
+        raise BundleError(f"{path}: bundle of the {bundle.model!r} model, not the {expected_model!r} model asked for")
+    if check_host:
+        target = metadata["target"]
+        arch = target.get("arch")
+        if arch != host_arch():
+            raise BundleError(f"{path}: bundle built for {arch} ({target.get('name')}), this host is {host_arch()}; "
+                              f"use the bundle of this host's target")
+        have = host_cpu_features()
+        lacking = sorted(set(target.get("cpu_features") or []) - have) if have is not None else []
+        if lacking:
+            raise BundleError(f"{path}: compiled for CPU features this host lacks: {', '.join(lacking)} "
+                              f"(target {target.get('name')}); build the bundle for this CPU")
+    return bundle

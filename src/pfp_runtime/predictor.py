@@ -1,0 +1,210 @@
+"""The bundle predictor: raw images in, class probabilities and uncertainty out.
+
+Per call: the input is checked (shape, dtype, finite, in range; :class:`InputError` otherwise),
+normalised into a preallocated input tensor and run by the compiled library of a suitable batch
+size (larger batches in chunks, the rest padded); the library computes the PFP, the temperature
+and the uncertainty head (probabilities, mutual information, softmax entropy) in one call.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pfp_runtime import _tvm
+from pfp_runtime._cpu import usable_cpus
+from pfp_runtime.bundle import HEAD_OUTPUTS, Bundle, BundleError, read_bundle
+
+__all__ = ["DEFAULT_THREADS", "THREADS_ENV", "InputError", "Prediction", "Predictor", "load_bundle"]
+
+#: TVM runtime threads unless the caller or $PFP_RUNTIME_THREADS says otherwise. One: a
+#: request runs on one core, so a competing process on the other core does not stall it
+#: (a parallel kernel waits for its slowest thread); see metrics/serving.json.
+DEFAULT_THREADS = 1
+THREADS_ENV = "PFP_RUNTIME_THREADS"
+_ALIGNMENT = 64  # bytes; TVM's kernels may assume it of their buffers
+
+
+class InputError(ValueError):
+    """Images the predictor refuses: wrong shape or dtype, NaN/inf, out of range, an empty batch."""
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Per image: probabilities (N, C), predicted class, Gaussian logits, MI, SME and the OOD flag."""
+
+    probs: np.ndarray
+    predicted: np.ndarray
+    logit_mean: np.ndarray
+    logit_var: np.ndarray
+    mi: np.ndarray
+    sme: np.ndarray
+    ood: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.probs.shape[0])
+
+    def to_dict(self) -> dict[str, np.ndarray]:
+        return {name: getattr(self, name) for name in self.__dataclass_fields__}
+
+    def to_json(self) -> list[dict]:
+        """One JSON-ready record per image."""
+        rows = []
+        for i in range(len(self)):
+            rows.append({"predicted": int(self.predicted[i]), "probability": float(self.probs[i, self.predicted[i]]),
+                         "mi": float(self.mi[i]), "sme": float(self.sme[i]), "ood": bool(self.ood[i]),
+                         "probs": [float(p) for p in self.probs[i]],
+                         "logit_mean": [float(v) for v in self.logit_mean[i]],
+                         "logit_var": [float(v) for v in self.logit_var[i]]})
+        return rows
+
+
+def _aligned_empty(shape: tuple[int, ...]) -> np.ndarray:
+    count = int(np.prod(shape))
+    raw = np.empty(count * 4 + _ALIGNMENT, np.uint8)
+    offset = (-raw.ctypes.data) % _ALIGNMENT
+    return raw[offset:offset + count * 4].view(np.float32).reshape(shape)
+
+
+class _Library:
+    """One compiled batch size: its VM and its preallocated (aligned) input tensor."""
+
+    def __init__(self, path: Path, batch_size: int, input_shape: tuple[int, ...]) -> None:
+        try:
+            self.machine = _tvm.Machine(path)
+        except Exception as error:  # noqa: BLE001 - the FFI raises its own error types
+            raise BundleError(f"{path}: cannot load the compiled library ({str(error).strip().splitlines()[-1]})") from None
+        self.batch_size = batch_size
+        self.buffer = _aligned_empty((batch_size, *input_shape))
+        self.buffer.fill(0.0)
+        self.tensor = _tvm.Machine.tensor(self.buffer)
+
+    def __call__(self) -> list[np.ndarray]:
+        return [np.from_dlpack(out) for out in self.machine.main(self.tensor)]
+
+
+def chunk_plan(count: int, sizes: list[int]) -> list[int]:
+    """The compiled batch sizes to run ``count`` images with, in order.
+
+    Full chunks of the largest size; the rest either padded to the smallest size that holds it
+    or split over smaller sizes, whichever computes fewer rows (a call costs about one image more).
+    """
+    sizes = sorted(sizes)
+    largest = sizes[-1]
+    plan = [largest] * (count // largest)
+    rest = count - largest * len(plan)
+    if rest:
+        padded = min(size for size in sizes if size >= rest)
+        split, left = [], rest
+        for size in reversed(sizes):
+            while left >= size:
+                split.append(size)
+                left -= size
+        if left:  # only when 1 is not compiled
+            split.append(min(size for size in sizes if size >= left))
+        plan += [padded] if padded + 1 <= sum(split) + len(split) else split
+    return plan
+
+
+class Predictor:
+    """A loaded bundle: :meth:`predict` any number of raw images."""
+
+    def __init__(self, bundle: Bundle, *, threads: int | None = None) -> None:
+        self.bundle = bundle
+        threads = threads if threads is not None else int(os.environ.get(THREADS_ENV, DEFAULT_THREADS))
+        if threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        self.threads = min(threads, usable_cpus())
+        _tvm.configure_threads(self.threads)
+        self.input_shape = bundle.input_shape
+        self._libraries = {size: _Library(path, size, self.input_shape) for size, path in bundle.libraries.items()}
+        normalisation = bundle.metadata["input"]
+        self._mean, self._std = float(normalisation["mean"]), float(normalisation["std"])
+        self._threshold = bundle.ood_threshold
+        self._score = bundle.ood_score
+        if self._score not in ("mi", "sme"):
+            raise BundleError(f"{bundle.folder}: unknown OOD score {self._score!r} (mi or sme)")
+
+    @property
+    def batch_sizes(self) -> list[int]:
+        return sorted(self._libraries)
+
+    def describe(self) -> dict:
+        meta = self.bundle.metadata
+        return {"model": meta["model"], "target": meta["target"].get("name"), "batch_sizes": self.batch_sizes,
+                "threads": self.threads, "temperature": meta["calibration"]["temperature"],
+                "ood_score": self._score, "ood_threshold": self._threshold, "folder": str(self.bundle.folder)}
+
+    # -- input
+
+    def _images(self, images) -> tuple[np.ndarray, float]:
+        """``images`` as an (N, *input_shape) array and the factor to 0-1 (1/255 for integers)."""
+        try:
+            x = np.asarray(images)
+        except (ValueError, TypeError) as error:
+            raise InputError(f"images: not an array ({error})") from None
+        if x.dtype.kind == "u" or x.dtype.kind == "i":
+            scale = 1.0 / 255.0
+        elif x.dtype.kind == "f":
+            scale = 1.0
+        else:
+            raise InputError(f"images: dtype {x.dtype} not supported; give uint8 pixels 0-255 or floats 0-1")
+        shape = self.input_shape  # (1, 28, 28)
+        if x.shape == shape[1:]:
+            x = x[None]  # one image (28, 28)
+        if x.ndim == len(shape) and x.shape[1:] == shape[1:]:
+            x = x.reshape((x.shape[0], *shape))
+        if x.ndim != len(shape) + 1 or x.shape[1:] != shape:
+            hw = "x".join(map(str, shape[1:]))
+            raise InputError(f"images: shape {x.shape}, expected (N, {', '.join(map(str, shape[1:]))}) or "
+                             f"(N, {', '.join(map(str, shape))}) ({hw} pixels)")
+        if x.shape[0] == 0:
+            raise InputError("images: empty batch (0 images)")
+        lowest, highest = x.min(), x.max()  # NaN propagates, so NaN fails the range check too
+        top = 255 if scale != 1.0 else 1.0
+        if not (lowest >= 0 and highest <= top):
+            if x.dtype.kind == "f" and not np.isfinite(x).all():
+                bad = int(np.size(x) - np.count_nonzero(np.isfinite(x)))
+                raise InputError(f"images: {bad} pixel(s) are NaN or infinite")
+            hint = " (pixels 0-255? give them as uint8)" if x.dtype.kind == "f" and highest <= 255 else ""
+            raise InputError(f"images: values from {lowest} to {highest}, expected 0 to {top}{hint}")
+        return x, scale
+
+    # -- prediction
+
+    def predict(self, images) -> Prediction:
+        """Probabilities, predicted class, logit mean/variance, MI, SME and OOD flag of every image."""
+        x, scale = self._images(images)
+        count = x.shape[0]
+        factor, offset = scale / self._std, -self._mean / self._std
+        parts: list[list[np.ndarray]] = []
+        start = 0
+        for size in chunk_plan(count, self.batch_sizes):
+            library = self._libraries[size]
+            rows = min(size, count - start)
+            target = library.buffer[:rows]
+            np.multiply(x[start:start + rows], factor, out=target, casting="unsafe")
+            target += offset
+            outputs = library()
+            parts.append([out[:rows] for out in outputs])
+            start += rows
+        joined = [np.array(out) for out in parts[0]] if len(parts) == 1 else [np.concatenate(outs) for outs in zip(*parts)]
+        values = dict(zip(HEAD_OUTPUTS, joined))
+        probs, mi, sme = values["probs"], values["mi"], values["sme"]
+        score = mi if self._score == "mi" else sme
+        return Prediction(probs=probs, predicted=probs.argmax(axis=1), logit_mean=values["logit_mean"],
+                          logit_var=values["logit_var"], mi=mi, sme=sme, ood=score > self._threshold)
+
+    def __call__(self, images) -> Prediction:
+        return self.predict(images)
+
+
+def load_bundle(path: str | Path, *, expected_model: str | None = None, threads: int | None = None) -> Predictor:
+    """Load a bundle folder (or archive) for prediction; see :func:`~pfp_runtime.bundle.read_bundle` for what is refused.
+
+    ``threads``: TVM runtime threads (default :data:`DEFAULT_THREADS`, or ``$PFP_RUNTIME_THREADS``).
+    """
+    return Predictor(read_bundle(path, expected_model=expected_model), threads=threads)
