@@ -145,6 +145,15 @@ def _positive_batch_sizes(sizes: list[int]) -> list[int]:
 BatchSizes = Annotated[list[int], AfterValidator(_positive_batch_sizes)]
 
 
+def _positive_thread_counts(counts: list[int]) -> list[int]:
+    if not counts or any(t < 1 for t in counts) or len(set(counts)) != len(counts):
+        raise ValueError("must be a non-empty list of distinct thread counts >= 1")
+    return counts
+
+
+ThreadCounts = Annotated[list[int], AfterValidator(_positive_thread_counts)]
+
+
 #: Where the compiled modules run: the board registry's names (one enum for the targets)
 CompileTarget = TargetName
 
@@ -166,6 +175,17 @@ class BenchmarkConfig(_Section):
     tvm_number: int = Field(20, ge=1)  # time_evaluator: calls per measurement
     tvm_repeat: int = Field(5, ge=1)  # interleaved rounds: one measurement of every compiled variant each
     memory_variants: list[Variant] = Field(default_factory=lambda: [Variant.PFP, Variant.DET])  # profile.json's memory estimates
+    # serving (metrics/serving.json, pfp.serving_bench): per request from raw images, quiet and with a core kept busy
+    serving_batch_sizes: BatchSizes = Field(default_factory=lambda: [1, 100])  # images per request
+    serving_threads: ThreadCounts = Field(default_factory=lambda: [1, 2])  # TVM thread-pool sizes compared
+    serving_rounds: int = Field(20, ge=1)  # interleaved rounds: one turn of every contender each
+    serving_turn_ms: float = Field(50.0, gt=0)  # a turn times requests for about this long (at least one)
+    serving_max_calls: int = Field(100, ge=1)  # at most this many timed requests per turn
+    serving_warmup: int = Field(3, ge=0)  # untimed requests of each contender before the rounds
+    serving_torch_threads: Optional[int] = Field(None, ge=1)  # Pyro's torch threads (None: torch's default, as a user gets)
+    serving_busy_processes: int = Field(1, ge=1)  # competing busy-loop processes of the loaded condition
+    head_images: int = Field(300, ge=1)  # test images (MNIST, ambiguous, Fashion) of the uncertainty head's error
+    head_reference_draws: int = Field(10_000, ge=100)  # Monte-Carlo draws of the head's reference
 
 
 class RPCConfig(_Section):

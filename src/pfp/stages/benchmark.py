@@ -1,5 +1,7 @@
 """Stage `benchmark`: latency of every predictor per model and batch size -> metrics/latency.json,
-per-operator profile and memory of the PFP vs deterministic predictors -> metrics/profile.json.
+per-operator profile and memory of the PFP vs deterministic predictors -> metrics/profile.json,
+serving from raw images (runtime bundle, twin, SVI-30 Pyro and compiled, bare PFP call; quiet and
+with a core kept busy; the runtime's thread choice; the uncertainty head's error) -> metrics/serving.json.
 
 Host CPU figures only: libraries tuned for a board (tune.target != host) are not run here; the
 compiled variants are then built with the hand schedules (``schedules`` in latency.json says so).
@@ -16,11 +18,14 @@ from pfp.backends import base
 from pfp.backends.base import Backend, Predictor
 from pfp.bench import benchmark_model
 from pfp.config import BenchmarkConfig, CompileTarget, TuneParams, Variant
+from pfp.data.dirty_mnist import load_prepared
 from pfp.io import atomic_write_json
-from pfp.stage import METRICS_DIR, PLOTS_DIR, tvm_dir
+from pfp.serving_bench import ServingModel, benchmark_serving, serving_images
+from pfp.stage import METRICS_DIR, MODELS_DIR, PLOTS_DIR, PREPARED_DIR, tvm_dir
 from pfp.tuning import library_path, load_library
 
-__all__ = ["BenchmarkOutcome", "host_libraries", "latency_path", "memory_metrics", "profile_path", "run"]
+__all__ = ["BenchmarkOutcome", "bundle_dir", "host_libraries", "latency_path", "memory_metrics", "profile_path", "run",
+           "serving_path"]
 
 #: the backend whose compiled predictors (and memory plan) the benchmark reports
 COMPILED_BACKEND = Backend.TVM
@@ -32,6 +37,15 @@ def latency_path() -> Path:
 
 def profile_path() -> Path:
     return METRICS_DIR / "profile.json"
+
+
+def serving_path() -> Path:
+    return METRICS_DIR / "serving.json"
+
+
+def bundle_dir(model: str) -> Path:
+    """The bundle stage's runtime bundle of ``model`` for this host (the serving benchmark's PFP contender)."""
+    return MODELS_DIR / model / "bundle" / CompileTarget.HOST.value
 
 
 def host_libraries(model: str, tune: TuneParams, batch: int) -> dict[Variant, Predictor]:
@@ -57,15 +71,20 @@ class BenchmarkOutcome:
     profile: dict  # metrics/profile.json
     latency_path: Path
     profile_path: Path
+    serving: dict = field(default_factory=dict)  # metrics/serving.json
+    serving_path: Path = field(default_factory=serving_path)
     plots: list[Path] = field(default_factory=list)
 
 
 def run(models: list[str], config: BenchmarkConfig, tune: TuneParams, *, seed: int) -> BenchmarkOutcome:
     """Benchmark every model (in the DVC workspace, the working folder)."""
     compiler = base.factory(COMPILED_BACKEND)
-    results, profile, written = {}, {}, []
+    results, profile, written, serving_models = {}, {}, [], {}
+    images = serving_images(load_prepared(PREPARED_DIR), max(config.head_images, *config.serving_batch_sizes))
     for model in models:
         trained = load_trained(model)
+        serving_models[model] = ServingModel(trained.posterior, trained.pfp_model, trained.calibration.variance_scale,
+                                             trained_digests(model), bundle_dir(model), tvm_dir(model), images)
         posterior, pfp_model, scale = trained.posterior, trained.pfp_model, trained.calibration.variance_scale
         results[model], profile[model] = {}, {}
         for batch in config.batch_sizes:
@@ -90,4 +109,6 @@ def run(models: list[str], config: BenchmarkConfig, tune: TuneParams, *, seed: i
                                               title=f"{model}: latency per batch (host CPU)"))
     atomic_write_json(latency_path(), results)
     atomic_write_json(profile_path(), profile)
-    return BenchmarkOutcome(results, profile, latency_path(), profile_path(), written)
+    serving = benchmark_serving(serving_models, config, tune, seed=seed)
+    atomic_write_json(serving_path(), serving)
+    return BenchmarkOutcome(results, profile, latency_path(), profile_path(), serving, serving_path(), written)
