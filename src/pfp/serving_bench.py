@@ -47,6 +47,7 @@ from pfp.config import BenchmarkConfig, CompileTarget, TuneParams, Variant
 from pfp.convert import PFPModel
 from pfp.data.dirty_mnist import MNIST_MEAN, MNIST_STD, normalise
 from pfp.data.idx import DataError
+from pfp.head import monte_carlo_reference
 from pfp.tuning import library_path, load_library
 from pfp_runtime import _tvm as runtime_tvm
 
@@ -341,32 +342,29 @@ def choose_threads(per_model: Mapping[str, Mapping[str, Mapping[str, Mapping]]],
                       + f"); {described}"}
 
 
-def head_error(prediction: Any, temperature: float, *, draws: int, seed: int, chunk: int = 16) -> dict[str, Any]:
-    """Errors of a bundle's probs/MI/SME against ``draws`` Gaussian draws over its own logit mean and variance.
+def head_error(prediction: Any, temperature: float, *, draws: int, seed: int) -> dict[str, Any]:
+    """Errors of a bundle's probs/MI/SME against a ``draws``-draw Monte-Carlo estimate over its own Gaussian logits.
 
-    The reference: z = (logit_mean + sqrt(logit_var) eps) / temperature, eps ~ N(0, 1) (float64,
-    numpy); probs = E[softmax z], SME = H[probs], MI = SME - E[H[softmax z]].
-    ``reference.probs_standard_error_max`` is the reference's own Monte-Carlo error (one sigma).
+    The reference (:func:`pfp.head.monte_carlo_reference`, float64 numpy): z = (logit_mean +
+    sqrt(logit_var) eps) / temperature with independent eps ~ N(0, 1); probs = E[softmax z],
+    SME = H[probs], MI = SME - E[H[softmax z]]. ``reference_noise`` is the same error between two
+    such references (seeds ``seed`` and ``seed + 1``): below it an error is not resolved.
     """
-    mean = np.asarray(prediction.logit_mean, np.float64)
-    std = np.sqrt(np.maximum(np.asarray(prediction.logit_var, np.float64), 0.0))
-    rng = np.random.default_rng(seed)
-    probs, mi, sme, error = (np.empty_like(mean), np.empty(len(mean)), np.empty(len(mean)), np.empty_like(mean))
-    for start in range(0, len(mean), chunk):
-        rows = slice(start, start + chunk)
-        noise = rng.standard_normal((draws, *mean[rows].shape))
-        sample_probs = softmax((mean[rows] + std[rows] * noise) / temperature)
-        probs[rows] = sample_probs.mean(axis=0)
-        error[rows] = sample_probs.std(axis=0) / np.sqrt(draws)
-        sme[rows] = _entropy(probs[rows])
-        mi[rows] = np.maximum(sme[rows] - _entropy(sample_probs).mean(axis=0), 0.0)
-    result: dict[str, Any] = {}
-    for name, reference in (("probs", probs), ("mi", mi), ("sme", sme)):
-        diff = np.abs(np.asarray(getattr(prediction, name), np.float64) - reference)
-        result[name] = {"max_abs": float(diff.max()), "mean_abs": float(diff.mean())}
-    result["reference"] = {"draws": draws, "images": len(mean), "temperature": float(temperature), "seed": seed,
-                           "probs_standard_error_max": float(error.max()), "mi_mean": float(mi.mean())}
-    return result
+    mean, var = np.asarray(prediction.logit_mean, np.float64), np.asarray(prediction.logit_var, np.float64)
+    reference = monte_carlo_reference(mean, var, temperature, draws=draws, seed=seed)
+    second = monte_carlo_reference(mean, var, temperature, draws=draws, seed=seed + 1)
+
+    def errors(estimate: Mapping[str, np.ndarray] | Any, truth: Mapping[str, np.ndarray]) -> dict[str, dict[str, float]]:
+        out = {}
+        for name in ("probs", "mi", "sme"):
+            value = estimate[name] if isinstance(estimate, Mapping) else getattr(estimate, name)
+            diff = np.abs(np.asarray(value, np.float64) - truth[name])
+            out[name] = {"max_abs": float(diff.max()), "mean_abs": float(diff.mean())}
+        return out
+
+    return {**errors(prediction, reference), "reference_noise": errors(second, reference),
+            "reference": {"draws": draws, "images": int(len(mean)), "temperature": float(temperature), "seed": seed,
+                          "mi_mean": float(reference["mi"].mean()), "sme_mean": float(reference["sme"].mean())}}
 
 
 # --------------------------------------------------------------------------- one model
