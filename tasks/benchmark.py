@@ -1,4 +1,5 @@
-"""DVC stage `benchmark`: latency of every predictor -> metrics/latency.json, profile and memory -> metrics/profile.json."""
+"""DVC stage `benchmark`: latency of every predictor -> metrics/latency.json, profile and memory -> metrics/profile.json,
+serving from raw images (quiet and loaded, thread choice, head error) -> metrics/serving.json."""
 
 from pfp import tracking
 from pfp.stage import run_stage
@@ -12,8 +13,11 @@ def main(params, argv):
             run.log_artifact(plot)
         run.log_metrics(outcome.latency)
         run.log_metrics(benchmark.memory_metrics(outcome.profile))
+        run.log_metrics({"serving": outcome.serving})
+        run.set_tags({"serving.threads.chosen": outcome.serving["threads"]["chosen"]})
         run.log_artifact(outcome.latency_path)
         run.log_artifact(outcome.profile_path)
+        run.log_artifact(outcome.serving_path)
 
 
 if __name__ == "__main__":

@@ -119,13 +119,15 @@ def _aligned_copy(array: np.ndarray) -> np.ndarray:
 
 
 def _serving_library(folder: Path, tune: TuneParams, variant: Variant, batch: int, *, model: str,
-                     made_from: Mapping[str, str], build: Callable[[Variant, int], Predictor]) -> tuple[Predictor, Path, dict]:
+                     made_from: Mapping[str, str], build: Callable[[Variant, int], Predictor],
+                     exact: bool = False) -> tuple[Predictor, Path, dict]:
     """The tune stage's host library a user would serve ``batch`` images with, else one built here (hand schedules).
 
-    The library of exactly ``batch``, else the largest smaller one (``predict`` chunks), else the smallest.
+    The library of exactly ``batch``, else (unless ``exact``) the largest smaller one (``predict``
+    chunks), else the smallest.
     """
     sizes = sorted(size for size in tune.batch_sizes if tune.target is CompileTarget.HOST
-                   and library_path(folder, tune.target, variant, size).is_file())
+                   and library_path(folder, tune.target, variant, size).is_file() and (size == batch or not exact))
     if sizes:
         size = batch if batch in sizes else max([s for s in sizes if s < batch], default=sizes[0])
         library = load_library(folder, tune.target, variant, size, model=model, made_from=made_from)
@@ -177,7 +179,7 @@ def model_contenders(posterior: Posterior, pfp_model: PFPModel, bundle: pfp_runt
                            Contender("svi_compiled", batch, serve_ensemble, threads)]
         if batch == 1:
             _, path, described["pfp_bare.batch_1"] = _serving_library(
-                tvm_folder, tune, Variant.PFP, 1, model=model, made_from=made_from, build=build)
+                tvm_folder, tune, Variant.PFP, 1, model=model, made_from=made_from, build=build, exact=True)
             machine = runtime_tvm.Machine(path)
             tensor = runtime_tvm.Machine.tensor(_aligned_copy(normalise_numpy(prepared[:1])))
             for threads in config.serving_threads:
