@@ -104,10 +104,11 @@ class Contender:
     serve: Callable[[np.ndarray], object]
     threads: int | None = None  # TVM thread-pool size it runs with; None: not TVM (Pyro: torch's threads)
     warm_each_turn: bool = True  # an untimed call opens each turn (caches, a switched thread pool)
+    label: str = ""  # what it runs on when not TVM (``torch_threads_N``)
 
     @property
     def key(self) -> tuple[str, int, str]:
-        return self.name, self.batch, f"threads_{self.threads}" if self.threads is not None else f"torch_threads_{torch.get_num_threads()}"
+        return self.name, self.batch, f"threads_{self.threads}" if self.threads is not None else self.label or "threads"
 
 
 def _aligned_copy(array: np.ndarray) -> np.ndarray:
@@ -120,11 +121,11 @@ def _aligned_copy(array: np.ndarray) -> np.ndarray:
 
 def _serving_library(folder: Path, tune: TuneParams, variant: Variant, batch: int, *, model: str,
                      made_from: Mapping[str, str], build: Callable[[Variant, int], Predictor],
-                     exact: bool = False) -> tuple[Predictor, Path, dict]:
+                     exact: bool = False) -> tuple[Predictor, Path | None, dict]:
     """The tune stage's host library a user would serve ``batch`` images with, else one built here (hand schedules).
 
     The library of exactly ``batch``, else (unless ``exact``) the largest smaller one (``predict``
-    chunks), else the smallest.
+    chunks), else the smallest. The path is None for a library built here (not exported).
     """
     sizes = sorted(size for size in tune.batch_sizes if tune.target is CompileTarget.HOST
                    and library_path(folder, tune.target, variant, size).is_file() and (size == batch or not exact))
@@ -132,10 +133,15 @@ def _serving_library(folder: Path, tune: TuneParams, variant: Variant, batch: in
         size = batch if batch in sizes else max([s for s in sizes if s < batch], default=sizes[0])
         library = load_library(folder, tune.target, variant, size, model=model, made_from=made_from)
         return library, library_path(folder, tune.target, variant, size), {"batch_size": size, "schedule": "tuned"}
-    library = build(variant, batch)
-    path = Path(tempfile.mkdtemp(prefix="pfp-serving-")) / f"{variant.value}_b{batch}.so"
-    library.export(path)
-    return library, path, {"batch_size": batch, "schedule": "hand"}
+    return build(variant, batch), None, {"batch_size": batch, "schedule": "hand"}
+
+
+def _bare_machine(library: Predictor, path: Path | None) -> runtime_tvm.Machine:
+    """The library's Relax VM as the runtime drives it (a library built here is exported to a temporary folder first)."""
+    if path is not None:
+        return runtime_tvm.Machine(path)
+    with tempfile.TemporaryDirectory(prefix="pfp-serving-") as folder:
+        return runtime_tvm.Machine(library.export(Path(folder) / "pfp_b1.so"))
 
 
 def model_contenders(posterior: Posterior, pfp_model: PFPModel, bundle: pfp_runtime.Predictor, tvm_folder: Path,
@@ -178,13 +184,14 @@ def model_contenders(posterior: Posterior, pfp_model: PFPModel, bundle: pfp_runt
                            Contender("det_twin", batch, serve_twin, threads),
                            Contender("svi_compiled", batch, serve_ensemble, threads)]
         if batch == 1:
-            _, path, described["pfp_bare.batch_1"] = _serving_library(
+            bare, path, described["pfp_bare.batch_1"] = _serving_library(
                 tvm_folder, tune, Variant.PFP, 1, model=model, made_from=made_from, build=build, exact=True)
-            machine = runtime_tvm.Machine(path)
+            machine = _bare_machine(bare, path)
             tensor = runtime_tvm.Machine.tensor(_aligned_copy(normalise_numpy(prepared[:1])))
             for threads in config.serving_threads:
                 contenders.append(Contender("pfp_bare", 1, lambda _images, m=machine, t=tensor: m.main(t), threads))
-        contenders.append(Contender("svi_pyro", batch, serve_pyro, None, warm_each_turn=False))
+        contenders.append(Contender("svi_pyro", batch, serve_pyro, None, warm_each_turn=False,
+                                    label=f"torch_threads_{torch.get_num_threads()}"))
     return contenders, described
 
 
@@ -429,7 +436,11 @@ def benchmark_serving(models: Mapping[str, ServingModel], config: BenchmarkConfi
                                        "torch_threads": torch.get_num_threads()},
                               "settings": {key: value for key, value in config.model_dump(mode="json").items()
                                            if key.startswith(("serving_", "head_")) or key == "svi_samples"},
-                              "models": {}}
+                              "models": {},
+                              "notes": {"latency": "ms per request, raw uint8 images to the contender's answer, one request at a time",
+                                        "images_per_s": "batch x requests / seconds spent in them (closed loop)",
+                                        "ratios": "latency of the first named over the second's (p50, p99)",
+                                        "busy": "a subprocess spinning a busy loop, started before and stopped after the rounds"}}
     try:
         for model, inputs in models.items():
             print(f"serving benchmark {model} ...", flush=True)
