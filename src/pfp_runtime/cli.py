@@ -85,6 +85,11 @@ def _records(images: Images, prediction: Prediction) -> list[dict]:
     return [{"source": source, **record} for source, record in zip(images.sources, prediction.to_json(), strict=True)]
 
 
+def _json_lines(records: list[dict]) -> str:
+    """A JSON list with one record per line (readable, greppable, and still one JSON document)."""
+    return "[\n" + ",\n".join(json.dumps(record) for record in records) + "\n]"
+
+
 def _predict(args: argparse.Namespace) -> str:
     try:
         images = read_images(args.images, limit=args.limit)
@@ -107,7 +112,7 @@ def _predict(args: argparse.Namespace) -> str:
     except Exception as error:  # noqa: BLE001 - the compiled code's errors come through the FFI
         raise _Failure(f"{args.bundle}: prediction failed ({type(error).__name__}: {_last_line(error)})") from None
     if args.json:
-        return json.dumps(_records(images, prediction), indent=2)
+        return _json_lines(_records(images, prediction))
     return _table(images, prediction)
 
 
