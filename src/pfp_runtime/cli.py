@@ -126,7 +126,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         output = args.run(args)
     except _Failure as error:
-        print(f"{PROG}: error: {error}", file=sys.stderr)
+        message = " ".join(line.strip() for line in str(error).splitlines() if line.strip())  # one line, always
+        print(f"{PROG}: error: {message}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -116,3 +117,146 @@ def test_a_missing_bundle_is_named(tmp_path):
     (tmp_path / "empty").mkdir()
     assert_one_error_line(pfp("predict", tmp_path / "empty", tmp_path / "good.npy"), 1,
                           f"{tmp_path / 'empty' / 'bundle.json'}: not found")
+
+
+# -- on a real bundle (pfp.bundle.build_bundle of a random posterior)
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    from tests.common import make_bundle
+
+    return make_bundle(tmp_path_factory.mktemp("bundle") / "mlp-host", "mlp", batch_sizes=(1, 4)).folder
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """Seven images in three files (IDX gz, PNG, npy floats) and the uint8 pixels they hold, in order."""
+    from PIL import Image
+
+    from pfp.data.idx import write_idx_images
+
+    folder = tmp_path_factory.mktemp("images")
+    pixels = np.random.default_rng(5).integers(0, 256, (7, 28, 28), dtype=np.uint8)
+    pixels[0] = 0  # a blank image and a bright square among the noise
+    pixels[1] = 0
+    pixels[1, 8:20, 10:18] = 255
+    write_idx_images(folder / "t10k-images-idx3-ubyte.gz", pixels[:4])
+    Image.fromarray(pixels[4]).save(folder / "digit.png")
+    np.save(folder / "pair.npy", pixels[5:7].astype(np.float32) / 255)
+    files = [folder / "t10k-images-idx3-ubyte.gz", folder / "digit.png", folder / "pair.npy"]
+    sources = [f"{files[0]}[{i}]" for i in range(4)] + [str(files[1]), f"{files[2]}[0]", f"{files[2]}[1]"]
+    return files, sources, pixels
+
+
+@pytest.fixture(scope="module")
+def expected(bundle, inputs):
+    from pfp_runtime import load_bundle
+
+    return load_bundle(bundle, threads=1).predict(inputs[2])
+
+
+def test_table_has_one_row_per_image_with_the_predictions(bundle, inputs, expected):
+    files, sources, _ = inputs
+    result = pfp("predict", bundle, *files)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    header, *rows = result.stdout.strip().splitlines()
+    assert header.split() == ["source", "class", "prob", "MI", "SME", "OOD"]
+    assert len(rows) == len(sources) == 7
+    for i, (row, source) in enumerate(zip(rows, sources)):
+        cells = row.split()
+        assert cells[0] == source
+        label = int(expected.predicted[i])
+        assert int(cells[1]) == label
+        assert float(cells[2]) == pytest.approx(float(expected.probs[i, label]), abs=5e-5)
+        assert float(cells[3]) == pytest.approx(float(expected.mi[i]), abs=5e-5)
+        assert float(cells[4]) == pytest.approx(float(expected.sme[i]), abs=5e-5)
+        assert cells[5] == ("yes" if expected.ood[i] else "no")
+
+
+def test_json_matches_the_runtime_on_the_same_images(bundle, inputs, expected):
+    files, sources, _ = inputs
+    result = pfp("predict", bundle, *files, "--json", "--threads", "2")
+    assert result.returncode == 0, result.stderr
+    records = json.loads(result.stdout)
+    assert [record["source"] for record in records] == sources
+    assert set(records[0]) == {"source", "predicted", "probability", "mi", "sme", "ood", "probs", "logit_mean", "logit_var"}
+    for name in ("probs", "logit_mean", "logit_var", "mi", "sme"):
+        got = np.array([record[name] for record in records])
+        np.testing.assert_allclose(got, getattr(expected, name), rtol=0, atol=1e-6, err_msg=name)
+    assert [record["predicted"] for record in records] == expected.predicted.tolist()
+    assert [record["ood"] for record in records] == expected.ood.tolist()
+    np.testing.assert_allclose([record["probability"] for record in records], expected.probs.max(axis=1), atol=1e-6)
+    assert np.allclose(expected.probs.sum(axis=1), 1, atol=1e-5) and (expected.mi >= 0).all()
+
+
+def test_limit_and_an_archived_bundle(bundle, inputs, expected, tmp_path):
+    import tarfile
+
+    files, sources, _ = inputs
+    archive = tmp_path / "bundle.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(bundle, arcname="mlp-host")
+    result = pfp("predict", archive, *files, "--json", "--limit", "5")
+    assert result.returncode == 0, result.stderr
+    records = json.loads(result.stdout)
+    assert [record["source"] for record in records] == sources[:5]
+    np.testing.assert_allclose([record["mi"] for record in records], expected.mi[:5], atol=1e-6)
+
+
+def test_running_a_prediction_loads_neither_torch_nor_the_tvm_package(bundle, inputs):
+    files = inputs[0]
+    code = (f"import contextlib, io, sys\nfrom pfp_runtime.cli import main\n"
+            f"with contextlib.redirect_stdout(io.StringIO()):\n"
+            f"    status = main(['predict', {str(bundle)!r}, {str(files[0])!r}, {str(files[2])!r}])\n"
+            f"print(status, sorted(m for m in ('torch', 'tvm', 'PIL', 'pfp') if m in sys.modules))")
+    result = python(code)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "0 []"
+
+
+def test_bad_inputs_with_a_real_bundle_exit_1_naming_the_file(bundle, inputs, tmp_path):
+    from PIL import Image
+
+    files = inputs[0]
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(tmp_path / "big.png")
+    assert_one_error_line(pfp("predict", bundle, files[0], tmp_path / "big.png"), 1,
+                          f"{tmp_path / 'big.png'}: image of 32x32 pixels, expected 28x28")
+    (tmp_path / "labels-idx1-ubyte").write_bytes(bytes([0, 0, 8, 1, 0, 0, 0, 1, 7]))
+    assert_one_error_line(pfp("predict", bundle, tmp_path / "labels-idx1-ubyte"), 1,
+                          f"{tmp_path / 'labels-idx1-ubyte'}: an IDX label file")
+    np.save(tmp_path / "wide.npy", np.full((2, 28, 28), 200.0))
+    assert_one_error_line(pfp("predict", bundle, tmp_path / "wide.npy"), 1,
+                          f"{tmp_path / 'wide.npy'}: float pixels from 200 to 200, expected 0 to 1")
+
+
+def test_bad_bundles_exit_1_naming_the_file(bundle, inputs, tmp_path):
+    import shutil
+
+    files = inputs[0]
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(bundle, corrupt)
+    with open(corrupt / "pfp_b4.so", "ab") as handle:
+        handle.write(b"\0")
+    assert_one_error_line(pfp("predict", corrupt, files[1]), 1, f"{corrupt / 'pfp_b4.so'}: checksum mismatch")
+    broken = tmp_path / "broken"
+    shutil.copytree(bundle, broken)
+    (broken / "bundle.json").write_text("{not json")
+    assert_one_error_line(pfp("predict", broken, files[1]), 1, f"{broken / 'bundle.json'}: not valid JSON")
+    (tmp_path / "bundle.tar.gz").write_bytes(b"not an archive")
+    assert_one_error_line(pfp("predict", tmp_path / "bundle.tar.gz", files[1]), 1,
+                          f"{tmp_path / 'bundle.tar.gz'}: not a readable bundle archive")
+
+
+def test_a_closed_pipe_ends_quietly(bundle, tmp_path):
+    from pfp.data.idx import write_idx_images
+
+    write_idx_images(tmp_path / "many-idx3-ubyte", np.zeros((300, 28, 28), np.uint8))  # > 64 KiB of JSON
+    process = subprocess.Popen([sys.executable, "-m", "pfp_runtime.cli", "predict", str(bundle), str(tmp_path / "many-idx3-ubyte"),
+                                "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=environment())
+    assert process.stdout.readline().strip() == b"["
+    process.stdout.close()  # like `pfp predict ... | head -1`
+    stderr = process.stderr.read().decode()
+    assert process.wait(timeout=120) == 0, stderr
+    assert stderr == ""
