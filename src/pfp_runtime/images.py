@@ -21,6 +21,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import io
 import struct
@@ -41,8 +42,6 @@ _IDX_LABELS_MAGIC = 0x00000801
 _GZIP_SIGNATURE = b"\x1f\x8b"
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _NPY_SIGNATURE = b"\x93NUMPY"
-#: IDX files larger than this (decompressed) are refused before they are read whole (~2.7 million images)
-_MAX_IDX_BYTES = 2 << 30
 
 
 class ImageFileError(InputError):
@@ -121,39 +120,59 @@ def _read_bytes(path: Path, name: str) -> bytes:
 
 
 def _read_idx(path: Path, name: str) -> np.ndarray:
-    data = _read_bytes(path, name)
-    if data.startswith(_GZIP_SIGNATURE):
+    """The header is checked before the pixels are read (a large file of another kind is not read whole)."""
+    try:
+        raw = open(path, "rb")  # closed by the with below
+    except OSError as error:
+        raise ImageFileError(f"{name}: cannot read ({error.strerror or error})") from None
+    with raw:
+        compressed = raw.read(2) == _GZIP_SIGNATURE
+        raw.seek(0)
+        if not compressed and path.name.endswith(".gz"):
+            raise ImageFileError(f"{name}: named .gz but not gzip-compressed")
         try:
-            with gzip.GzipFile(fileobj=io.BytesIO(data)) as archive:
-                data = archive.read(_MAX_IDX_BYTES + 1)
+            with gzip.GzipFile(fileobj=raw) if compressed else contextlib.nullcontext(raw) as stream:
+                count = _read_idx_header(stream.read(16), name)
+                data = _read_idx_pixels(stream, count, name)
         except (OSError, EOFError, zlib.error) as error:
-            raise ImageFileError(f"{name}: corrupt or truncated gzip file ({error})") from None
-        if len(data) > _MAX_IDX_BYTES:
-            raise ImageFileError(f"{name}: over {_MAX_IDX_BYTES >> 30} GiB decompressed; split the file")
-    elif path.name.endswith(".gz"):
-        raise ImageFileError(f"{name}: named .gz but not gzip-compressed")
-    if len(data) < 4:
-        raise ImageFileError(f"{name}: {len(data)} bytes, too short for an IDX file (expected IDX images, .npy or PNG)")
-    (magic,) = struct.unpack(">I", data[:4])
+            if compressed:
+                raise ImageFileError(f"{name}: corrupt or truncated gzip file ({error})") from None
+            raise ImageFileError(f"{name}: cannot read ({getattr(error, 'strerror', None) or error})") from None
+    return np.frombuffer(data, np.uint8).reshape(count, *IMAGE_SIZE).copy()
+
+
+def _read_idx_pixels(stream, count: int, name: str) -> bytes:
+    size = IMAGE_SIZE[0] * IMAGE_SIZE[1]
+    expected = count * size
+    data = stream.read(expected)
+    if len(data) < expected:
+        raise ImageFileError(f"{name}: truncated: the header says {count} images ({expected} bytes), "
+                             f"the file holds {len(data)} bytes ({len(data) // size} whole images)")
+    extra = len(stream.read(1 << 20))
+    if extra:
+        more = " or more" if extra == 1 << 20 else ""
+        raise ImageFileError(f"{name}: {extra}{more} bytes after the {count} images the header announces")
+    return data
+
+
+def _read_idx_header(header: bytes, name: str) -> int:
+    """The image count of a 16-byte IDX header; ImageFileError unless it is (N, 28, 28) unsigned bytes."""
+    if len(header) < 4:
+        raise ImageFileError(f"{name}: {len(header)} bytes, too short for an IDX file (expected IDX images, .npy or PNG)")
+    (magic,) = struct.unpack(">I", header[:4])
     if magic == _IDX_LABELS_MAGIC:
         raise ImageFileError(f"{name}: an IDX label file (magic 0x{magic:08x}), not images (magic 0x{IDX_IMAGES_MAGIC:08x})")
     if magic != IDX_IMAGES_MAGIC:
         raise ImageFileError(f"{name}: not an IDX image file: magic number 0x{magic:08x}, expected 0x{IDX_IMAGES_MAGIC:08x} "
                              "(the file should be IDX images, .npy or PNG)")
-    if len(data) < 16:
-        raise ImageFileError(f"{name}: truncated IDX header ({len(data)} bytes, the header is 16)")
-    count, rows, cols = struct.unpack(">III", data[4:16])
+    if len(header) < 16:
+        raise ImageFileError(f"{name}: truncated IDX header ({len(header)} bytes, the header is 16)")
+    count, rows, cols = struct.unpack(">III", header[4:16])
     if (rows, cols) != IMAGE_SIZE:
         raise ImageFileError(f"{name}: images of {rows}x{cols} pixels, expected {IMAGE_SIZE[0]}x{IMAGE_SIZE[1]}")
     if count == 0:
         raise ImageFileError(f"{name}: the IDX file holds no images")
-    expected, payload = count * rows * cols, len(data) - 16
-    if payload < expected:
-        raise ImageFileError(f"{name}: truncated: the header says {count} images ({expected} bytes), "
-                             f"the file holds {payload} bytes ({payload // (rows * cols)} whole images)")
-    if payload > expected:
-        raise ImageFileError(f"{name}: {payload - expected} bytes after the {count} images the header announces")
-    return np.frombuffer(data, np.uint8, expected, 16).reshape(count, rows, cols).copy()
+    return count
 
 
 # -- npy
