@@ -97,9 +97,7 @@ def _predict(args: argparse.Namespace) -> str:
         raise _Failure(str(error)) from None
     try:
         predictor = load_bundle(args.bundle, threads=args.threads)
-    except BundleError as error:
-        raise _Failure(str(error)) from None
-    except ImportError as error:  # no TVM runtime library
+    except (BundleError, ImportError) as error:  # ImportError: no TVM runtime library here
         raise _Failure(str(error)) from None
     except OSError as error:
         raise _Failure(f"{args.bundle}: cannot read the bundle ({error})") from None
