@@ -75,6 +75,15 @@ def test_pngs_are_read_without_pillow_too(tmp_path):
     assert result.stdout.strip() == "True"
 
 
+def test_the_pfp_script_is_installed_with_the_package():
+    import tomllib
+
+    from pfp_runtime import cli
+
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["pfp"] == "pfp_runtime.cli:main" and callable(cli.main)
+
+
 # -- usage, and errors found before the bundle is loaded
 
 
