@@ -9,6 +9,7 @@ import os
 import pytest
 
 from pfp.config import BenchmarkConfig, TuneParams, Variant
+from pfp.stage import bundle_dir
 from pfp.stages import benchmark
 
 from ..common import make_bundle
@@ -23,7 +24,7 @@ SERVING = {"serving_batch_sizes": [1, 2], "serving_threads": [1, 2], "serving_ro
 def bundled_workspace(tuned_workspace):
     """The tuned workspace with the bundle stage's host bundle of the same (random) MLP."""
     workspace, _ = tuned_workspace
-    folder = workspace / benchmark.bundle_dir("mlp")
+    folder = workspace / bundle_dir("mlp", "host")
     if not folder.is_dir():
         make_bundle(folder, "mlp", batch_sizes=(1, 2), variance_scale=0.5)
     return workspace

@@ -21,10 +21,10 @@ from pfp.config import BenchmarkConfig, CompileTarget, TuneParams, Variant
 from pfp.data.dirty_mnist import load_prepared
 from pfp.io import atomic_write_json
 from pfp.serving_bench import ServingModel, benchmark_serving, serving_images
-from pfp.stage import METRICS_DIR, MODELS_DIR, PLOTS_DIR, PREPARED_DIR, tvm_dir
+from pfp.stage import METRICS_DIR, PLOTS_DIR, PREPARED_DIR, bundle_dir, tvm_dir
 from pfp.tuning import library_path, load_library
 
-__all__ = ["BenchmarkOutcome", "bundle_dir", "host_libraries", "latency_path", "memory_metrics", "profile_path", "run",
+__all__ = ["BenchmarkOutcome", "host_libraries", "latency_path", "memory_metrics", "profile_path", "run",
            "serving_path"]
 
 #: the backend whose compiled predictors (and memory plan) the benchmark reports
@@ -41,11 +41,6 @@ def profile_path() -> Path:
 
 def serving_path() -> Path:
     return METRICS_DIR / "serving.json"
-
-
-def bundle_dir(model: str) -> Path:
-    """The bundle stage's runtime bundle of ``model`` for this host (the serving benchmark's PFP contender)."""
-    return MODELS_DIR / model / "bundle" / CompileTarget.HOST.value
 
 
 def host_libraries(model: str, tune: TuneParams, batch: int) -> dict[Variant, Predictor]:
@@ -84,7 +79,8 @@ def run(models: list[str], config: BenchmarkConfig, tune: TuneParams, *, seed: i
     for model in models:
         trained = load_trained(model)
         serving_models[model] = ServingModel(trained.posterior, trained.pfp_model, trained.calibration.variance_scale,
-                                             trained_digests(model), bundle_dir(model), tvm_dir(model), images)
+                                             trained_digests(model), bundle_dir(model, CompileTarget.HOST.value),
+                                             tvm_dir(model), images)
         posterior, pfp_model, scale = trained.posterior, trained.pfp_model, trained.calibration.variance_scale
         results[model], profile[model] = {}, {}
         for batch in config.batch_sizes:
