@@ -169,3 +169,17 @@ def test_serving_images_mix_the_three_test_sets():
               for key, value in (("mnist_test", 1), ("ambiguous_test", 2), ("ood_test", 3))}
     images = sb.serving_images(arrays, 7)
     assert list(images[:, 0, 0]) == [1, 2, 3, 1, 2, 3, 1] and images.dtype == np.uint8
+
+
+def test_the_summary_takes_the_chosen_thread_count():
+    figures = {"pfp_runtime": {"threads_1": {**_stats(0.05, 0.2), "images_per_s": 2e4},
+                               "threads_2": {**_stats(0.07, 3.0), "images_per_s": 1e4}},
+               "det_twin": {"threads_1": _stats(0.02, 0.1), "threads_2": _stats(0.02, 0.4)},
+               "svi_compiled": {"threads_1": _stats(0.3, 0.9), "threads_2": _stats(0.2, 1.0)},
+               "svi_pyro": {"torch_threads_2": _stats(60.0, 90.0)}}
+    entry = {condition: {"load": {}, "batch_1": figures} for condition in sb.CONDITIONS}
+    entry["ratios"] = {condition: {"batch_1": {f"threads_{t}": sb.ratios(figures, 1, t) for t in (1, 2)}}
+                       for condition in sb.CONDITIONS}
+    row = sb.summary({"mlp": entry}, 2)["mlp"]["busy"]["batch_1"]
+    assert row["pfp_runtime_p99_ms"] == 3.0 and row["pfp_runtime_images_per_s"] == 1e4
+    assert row["svi_pyro_over_pfp_p50"] == pytest.approx(60.0 / 0.07)

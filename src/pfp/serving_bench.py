@@ -383,7 +383,6 @@ class ServingSetup:
     """What :func:`serve_model` needs of one model besides its contenders."""
 
     contenders: list[Contender]
-    libraries: dict[str, Any]
     images: np.ndarray  # raw uint8 (N, 28, 28): requests cycle through them
     set_threads: Callable[[int], None] = runtime_tvm.configure_threads
     loads: dict[str, int] = field(default_factory=lambda: {"quiet": 0, "busy": 1})
@@ -451,14 +450,11 @@ def benchmark_serving(models: Mapping[str, ServingModel], config: BenchmarkConfi
             contenders, libraries = model_contenders(
                 inputs.posterior, inputs.pfp_model, bundle, inputs.tvm_folder, tune, config, made_from=inputs.made_from,
                 variance_scale=inputs.variance_scale, seed=seed, prepared=inputs.images)
-            figures = serve_model(ServingSetup(contenders, libraries, inputs.images,
+            figures = serve_model(ServingSetup(contenders, inputs.images,
                                                loads={"quiet": 0, "busy": config.serving_busy_processes}), config)
-            entry: dict[str, Any] = {"contenders": libraries, **figures, "ratios": {}}
-            for condition in CONDITIONS:
-                for batch in config.serving_batch_sizes:
-                    for threads in config.serving_threads:
-                        entry["ratios"].setdefault(condition, {}).setdefault(f"batch_{batch}", {})[f"threads_{threads}"] = \
-                            ratios(figures[condition][f"batch_{batch}"], batch, threads)
+            entry: dict[str, Any] = {"contenders": libraries, **figures, "ratios": {
+                c: {f"batch_{b}": {f"threads_{t}": ratios(figures[c][f"batch_{b}"], b, t) for t in config.serving_threads}
+                    for b in config.serving_batch_sizes} for c in CONDITIONS}}
             head_images = inputs.images[:config.head_images]
             temperature = float(bundle.bundle.metadata["calibration"]["temperature"])
             entry["head_error"] = head_error(bundle.predict(head_images), temperature, draws=config.head_reference_draws,
@@ -466,6 +462,7 @@ def benchmark_serving(models: Mapping[str, ServingModel], config: BenchmarkConfi
             report["models"][model] = entry
         report["threads"] = choose_threads(report["models"], config.serving_threads,
                                            current_default=pfp_runtime.DEFAULT_THREADS, batches=config.serving_batch_sizes)
+        report["summary"] = summary(report["models"], report["threads"]["chosen"])
     finally:
         torch.set_num_threads(saved_torch)
         runtime_tvm.configure_threads(int(saved_threads) if saved_threads else len(os.sched_getaffinity(0)))
@@ -475,6 +472,22 @@ def benchmark_serving(models: Mapping[str, ServingModel], config: BenchmarkConfi
             os.environ["TVM_NUM_THREADS"] = saved_threads
     report["host"]["loadavg_end"] = list(os.getloadavg())
     return report
+
+
+def summary(per_model: Mapping[str, Mapping], threads: int) -> dict[str, Any]:
+    """The headline figures at the chosen thread count: per model, condition and batch size, the runtime's
+    p50/p99 and images/s and its ratios to the other contenders (p50)."""
+    out: dict[str, Any] = {"threads": threads}
+    for model, entry in per_model.items():
+        for condition in CONDITIONS:
+            for batch, figures in entry[condition].items():
+                if batch.startswith("batch_"):
+                    stats = figures["pfp_runtime"][f"threads_{threads}"]
+                    row = {f"pfp_runtime_{k}": stats[k] for k in ("p50_ms", "p99_ms", "images_per_s")}
+                    row.update({f"{name}_p50": value["p50"] for name, value in
+                                entry["ratios"][condition][batch][f"threads_{threads}"].items()})
+                    out.setdefault(model, {}).setdefault(condition, {})[batch] = row
+    return out
 
 
 def serving_images(arrays: Mapping[str, np.ndarray], count: int) -> np.ndarray:

@@ -104,6 +104,8 @@ def check_serving(outcome, config):
     assert contenders["pfp_bare.batch_1"] == {"batch_size": 1, "schedule": "hand"}
     threads = outcome.serving["threads"]
     assert threads["chosen"] in (1, 2) and threads["current_default"] == pfp_runtime.DEFAULT_THREADS
+    headline = outcome.serving["summary"]["mlp"]["busy"]["batch_1"]
+    assert headline["pfp_runtime_p99_ms"] == serving["busy"]["batch_1"]["pfp_runtime"][f"threads_{threads['chosen']}"]["p99_ms"]
     head = serving["head_error"]
     assert head["reference"]["draws"] == 10_000 and head["reference"]["images"] == 24
     for name in ("probs", "mi", "sme"):
