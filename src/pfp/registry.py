@@ -15,16 +15,18 @@ import math
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from pfp.config import PromoteConfig
 
-__all__ = ["CHALLENGER", "CHAMPION", "Check", "Evaluation", "GateDecision", "compare", "evaluation_from_metrics", "find_version",
-           "log_decision", "promote", "register_version", "registered_name", "version_evaluation"]
+__all__ = ["CHALLENGER", "CHAMPION", "Check", "Evaluation", "GateDecision", "bundle_sha256", "compare", "evaluation_from_metrics", "find_version",
+           "log_decision", "promote", "publish_bundle", "register_version", "registered_name", "version_evaluation"]
 
 CHALLENGER, CHAMPION = "challenger", "champion"
 METRIC_TAG = "pfp.metric."
@@ -260,3 +262,35 @@ def log_decision(client: MlflowClient, run_id: str, decision: GateDecision) -> N
                      params=[Param(f"{prefix}.{key}", value) for key, value in params.items()])
     client.log_dict(run_id, decision.to_dict(), f"promotion/{decision.model}.json")
     client.set_tag(run_id, f"{prefix}.decision", params["decision"])
+
+
+def bundle_sha256(bundle_dir: str | Path) -> str:
+    """The identity of a bundle folder: the sha256 of its ``SHA256SUMS`` (which lists the sha256 of every other file)."""
+    from pfp_runtime import CHECKSUM_FILE, BundleError
+    from pfp_runtime.bundle import file_sha256
+
+    sums = Path(bundle_dir) / CHECKSUM_FILE
+    if not sums.is_file():
+        raise BundleError(f"{sums}: checksum file missing; {bundle_dir} is not a complete bundle")
+    return file_sha256(sums)
+
+
+def publish_bundle(client: MlflowClient, model: str, bundle_dir: str | Path, evaluation: Evaluation, images: np.ndarray, *,
+                   run_id: str, config: PromoteConfig | None = None) -> GateDecision:
+    """Log the bundle as an MLflow model of the active run ``run_id``, register it, run the gate and record the decision.
+
+    A bundle already registered (same checksums) is not registered again: the gate runs on its version.
+    """
+    from pfp.mlflow_model import log_bundle_model
+
+    sha = bundle_sha256(bundle_dir)
+    existing = find_version(client, model, sha)
+    if existing is not None:
+        version = existing.version
+    else:
+        info = log_bundle_model(bundle_dir, images=images, tags={"pfp.bundle_sha256": sha})
+        version = register_version(client, model, info.model_uri, evaluation, run_id=run_id, model_id=info.model_id,
+                                   bundle_sha256=sha).version
+    decision = promote(client, model, version, config)
+    log_decision(client, run_id, decision)
+    return decision
