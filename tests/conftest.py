@@ -34,3 +34,11 @@ def mlflow_server(tmp_path_factory):
     """A real ``mlflow server`` on loopback (SQLite store, local artifacts), one per test session; its URL."""
     with mlflow_tracking_server(tmp_path_factory.mktemp("mlflow")) as url:
         yield url
+
+
+@pytest.fixture(scope="session")
+def lenet_bundle(tmp_path_factory):
+    """One small LeNet bundle (random posterior, batch sizes 1 and 4, hand schedules) for the MLflow and serving tests."""
+    from tests.common import make_bundle
+
+    return make_bundle(tmp_path_factory.mktemp("bundle") / "lenet", "lenet").folder

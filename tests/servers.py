@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -90,3 +91,21 @@ def mlflow_model_server(model_uri: str, tracking_uri: str, log: Path, timeout: f
     url = f"http://127.0.0.1:{port}"
     with _process(command, log, env, f"{url}/ping", f"model server for {model_uri}", timeout):
         yield url
+
+
+def real_images(count: int, *, start: int = 0) -> np.ndarray:
+    """``count`` real MNIST test digits (uint8, (count, 28, 28)) from the committed sample in data/embedded."""
+    from pfp.data.idx import load_split
+
+    images, _ = load_split(REPO / "data" / "embedded" / "mnist", "t10k")
+    return images[start:start + count]
+
+
+def reset_registry(client, models: tuple[str, ...] = ("mlp", "lenet")) -> None:
+    """Delete the registered models ``pfp-MODEL`` (and their versions): the next version registered is the first."""
+    from pfp.registry import registered_name
+
+    for model in models:
+        name = registered_name(model)
+        if client.search_registered_models(f"name = '{name}'"):
+            client.delete_registered_model(name)

@@ -14,8 +14,21 @@ import yaml
 from mlflow import MlflowClient
 
 from pfp.config import ConfigError, PromoteConfig, load_params, parse_params
-from pfp.registry import (CHALLENGER, CHAMPION, Check, Evaluation, compare, evaluation_from_metrics, find_version, log_decision, promote,
-                          register_version, registered_name, version_evaluation)
+from pfp.registry import (
+    CHALLENGER,
+    CHAMPION,
+    Check,
+    Evaluation,
+    compare,
+    evaluation_from_metrics,
+    find_version,
+    log_decision,
+    promote,
+    register_version,
+    registered_name,
+    version_evaluation,
+)
+from tests.servers import reset_registry
 
 BASE = Evaluation(accuracy=0.98, nll=0.06, ece=0.010, auroc_mi=0.95, latency_b1_ms=0.030)
 TRAIN = {"mlp": {"epochs": 1}, "lenet": {"epochs": 1}}
@@ -40,9 +53,7 @@ def logged_model(mlflow_server):
 def client(mlflow_server, logged_model):
     """A client of the server whose pfp-* registered models are deleted first (each test starts with an empty registry)."""
     client = MlflowClient(tracking_uri=mlflow_server, registry_uri=mlflow_server)
-    for model in ("mlp", "lenet"):
-        if client.search_registered_models(f"name = '{registered_name(model)}'"):
-            client.delete_registered_model(registered_name(model))
+    reset_registry(client)
     return client
 
 

@@ -66,7 +66,7 @@ def _as_pixels_0_255(images: np.ndarray) -> np.ndarray:
         raise _invalid(f"images: values from {images.min()} to {images.max()}, expected 0 to 255 ({PIXELS_PARAM}={PIXELS_0_255!r})")
     if not np.array_equal(images, np.round(images)):
         raise _invalid(f"images: {PIXELS_PARAM}={PIXELS_0_255!r} expects whole numbers 0-255; "
-                       f"found fractions (give pixels 0-1 without {PIXELS_PARAM}, or round them)")
+                       f"found fractions (send pixels 0-1 without the {PIXELS_PARAM} parameter, or round them)")
     return images.astype(np.int64)
 
 
