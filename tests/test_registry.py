@@ -7,18 +7,23 @@ a version carries); tests/serving registers and serves real bundles.
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import mlflow
+import numpy as np
 import pytest
 import yaml
 from mlflow import MlflowClient
 
+from pfp import tracking
 from pfp.config import ConfigError, PromoteConfig, load_params, parse_params
 from pfp.registry import (
     CHALLENGER,
     CHAMPION,
     Check,
     Evaluation,
+    bundle_sha256,
     compare,
     evaluation_from_metrics,
     find_version,
@@ -28,7 +33,10 @@ from pfp.registry import (
     registered_name,
     version_evaluation,
 )
-from tests.servers import reset_registry
+from pfp_runtime import load_bundle
+from pfp_runtime.bundle import write_checksums
+from tests.common import write_prepared
+from tests.servers import real_images, reset_registry
 
 BASE = Evaluation(accuracy=0.98, nll=0.06, ece=0.010, auroc_mi=0.95, latency_b1_ms=0.030)
 TRAIN = {"mlp": {"epochs": 1}, "lenet": {"epochs": 1}}
@@ -186,3 +194,59 @@ def test_promote_section_in_the_params_files():
         parse_params({"train": TRAIN, "promote": {"max_nll_rise": -0.1}})
     with pytest.raises(ConfigError, match=r"promote\.max_latency"):
         parse_params({"train": TRAIN, "promote": {"max_latency": 2}})
+
+
+def _workspace(root: Path, bundle: Path, accuracy: float) -> Path:
+    """What the flow's last step reads: params, the report's and the benchmark's metrics, prepared data, the bundle."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "params.yaml").write_text(yaml.safe_dump({"models": ["lenet"], "train": {"lenet": {"epochs": 1}}}))
+    evaluate = json.load(open("metrics/evaluate.json"))
+    evaluate["lenet"]["pfp"]["accuracy"] = accuracy
+    (root / "metrics").mkdir(exist_ok=True)
+    (root / "metrics" / "evaluate.json").write_text(json.dumps(evaluate))
+    shutil.copy("metrics/latency.json", root / "metrics" / "latency.json")
+    if not (root / "data").is_dir():
+        write_prepared(root)
+    target = root / "models" / "lenet" / "bundle" / "host"
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.copytree(bundle, target)
+    return target
+
+
+def test_publish_and_promote_step_of_the_flow(client, mlflow_server, lenet_bundle, tmp_path, monkeypatch, capsys):
+    from flows.promotion import publish_models
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    experiment = client.get_experiment_by_name(tracking.EXPERIMENT) or client.get_experiment(client.create_experiment(tracking.EXPERIMENT))
+    parent = client.create_run(experiment.experiment_id, run_name="pipeline").info.run_id
+    workspace = tmp_path / "workspace"
+    bundle = _workspace(workspace, lenet_bundle, accuracy=0.98)
+
+    first = publish_models(workspace, parent)["lenet"]
+    assert first["promoted"] and first["version"] == "1" and first["champion_after"] == "1"
+    assert "pfp-lenet v1: PROMOTED to champion" in capsys.readouterr().out
+    version = client.get_model_version("pfp-lenet", "1")
+    assert float(version.tags["pfp.metric.accuracy"]) == 0.98 and version.tags["pfp.bundle_sha256"] == bundle_sha256(bundle)
+    publish_run = client.get_run(version.run_id)
+    assert publish_run.info.run_name == "publish@lenet" and publish_run.data.tags["mlflow.parentRunId"] == parent
+    assert publish_run.data.params["promote.lenet.decision"] == "promoted" and publish_run.data.metrics["gate.accuracy"] == 0.98
+    # the registered model is the bundle: loaded back by alias, it predicts what the runtime does
+    images = real_images(2).astype(np.float32) / np.float32(255)
+    served = mlflow.pyfunc.load_model("models:/pfp-lenet@champion").predict(images)
+    np.testing.assert_array_equal(served["probs"], load_bundle(bundle).predict(images).probs)
+
+    # the same bundle again (a rerun where DVC skipped everything): no new version
+    again = publish_models(workspace, parent)["lenet"]
+    assert again["version"] == "1" and not again["promoted"] and again["reason"] == "already the champion"
+    assert len(client.search_model_versions("name = 'pfp-lenet'")) == 1
+
+    # another bundle whose accuracy is 0.05 lower: registered as challenger, refused, not an error; champion stays v1
+    bundle = _workspace(workspace, lenet_bundle, accuracy=0.93)
+    meta = json.loads((bundle / "bundle.json").read_text())
+    meta["made_from"] = {"note": "retrained"}
+    (bundle / "bundle.json").write_text(json.dumps(meta))
+    write_checksums(bundle)
+    worse = publish_models(workspace, parent)["lenet"]
+    assert worse["version"] == "2" and not worse["promoted"] and worse["failed_checks"] == ["accuracy"]
+    assert _alias(client, "lenet", CHAMPION) == "1" and _alias(client, "lenet", CHALLENGER) == "2"
+    assert "pfp-lenet v2: not promoted (refused: accuracy outside the limits); champion v1" in capsys.readouterr().out

@@ -76,8 +76,9 @@ def _check_unit_range(images: np.ndarray) -> None:
         return
     lowest, highest = float(images.min()), float(images.max())
     if lowest >= 0 and 1 < highest <= 255:
-        raise _invalid(f"images: values from {lowest:g} to {highest:g}, expected 0 to 1; for pixels 0-255 pass "
-                       f"params {{\"{PIXELS_PARAM}\": \"{PIXELS_0_255}\"}} (JSON: add \"params\": {{\"{PIXELS_PARAM}\": \"{PIXELS_0_255}\"}})")
+        param = f'{{"{PIXELS_PARAM}": "{PIXELS_0_255}"}}'
+        raise _invalid(f"images: values from {lowest:g} to {highest:g}, expected 0 to 1; for pixels 0-255 pass params {param} "
+                       f'(JSON: add "params": {param})')
 
 
 class PFPBundleModel(mlflow.pyfunc.PythonModel):

@@ -25,8 +25,8 @@ from mlflow.exceptions import MlflowException
 
 from pfp.config import PromoteConfig
 
-__all__ = ["CHALLENGER", "CHAMPION", "Check", "Evaluation", "GateDecision", "bundle_sha256", "compare", "evaluation_from_metrics", "find_version",
-           "log_decision", "promote", "publish_bundle", "register_version", "registered_name", "version_evaluation"]
+__all__ = ["CHALLENGER", "CHAMPION", "Check", "Evaluation", "GateDecision", "bundle_sha256", "compare", "evaluation_from_metrics",
+           "find_version", "log_decision", "promote", "publish_bundle", "register_version", "registered_name", "version_evaluation"]
 
 CHALLENGER, CHAMPION = "challenger", "champion"
 METRIC_TAG = "pfp.metric."
@@ -214,7 +214,8 @@ def _champion(client: MlflowClient, name: str) -> ModelVersion | None:
     try:
         return client.get_model_version_by_alias(name, CHAMPION)
     except MlflowException as error:
-        if error.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
+        # no such alias yet: INVALID_PARAMETER_VALUE "Registered model alias champion not found"
+        if error.error_code == "RESOURCE_DOES_NOT_EXIST" or (error.error_code == "INVALID_PARAMETER_VALUE" and "alias" in error.message):
             return None
         raise
 
