@@ -16,6 +16,7 @@ import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
 
 from prefect import get_run_logger, task
@@ -45,20 +46,37 @@ def example_images(workspace: Path):
 
 
 @contextmanager
-def _workspace_run_context(workspace: Path, parent_run_id: str | None) -> Iterator[None]:
-    """cwd = the workspace (its default MLflow store and data manifest) and the pipeline run as parent."""
-    previous_cwd, previous_parent = Path.cwd(), os.environ.get(tracking.PARENT_RUN_ENV)
+def _in_workspace(workspace: Path) -> Iterator[None]:
+    """cwd = the workspace: its default MLflow store (mlflow.db) and its data manifest."""
+    previous = Path.cwd()
     os.chdir(workspace)
-    if parent_run_id:
-        os.environ[tracking.PARENT_RUN_ENV] = parent_run_id
     try:
         yield
     finally:
-        os.chdir(previous_cwd)
-        if previous_parent is None:
-            os.environ.pop(tracking.PARENT_RUN_ENV, None)
-        else:
-            os.environ[tracking.PARENT_RUN_ENV] = previous_parent
+        os.chdir(previous)
+
+
+@contextmanager
+def _publish_run(model: str, parent_run_id: str | None) -> Iterator[tracking.StageRun]:
+    """The MLflow run ``publish@MODEL``, nested under the pipeline run.
+
+    Unlike the stages (subprocesses), this step runs in the flow's process, where the pipeline
+    run is the active run: the run is started nested (``tracking.stage_run`` would refuse).
+    """
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking.tracking_uri())
+    if parent_run_id:
+        experiment_id = mlflow.MlflowClient().get_run(parent_run_id).info.experiment_id
+    else:
+        experiment_id = mlflow.set_experiment(tracking.EXPERIMENT).experiment_id
+    tags = {"pfp.stage": f"publish@{model}", "pfp.model": model, "git_commit": tracking.git_commit()}
+    manifest = Path("data/prepared/manifest.json")
+    if manifest.is_file():
+        tags["data_hash"] = json.loads(manifest.read_text()).get("data_hash", "unknown")
+    with mlflow.start_run(run_name=f"publish@{model}", experiment_id=experiment_id, tags=tags, nested=True,
+                          parent_run_id=parent_run_id) as run:
+        yield tracking.StageRun(mlflow, run)
 
 
 def publish_models(workspace: str | Path, parent_run_id: str | None = None, params: str | Path | None = None) -> dict[str, dict]:
@@ -72,12 +90,12 @@ def publish_models(workspace: str | Path, parent_run_id: str | None = None, para
     latency = json.loads(latency_path.read_text()) if latency_path.is_file() else None
     images = example_images(workspace)
     decisions = {}
-    with _workspace_run_context(workspace, parent_run_id):
+    with _in_workspace(workspace):
         for architecture in config.models:
             model = architecture.value
             evaluation = evaluation_from_metrics(evaluate, latency, model)
-            with tracking.stage_run(f"publish@{model}", tags={"pfp.model": model}) as run:
-                run.log_metrics({f"gate.{key}": value for key, value in evaluation.__dict__.items() if value is not None})
+            with _publish_run(model, parent_run_id) as run:
+                run.log_metrics({f"gate.{key}": value for key, value in asdict(evaluation).items() if value is not None})
                 client = MlflowClient(tracking_uri=tracking.tracking_uri())
                 decision = publish_bundle(client, model, bundle_dir(workspace, model), evaluation, images, run_id=run.run_id,
                                           config=config.promote)

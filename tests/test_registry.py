@@ -59,10 +59,11 @@ def logged_model(mlflow_server):
 
 @pytest.fixture
 def client(mlflow_server, logged_model):
-    """A client of the server whose pfp-* registered models are deleted first (each test starts with an empty registry)."""
+    """A client of the server whose pfp-* registered models are deleted before and after (each test starts with an empty registry)."""
     client = MlflowClient(tracking_uri=mlflow_server, registry_uri=mlflow_server)
     reset_registry(client)
-    return client
+    yield client
+    reset_registry(client)  # the session's server is shared: leave no pfp-* model behind
 
 
 def _register(client, logged_model, evaluation: Evaluation, model: str = "lenet", **kwargs) -> str:
@@ -217,12 +218,13 @@ def test_publish_and_promote_step_of_the_flow(client, mlflow_server, lenet_bundl
     from flows.promotion import publish_models
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
-    experiment = client.get_experiment_by_name(tracking.EXPERIMENT) or client.get_experiment(client.create_experiment(tracking.EXPERIMENT))
-    parent = client.create_run(experiment.experiment_id, run_name="pipeline").info.run_id
     workspace = tmp_path / "workspace"
     bundle = _workspace(workspace, lenet_bundle, accuracy=0.98)
 
-    first = publish_models(workspace, parent)["lenet"]
+    # as in the flow: the pipeline run is the active run of this process
+    with tracking.pipeline_run("pipeline") as pipeline:
+        first = publish_models(workspace, pipeline.run_id)["lenet"]
+    parent = pipeline.run_id
     assert first["promoted"] and first["version"] == "1" and first["champion_after"] == "1"
     assert "pfp-lenet v1: PROMOTED to champion" in capsys.readouterr().out
     version = client.get_model_version("pfp-lenet", "1")

@@ -25,7 +25,8 @@ def champion(mlflow_server, lenet_bundle):
     version = register_version(client, "lenet", info.model_uri, EVALUATION, run_id=run.info.run_id, model_id=info.model_id)
     decision = promote(client, "lenet")
     assert decision.promoted and decision.champion_after == version.version
-    return version
+    yield version
+    reset_registry(client, ("lenet",))  # the session's server is shared: leave no pfp-* model behind
 
 
 @pytest.fixture(scope="package")
