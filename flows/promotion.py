@@ -22,23 +22,18 @@ from pathlib import Path
 from prefect import get_run_logger, task
 
 from pfp import tracking
-from pfp.config import load_params
+from pfp.config import CompileTarget, load_params
 from pfp.registry import evaluation_from_metrics, publish_bundle
+from pfp.stage import PREPARED_DIR, bundle_dir
 
-#: where the bundle stage leaves a model's bundle for this host, relative to the workspace
-BUNDLE_DIR = "models/{model}/bundle/host"
 EXAMPLE_IMAGES = 3
-
-
-def bundle_dir(workspace: Path, model: str) -> Path:
-    return workspace / BUNDLE_DIR.format(model=model)
 
 
 def example_images(workspace: Path):
     """A few real test images of the prepared data (the logged model's input example)."""
     import numpy as np
 
-    path = workspace / "data" / "prepared" / "dirty_mnist.npz"
+    path = workspace / PREPARED_DIR / "dirty_mnist.npz"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: prepared data not found; run the prepare stage first")
     with np.load(path, allow_pickle=False) as arrays:
@@ -97,8 +92,8 @@ def publish_models(workspace: str | Path, parent_run_id: str | None = None, para
             with _publish_run(model, parent_run_id) as run:
                 run.log_metrics({f"gate.{key}": value for key, value in asdict(evaluation).items() if value is not None})
                 client = MlflowClient(tracking_uri=tracking.tracking_uri())
-                decision = publish_bundle(client, model, bundle_dir(workspace, model), evaluation, images, run_id=run.run_id,
-                                          config=config.promote)
+                bundle = workspace / bundle_dir(model, CompileTarget.HOST.value)
+                decision = publish_bundle(client, model, bundle, evaluation, images, run_id=run.run_id, config=config.promote)
             print(decision.table(), flush=True)
             decisions[model] = decision.to_dict()
     return decisions
