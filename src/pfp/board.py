@@ -133,7 +133,7 @@ def runtime_package() -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def emulated_pi_python(timeout: float = BUILD_TIMEOUT) -> Path:
     """The emulated Pi 4's Python (``emulated-pi.sh path``: built on first use, then cached)."""
     if shutil.which("qemu-aarch64-static") is None:
@@ -256,10 +256,15 @@ def _latency(args: argparse.Namespace) -> int:
     if emulated is None:
         raise SystemExit(f"error: is the board under key {key!r} emulated? say --emulated or --no-emulated "
                          "(or use a params file whose tune.rpc names this key)")
-    from pfp.backends.tvm.remote import bundle_latency_over_rpc
+    from pfp.backends.tvm.remote import RemoteError, bundle_latency_over_rpc
+    from pfp.backends.tvm.tuning.measure import TrackerError
+    from pfp_runtime.bundle import BundleError
 
-    rows = bundle_latency_over_rpc(args.bundle, tracker, key, emulated=emulated, number=args.number, repeat=args.repeat,
-                                   batch_sizes=args.batch_size or None)
+    try:
+        rows = bundle_latency_over_rpc(args.bundle, tracker, key, emulated=emulated, number=args.number, repeat=args.repeat,
+                                       batch_sizes=args.batch_size or None)
+    except (RemoteError, TrackerError, BundleError) as error:
+        raise BoardError(str(error)) from None
     for row in rows:
         print(f"{row['model']} {row['target']} batch {row['batch_size']:>4}: median {row['median_ms']:.3f} ms, "
               f"mean {row['mean_ms']:.3f} ms ({row['per_image_ms']:.3f} ms/image) on {row['key']}"
