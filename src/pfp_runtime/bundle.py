@@ -6,8 +6,9 @@ A bundle folder holds
   architecture, the CPU features the code was compiled for), the libraries by batch size, the
   input normalisation, the calibration (temperature, variance scale), the uncertainty head, the
   out-of-distribution threshold, versions and provenance;
-* one shared library per compiled batch size (``pfp_b1.so``, ...): ``main(x) -> (probs,
-  logit_mean, logit_var, mi, sme)`` with ``x`` the normalised images (batch, 1, 28, 28);
+* one shared library per compiled batch size (``pfp_b1.so``, ...): ``main(x)`` with ``x`` the
+  normalised images (batch, 1, 28, 28) returns one packed (batch, 3 C + 2) tensor, columns
+  ``[probs | logit_mean | logit_var | mi | sme]`` (:func:`packed_columns`);
 * ``SHA256SUMS`` (:data:`CHECKSUM_FILE`): the sha256 of every other file, in ``sha256sum``'s
   format (``sha256sum -c SHA256SUMS`` checks a copy by hand).
 
@@ -29,13 +30,27 @@ from typing import Any
 from pfp_runtime._cpu import host_arch, host_cpu_features
 
 __all__ = ["BUNDLE_FORMAT", "CHECKSUM_FILE", "HEAD_OUTPUTS", "METADATA_FILE", "Bundle", "BundleError", "file_sha256",
-           "read_bundle", "write_checksums"]
+           "packed_columns", "read_bundle", "write_checksums"]
 
 BUNDLE_FORMAT = 1
 METADATA_FILE = "bundle.json"
 CHECKSUM_FILE = "SHA256SUMS"
-#: the outputs of every bundle library's ``main``, in order
-HEAD_OUTPUTS = ("probs", "logit_mean", "logit_var", "mi", "sme")
+#: the outputs packed side by side in every bundle library's output, in order, with their widths (C: classes)
+HEAD_OUTPUTS = (("probs", "C"), ("logit_mean", "C"), ("logit_var", "C"), ("mi", 1), ("sme", 1))
+
+
+def packed_columns(classes: int) -> dict[str, slice | int]:
+    """Output name -> its column slice (C wide) or column index (one) in the packed output."""
+    columns: dict[str, slice | int] = {}
+    start = 0
+    for name, width in HEAD_OUTPUTS:
+        if width == "C":
+            columns[name] = slice(start, start + classes)
+            start += classes
+        else:
+            columns[name] = start
+            start += 1
+    return columns
 _REQUIRED_KEYS = ("format", "model", "classes", "target", "libraries", "input", "calibration", "head", "ood")
 
 

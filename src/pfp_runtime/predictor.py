@@ -9,6 +9,7 @@ and the uncertainty head (probabilities, mutual information, softmax entropy) in
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import numpy as np
 
 from pfp_runtime import _tvm
 from pfp_runtime._cpu import usable_cpus
-from pfp_runtime.bundle import HEAD_OUTPUTS, Bundle, BundleError, read_bundle
+from pfp_runtime.bundle import Bundle, BundleError, packed_columns, read_bundle
 
 __all__ = ["DEFAULT_THREADS", "THREADS_ENV", "InputError", "Prediction", "Predictor", "load_bundle"]
 
@@ -82,8 +83,9 @@ class _Library:
         self.buffer.fill(0.0)
         self.tensor = _tvm.Machine.tensor(self.buffer)
 
-    def __call__(self) -> list[np.ndarray]:
-        return [np.from_dlpack(out) for out in self.machine.main(self.tensor)]
+    def __call__(self) -> np.ndarray:
+        """The packed output of the images in :attr:`buffer`."""
+        return np.from_dlpack(self.machine.main(self.tensor))
 
 
 def chunk_plan(count: int, sizes: list[int]) -> list[int]:
@@ -110,7 +112,7 @@ def chunk_plan(count: int, sizes: list[int]) -> list[int]:
 
 
 class Predictor:
-    """A loaded bundle: :meth:`predict` any number of raw images."""
+    """A loaded bundle: :meth:`predict` any number of raw images (thread-safe)."""
 
     def __init__(self, bundle: Bundle, *, threads: int | None = None) -> None:
         self.bundle = bundle
@@ -121,12 +123,18 @@ class Predictor:
         _tvm.configure_threads(self.threads)
         self.input_shape = bundle.input_shape
         self._libraries = {size: _Library(path, size, self.input_shape) for size, path in bundle.libraries.items()}
+        self._plans: dict[int, list[int]] = {}
+        self._lock = threading.Lock()  # the libraries' input buffers are shared
         normalisation = bundle.metadata["input"]
-        self._mean, self._std = float(normalisation["mean"]), float(normalisation["std"])
+        mean, std = float(normalisation["mean"]), float(normalisation["std"])
+        self._factor, self._offset = np.float32(1.0 / std), np.float32(-mean / std)
+        # integer pixels (0-255) are normalised by a table lookup: one pass, no temporary
+        self._table = ((np.arange(256, dtype=np.float64) / 255.0 - mean) / std).astype(np.float32)
         self._threshold = bundle.ood_threshold
         self._score = bundle.ood_score
         if self._score not in ("mi", "sme"):
             raise BundleError(f"{bundle.folder}: unknown OOD score {self._score!r} (mi or sme)")
+        self._columns = packed_columns(bundle.classes)
 
     @property
     def batch_sizes(self) -> list[int]:
@@ -140,66 +148,75 @@ class Predictor:
 
     # -- input
 
-    def _images(self, images) -> tuple[np.ndarray, float]:
-        """``images`` as an (N, *input_shape) array and the factor to 0-1 (1/255 for integers)."""
-        try:
-            x = np.asarray(images)
-        except (ValueError, TypeError) as error:
-            raise InputError(f"images: not an array ({error})") from None
-        if x.dtype.kind == "u" or x.dtype.kind == "i":
-            scale = 1.0 / 255.0
-        elif x.dtype.kind == "f":
-            scale = 1.0
-        else:
+    def _images(self, images) -> np.ndarray:
+        """``images`` as an (N, *input_shape) array of uint8 (or other integers 0-255) or floats 0-1; else InputError."""
+        x = images if isinstance(images, np.ndarray) else _as_array(images)
+        kind = x.dtype.kind
+        if kind not in "uif" or x.dtype == np.bool_:
             raise InputError(f"images: dtype {x.dtype} not supported; give uint8 pixels 0-255 or floats 0-1")
         shape = self.input_shape  # (1, 28, 28)
-        if x.shape == shape[1:]:
-            x = x[None]  # one image (28, 28)
-        if x.ndim == len(shape) and x.shape[1:] == shape[1:]:
-            x = x.reshape((x.shape[0], *shape))
-        if x.ndim != len(shape) + 1 or x.shape[1:] != shape:
-            hw = "x".join(map(str, shape[1:]))
-            raise InputError(f"images: shape {x.shape}, expected (N, {', '.join(map(str, shape[1:]))}) or "
-                             f"(N, {', '.join(map(str, shape))}) ({hw} pixels)")
+        if x.shape[1:] != shape:
+            if x.shape == shape[1:]:
+                x = x[None]  # one image (28, 28)
+            if x.ndim == len(shape) and x.shape[1:] == shape[1:]:
+                x = x.reshape((x.shape[0], *shape))
+            if x.ndim != len(shape) + 1 or x.shape[1:] != shape:
+                raise InputError(f"images: shape {x.shape}, expected (N, {', '.join(map(str, shape[1:]))}) or "
+                                 f"(N, {', '.join(map(str, shape))})")
         if x.shape[0] == 0:
             raise InputError("images: empty batch (0 images)")
+        if x.dtype == np.uint8:
+            return x
         lowest, highest = x.min(), x.max()  # NaN propagates, so NaN fails the range check too
-        top = 255 if scale != 1.0 else 1.0
+        top = 1.0 if kind == "f" else 255
         if not (lowest >= 0 and highest <= top):
-            if x.dtype.kind == "f" and not np.isfinite(x).all():
+            if kind == "f" and not np.isfinite(x).all():
                 bad = int(np.size(x) - np.count_nonzero(np.isfinite(x)))
-                raise InputError(f"images: {bad} pixel(s) are NaN or infinite")
-            hint = " (pixels 0-255? give them as uint8)" if x.dtype.kind == "f" and highest <= 255 else ""
+                raise InputError(f"images: {bad} pixel value(s) are NaN or infinite")
+            hint = " (pixels 0-255? give them as integers)" if kind == "f" and highest <= 255 else ""
             raise InputError(f"images: values from {lowest} to {highest}, expected 0 to {top}{hint}")
-        return x, scale
+        return x
 
     # -- prediction
 
     def predict(self, images) -> Prediction:
         """Probabilities, predicted class, logit mean/variance, MI, SME and OOD flag of every image."""
-        x, scale = self._images(images)
+        x = self._images(images)
         count = x.shape[0]
-        factor, offset = scale / self._std, -self._mean / self._std
-        parts: list[list[np.ndarray]] = []
+        plan = self._plans.get(count)
+        if plan is None:
+            plan = self._plans.setdefault(count, chunk_plan(count, self.batch_sizes))
+        integers = x.dtype.kind != "f"
+        parts = []
         start = 0
-        for size in chunk_plan(count, self.batch_sizes):
-            library = self._libraries[size]
-            rows = min(size, count - start)
-            target = library.buffer[:rows]
-            np.multiply(x[start:start + rows], factor, out=target, casting="unsafe")
-            target += offset
-            outputs = library()
-            parts.append([out[:rows] for out in outputs])
-            start += rows
-        joined = [np.array(out) for out in parts[0]] if len(parts) == 1 else [np.concatenate(outs) for outs in zip(*parts)]
-        values = dict(zip(HEAD_OUTPUTS, joined))
-        probs, mi, sme = values["probs"], values["mi"], values["sme"]
-        score = mi if self._score == "mi" else sme
-        return Prediction(probs=probs, predicted=probs.argmax(axis=1), logit_mean=values["logit_mean"],
-                          logit_var=values["logit_var"], mi=mi, sme=sme, ood=score > self._threshold)
+        with self._lock:
+            for size in plan:
+                library = self._libraries[size]
+                rows = min(size, count - start)
+                target, chunk = library.buffer[:rows], x[start:start + rows]
+                if integers:
+                    np.take(self._table, chunk, out=target)
+                else:
+                    np.multiply(chunk, self._factor, out=target, casting="unsafe")
+                    target += self._offset
+                parts.append(library()[:rows])
+                start += rows
+        packed = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        columns = self._columns
+        probs, mi, sme = packed[:, columns["probs"]], packed[:, columns["mi"]], packed[:, columns["sme"]]
+        return Prediction(probs=probs, predicted=probs.argmax(axis=1), logit_mean=packed[:, columns["logit_mean"]],
+                          logit_var=packed[:, columns["logit_var"]], mi=mi, sme=sme,
+                          ood=(mi if self._score == "mi" else sme) > self._threshold)
 
     def __call__(self, images) -> Prediction:
         return self.predict(images)
+
+
+def _as_array(images) -> np.ndarray:
+    try:
+        return np.asarray(images)
+    except (ValueError, TypeError) as error:  # ragged nested lists
+        raise InputError(f"images: not a rectangular array ({error})") from None
 
 
 def load_bundle(path: str | Path, *, expected_model: str | None = None, threads: int | None = None) -> Predictor:
