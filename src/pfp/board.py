@@ -133,12 +133,16 @@ def runtime_package() -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
-@functools.cache
-def emulated_pi_python(timeout: float = BUILD_TIMEOUT) -> Path:
-    """The emulated Pi 4's Python (``emulated-pi.sh path``: built on first use, then cached)."""
+def _require_qemu() -> None:
     if shutil.which("qemu-aarch64-static") is None:
         raise BoardError("qemu-aarch64-static not found: the emulated Raspberry Pi needs the Debian package "
                          "qemu-user-static (make system-deps, or apt-get install qemu-user-static)")
+
+
+@functools.cache
+def emulated_pi_python(timeout: float = BUILD_TIMEOUT) -> Path:
+    """The emulated Pi 4's Python (``emulated-pi.sh path``: built on first use, then cached)."""
+    _require_qemu()
     if not EMULATED_PI_SCRIPT.is_file():
         raise BoardError(f"{EMULATED_PI_SCRIPT} not found (run from a checkout of the repo)")
     env = dict(os.environ)
@@ -178,6 +182,8 @@ def run_bundle_on_board(bundle_dir: str | Path, images: np.ndarray, *, python: s
     """
     images = np.asarray(images)
     emulated = python is None
+    if emulated:
+        _require_qemu()  # checked on every run: emulated_pi_python() is cached
     python = Path(python) if python is not None else emulated_pi_python()
     hwcap = emulated if hwcap_features is None else hwcap_features
     bundle_dir = Path(bundle_dir)

@@ -23,7 +23,7 @@ import tvm
 from tvm import relax
 
 from pfp.backends.tvm.tuning.config import parse_tracker
-from pfp_runtime.bundle import HEAD_OUTPUTS, Bundle, BundleError, read_bundle
+from pfp_runtime.bundle import Bundle, BundleError, packed_columns, read_bundle
 
 __all__ = ["DEFAULT_SESSION_TIMEOUT", "RemoteBundle", "RemoteError", "bundle_input", "bundle_latency_over_rpc"]
 
@@ -83,8 +83,12 @@ class RemoteBundle:
             raise RemoteError(f"no session on a board under key {key!r} at tracker {tracker}: {_last_line(error)}") from None
         self.device = self.session.cpu()
         self._libraries: dict[int, _RemoteLibrary] = {}
-        for batch_size, path in sorted(self.bundle.libraries.items()):
-            self._libraries[batch_size] = self._load(batch_size, path)
+        try:
+            for batch_size, path in sorted(self.bundle.libraries.items()):
+                self._libraries[batch_size] = self._load(batch_size, path)
+        except BaseException:
+            self.close()  # free the board now: the error's traceback would keep the session open until its timeout
+            raise
 
     def _load(self, batch_size: int, path: Path) -> _RemoteLibrary:
         name = f"{self.bundle.model}_{self.target.get('name')}_{path.name}"  # unique in the server's work folder
@@ -114,16 +118,22 @@ class RemoteBundle:
         return library.vm
 
     def run(self, batch_size: int, x: np.ndarray) -> dict[str, np.ndarray]:
-        """The library's outputs (``probs``, ``logit_mean``, ``logit_var``, ``mi``, ``sme``) for one normalised batch."""
+        """The library's outputs for one normalised batch: ``probs``, ``logit_mean``, ``logit_var``, ``mi``, ``sme``.
+
+        (Unpacked from the library's packed output, :func:`pfp_runtime.bundle.packed_columns`.)
+        """
         vm = self._set_input(batch_size, x)
         try:
             vm.invoke_stateful("main")
-            outputs = vm.get_outputs("main")
+            packed = vm.get_outputs("main").numpy()
         except Exception as error:  # noqa: BLE001
             raise RemoteError(f"batch size {batch_size}: main failed on the board: {_last_line(error)}") from None
-        arrays = [outputs.numpy()] if isinstance(outputs, tvm.runtime.Tensor) else [out.numpy() for out in outputs]
-        names = HEAD_OUTPUTS if len(arrays) == len(HEAD_OUTPUTS) else tuple(f"output{i}" for i in range(len(arrays)))
-        return dict(zip(names, arrays))
+        columns = packed_columns(self.bundle.classes)
+        width = max(c.stop if isinstance(c, slice) else c + 1 for c in columns.values())
+        if packed.shape != (batch_size, width):
+            raise RemoteError(f"batch size {batch_size}: main returned {packed.shape}, a bundle library returns "
+                              f"({batch_size}, {width}) (packed [probs | logit_mean | logit_var | mi | sme])")
+        return {name: packed[:, column] for name, column in columns.items()}
 
     def time(self, batch_size: int, x: np.ndarray, *, number: int = 10, repeat: int = 5,
              min_repeat_ms: int = 0) -> list[float]:
