@@ -98,7 +98,8 @@ class RemoteBundle:
             arity = int(vm.module["get_function_arity"]("main"))
         except Exception as error:  # noqa: BLE001
             raise RemoteError(f"{path}: the board under key {self.key!r} cannot load it (bundle target "
-                              f"{self.target.get('name')}, {self.target.get('arch')}): {_last_line(error)}") from None
+                              f"{self.target.get('name')}, {self.target.get('arch')}: is the board one? its bundle is "
+                              f"the one of its target): {_last_line(error)}") from None
         if arity != 1:
             raise RemoteError(f"{path}: main takes {arity} arguments; a bundle library takes the images only")
         return _RemoteLibrary(batch_size, path, vm)
