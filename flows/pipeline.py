@@ -38,7 +38,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # What a separate DVC workspace needs from the repo: the stage code and the stage graph.
 WORKSPACE_CODE = ("src/pfp", "tasks", "dvc.yaml")
 DATA_PATH_KEYS = ("mnist_dir", "ood_dir", "ambiguous_dir", "download_dir")
-PER_MODEL_STAGES = ("train", "convert", "calibrate", "tune", "evaluate")
+PER_MODEL_STAGES = ("train", "convert", "calibrate", "tune", "bundle", "evaluate")
 
 
 def stage_order(models: list[str]) -> list[str]:

@@ -70,7 +70,7 @@ def _versions() -> dict[str, str]:
 def build_bundle(pfp_model: PFPModel, folder: str | Path, *, target: str, batch_sizes: Sequence[int],
                  temperature: float, variance_scale: float, head_draw_count: int = 128, seed: int = 0,
                  ood_score: str = "mi", ood_target_tpr: float = 0.95, validation_images: np.ndarray | None = None,
-                 threshold: float | None = None, databases: Mapping[int, Path] | None = None,
+                 validation_name: str = "in-distribution validation images", threshold: float | None = None, databases: Mapping[int, Path] | None = None,
                  made_from: Mapping[str, str] | None = None) -> BuiltBundle:
     """Compile and write the bundle of ``pfp_model`` for ``target`` into ``folder`` (replaced atomically).
 
@@ -130,7 +130,7 @@ def build_bundle(pfp_model: PFPModel, folder: str | Path, *, target: str, batch_
             scores = getattr(Predictor(Bundle(work, metadata)).predict(validation_images), ood_score)
             threshold = ood_threshold(scores, ood_target_tpr)
             metadata["ood"].update(threshold=threshold, validation_tpr=float(np.mean(scores <= threshold)),
-                                   validation_images=int(len(scores)), chosen_on="this bundle, in-distribution validation")
+                                   validation_images=int(len(scores)), chosen_on=f"this bundle, {validation_name}")
         else:
             metadata["ood"].update(threshold=float(threshold), chosen_on="given (the host bundle's)")
         (work / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")

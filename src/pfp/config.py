@@ -233,6 +233,30 @@ class TuneParams(_Section):
         return self
 
 
+class OODScore(str, Enum):
+    """The uncertainty score a bundle flags out-of-distribution images by."""
+
+    MI = "mi"  #: mutual information (epistemic)
+    SME = "sme"  #: softmax entropy of the prediction (total)
+
+
+class BundleConfig(_Section):
+    """The deployable bundles (:mod:`pfp.bundle`): targets, compiled batch sizes, head, OOD threshold."""
+
+    targets: list[CompileTarget] = Field(default_factory=lambda: [CompileTarget.HOST])
+    batch_sizes: BatchSizes = Field(default_factory=lambda: [1, 100])
+    head_draws: int = Field(128, ge=2)  # quasi-random logit draws of the uncertainty head
+    ood_score: OODScore = OODScore.MI
+    ood_target_tpr: float = Field(0.95, gt=0, lt=1)  # in-distribution validation images accepted (not flagged)
+
+    @field_validator("targets")
+    @classmethod
+    def _host_first(cls, targets: list[CompileTarget]) -> list[CompileTarget]:
+        if CompileTarget.HOST not in targets:
+            raise ValueError("must include host: the OOD threshold is chosen by running the host bundle")
+        return targets
+
+
 class PipelineParams(_Section):
     seed: int = 0
     models: list[Architecture] = [Architecture.MLP, Architecture.LENET]
@@ -243,6 +267,7 @@ class PipelineParams(_Section):
     calibrate: CalibrateConfig = CalibrateConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     tune: TuneParams = TuneParams()
+    bundle: BundleConfig = BundleConfig()
     benchmark: BenchmarkConfig = BenchmarkConfig()
 
     @model_validator(mode="after")
