@@ -247,3 +247,26 @@ def test_latency_refuses_a_bundle_the_board_cannot_load_and_an_unknown_key(board
     (row,) = bundle_latency_over_rpc(bundles["rasp4b"], board, KEY, emulated=True, number=1, repeat=1, batch_sizes=[1])
     assert row["median_ms"] > 0
     _end_sessions()
+
+
+# --------------------------------------------------------------------------- LeNet (convolutions) on the board
+
+def test_lenet_bundle_on_the_emulated_board_and_over_rpc(board, images, tmp_path):
+    host_built = make_bundle(tmp_path / "host", "lenet", target="host", batch_sizes=BATCH_SIZES)
+    arm_built = make_bundle(tmp_path / "rasp4b", "lenet", target="rasp4b", batch_sizes=BATCH_SIZES,
+                            threshold=host_built.metadata["ood"]["threshold"])
+    x = images[:3]  # batches of 2 and 1
+    host = load_bundle(host_built.folder).predict(x).to_dict()
+    run = board_module.run_bundle_on_board(arm_built.folder, x)
+    assert run.info["machine"] == "aarch64" and run.info["after_predict"] == {"torch": False, "tvm": False}
+    _assert_same_prediction(run.outputs, host, "lenet rasp4b bundle on the emulated board")
+    _end_sessions()
+    rows = bundle_latency_over_rpc(arm_built.folder, board, KEY, emulated=True, number=2, repeat=2, images=x,
+                                   keep_outputs=True)
+    _end_sessions()
+    print("lenet latency over RPC: " + ", ".join(f"batch {r['batch_size']}: {r['median_ms']:.2f} ms" for r in rows))
+    for row in rows:
+        assert row["model"] == "lenet" and row["median_ms"] > 0 and row["mean_ms"] > 0 and row["emulated"] is True
+        expected = load_bundle(host_built.folder).predict(x[:row["batch_size"]]).to_dict()
+        for name in FLOAT_OUTPUTS:
+            assert_close(row["outputs"][name], expected[name], rtol=1e-4, what=f"lenet batch {row['batch_size']} {name}")
