@@ -238,7 +238,7 @@ def test_latency_command_takes_the_emulated_flag_from_params(board, bundles, tmp
 
 def test_latency_refuses_a_bundle_the_board_cannot_load_and_an_unknown_key(board, bundles):
     _end_sessions()
-    with pytest.raises(RemoteError, match=re.escape(f"under key {KEY!r} cannot load it (bundle target host, x86_64)")):
+    with pytest.raises(RemoteError, match=re.escape(f"under key {KEY!r} cannot load it: the bundle is for target host (x86_64)")):
         bundle_latency_over_rpc(bundles["host"], board, KEY, emulated=True, number=1, repeat=1)
     _end_sessions()
     with pytest.raises(TrackerError, match="no server registered under key 'rasp9-nowhere'"):

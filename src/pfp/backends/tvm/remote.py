@@ -97,9 +97,9 @@ class RemoteBundle:
             vm = relax.VirtualMachine(self.session.load_module(name), self.device)
             arity = int(vm.module["get_function_arity"]("main"))
         except Exception as error:  # noqa: BLE001
-            raise RemoteError(f"{path}: the board under key {self.key!r} cannot load it (bundle target "
-                              f"{self.target.get('name')}, {self.target.get('arch')}: is the board one? its bundle is "
-                              f"the one of its target): {_last_line(error)}") from None
+            raise RemoteError(f"{path}: the board under key {self.key!r} cannot load it: the bundle is for target "
+                              f"{self.target.get('name')} ({self.target.get('arch')}); is the board one? "
+                              f"({_last_line(error)})") from None
         if arity != 1:
             raise RemoteError(f"{path}: main takes {arity} arguments; a bundle library takes the images only")
         return _RemoteLibrary(batch_size, path, vm)
