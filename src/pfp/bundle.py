@@ -49,7 +49,7 @@ def ood_threshold(scores: np.ndarray, target_tpr: float) -> float:
         raise ValueError("ood_threshold: needs finite in-distribution scores")
     if not 0 < target_tpr < 1:
         raise ValueError(f"target true-positive rate must be in (0, 1), got {target_tpr}")
-    return float(np.quantile(scores, target_tpr, method="higher"))
+    return float(np.quantile(scores, target_tpr, method="inverted_cdf"))  # the smallest score accepting >= target_tpr
 
 
 @dataclass(frozen=True)
