@@ -229,9 +229,13 @@ def _emulated_from_params(path: str | None, key: str | None) -> tuple[bool | Non
         path = "params.yaml" if Path("params.yaml").is_file() else None
         if path is None:
             return None, None, None
-    from pfp.config import load_params
+    from pfp.config import ConfigError, load_params
 
-    rpc = load_params(path).tune.rpc
+    try:
+        rpc = load_params(path).tune.rpc
+    except ConfigError as error:
+        raise BoardError(f"{path}: cannot take the tracker, key and emulated flag from it ({error}); "
+                         "give --tracker, --key and --emulated/--no-emulated, or --params FILE") from None
     if rpc.key is None or (key is not None and key != rpc.key):
         return None, rpc.tracker, rpc.key
     return rpc.emulated, rpc.tracker, rpc.key
@@ -253,7 +257,9 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _latency(args: argparse.Namespace) -> int:
-    emulated, tracker, key = _emulated_from_params(args.params, args.key)
+    emulated = tracker = key = None
+    if args.params or None in (args.tracker, args.key, args.emulated):  # only what the command line leaves open
+        emulated, tracker, key = _emulated_from_params(args.params, args.key)
     tracker, key = args.tracker or tracker, args.key or key
     if tracker is None or key is None:
         raise SystemExit("error: give --tracker HOST:PORT and --key KEY (or a params file with tune.rpc.tracker and key)")
