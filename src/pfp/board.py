@@ -41,6 +41,7 @@ EMULATED_PI_SCRIPT = Path(__file__).resolve().parents[2] / "infra" / "rpc" / "em
 #: what :func:`run_bundle_on_board` returns per image (``pfp_runtime.Prediction``'s fields)
 BOARD_OUTPUTS = ("probs", "predicted", "logit_mean", "logit_var", "mi", "sme", "ood")
 BUILD_TIMEOUT = 1200.0  # a cold build of the emulated Pi downloads ~130 MB
+DEFAULT_THREADS = 1  # = pfp_runtime.DEFAULT_THREADS (not imported: this module imports no TVM on the host)
 
 # The board side: imports numpy and the copied pfp_runtime only. Under qemu-user /proc/cpuinfo is the
 # host's (x86 flags), so the CPU features are read from the ELF auxiliary vector (AT_HWCAP, what the
@@ -172,8 +173,8 @@ def run_bundle_on_board(bundle_dir: str | Path, images: np.ndarray, *, python: s
                         timeout: float = 1800.0, torch_tripwire: bool = True, hwcap_features: bool | None = None) -> BoardRun:
     """Predict ``images`` with ``bundle_dir`` on the board's Python (default: the emulated Pi 4).
 
-    The board gets a fresh folder: ``site/pfp_runtime`` (a copy of the package, the only entry of
-    ``PYTHONPATH``), ``bundle/`` (a copy of the bundle) and ``images.npy``; it runs
+    The board gets a fresh folder: ``site/pfp_runtime`` (a copy of the package; ``site`` is the only
+    entry of ``PYTHONPATH``), ``bundle/`` (a copy of the bundle) and ``images.npy``; it runs
     ``load_bundle(bundle).predict(images)`` (:mod:`pfp_runtime`) and writes the outputs to ``.npz``.
     With ``torch_tripwire`` a ``torch`` package that records its importers comes first on the
     path, so an import of torch (which the board does not have) is reported, not just failed.
@@ -198,9 +199,10 @@ def run_bundle_on_board(bundle_dir: str | Path, images: np.ndarray, *, python: s
             (site / "torch" / "__init__.py").write_text(_TORCH_TRIPWIRE)
         shutil.copytree(bundle_dir, root / "bundle")
         np.save(root / "images.npy", images)
-        (root / "run_bundle.py").write_text(_DRIVER)
+        (root / "driver").mkdir()  # the script's folder is sys.path[0]: it holds the script alone
+        (root / "driver" / "run_bundle.py").write_text(_DRIVER)
         tripwire = root / "torch-imports.log"
-        command = [str(python), str(root / "run_bundle.py"), str(root / "bundle"), str(root / "images.npy"),
+        command = [str(python), str(root / "driver" / "run_bundle.py"), str(root / "bundle"), str(root / "images.npy"),
                    str(root / "out.npz"), str(threads)]
         start = time.monotonic()
         try:
@@ -274,12 +276,13 @@ def _latency(args: argparse.Namespace) -> int:
 
     try:
         rows = bundle_latency_over_rpc(args.bundle, tracker, key, emulated=emulated, number=args.number, repeat=args.repeat,
-                                       batch_sizes=args.batch_size or None)
+                                       threads=args.threads or None, batch_sizes=args.batch_size or None)
     except (RemoteError, TrackerError, BundleError) as error:
         raise BoardError(str(error)) from None
     for row in rows:
         print(f"{row['model']} {row['target']} batch {row['batch_size']:>4}: median {row['median_ms']:.3f} ms, "
-              f"mean {row['mean_ms']:.3f} ms ({row['per_image_ms']:.3f} ms/image) on {row['key']}"
+              f"mean {row['mean_ms']:.3f} ms ({row['per_image_ms']:.3f} ms/image) on {row['key']}, "
+              f"{row['threads'] or 'server default'} thread(s)"
               f"{' (EMULATED: not a board timing)' if row['emulated'] else ''}")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
@@ -304,6 +307,8 @@ def main(argv: list[str] | None = None) -> int:
     latency.add_argument("--params", help="params file for the defaults (default: ./params.yaml when present)")
     latency.add_argument("--number", type=int, default=10, help="calls per measurement")
     latency.add_argument("--repeat", type=int, default=5, help="measurements")
+    latency.add_argument("--threads", type=int, default=DEFAULT_THREADS,
+                         help=f"the board's TVM threads (default {DEFAULT_THREADS}, the runtime's; 0: the RPC server's own pool)")
     latency.add_argument("--batch-size", type=int, action="append", help="only this compiled batch size (repeatable)")
     latency.add_argument("--json", help="write the rows to this file")
     latency.set_defaults(handler=_latency)

@@ -137,7 +137,7 @@ def test_importing_pfp_runtime_on_the_board_imports_neither_torch_nor_tvm(script
     site = tmp_path / "site"
     site.mkdir()
     (site / "pfp_runtime").symlink_to(board_module.runtime_package(), target_is_directory=True)
-    code = ("import json, platform, sys; import pfp_runtime; "
+    code = ("import json, platform, sys; import pfp_runtime, pfp_runtime.cli; "
             "print(json.dumps([platform.machine(), 'torch' in sys.modules, sorted(m for m in sys.modules "
             "if m.split('.')[0] in ('tvm', 'torch', 'pfp'))]))")
     env = dict(script_env, PYTHONPATH=str(site), PYTHONNOUSERSITE="1")
@@ -210,6 +210,17 @@ def test_bundle_latency_over_rpc_on_the_emulated_board(board, bundles, images):
         expected = host.predict(images[:row["batch_size"]]).to_dict()
         for name in FLOAT_OUTPUTS:  # the timed run's outputs, on the board
             assert_close(row["outputs"][name], expected[name], rtol=1e-4, what=f"batch {row['batch_size']} {name} (RPC vs host)")
+
+
+def test_each_session_ends_on_return_and_the_threads_are_set_on_the_board(board, bundles):
+    _end_sessions()
+    start = time.monotonic()
+    for threads in (1, 2, None):  # no gc in between: the function itself frees the board
+        (row,) = bundle_latency_over_rpc(bundles["rasp4b"], board, KEY, emulated=True, threads=threads, number=1, repeat=1,
+                                         batch_sizes=[1], session_timeout=300)
+        assert row["threads"] == threads and row["median_ms"] > 0
+    # a session left open would block the next request until its 300 s timeout (the board serves one at a time)
+    assert time.monotonic() - start < 150
 
 
 def test_latency_command_takes_the_emulated_flag_from_params(board, bundles, tmp_path):

@@ -14,6 +14,7 @@ An emulated board's timings (``emulated: true``) are the emulator's, never a Ras
 
 from __future__ import annotations
 
+import gc
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,11 +25,14 @@ from tvm import relax
 
 from pfp.backends.tvm.tuning.config import parse_tracker
 from pfp_runtime.bundle import Bundle, BundleError, packed_columns, read_bundle
+from pfp_runtime.predictor import DEFAULT_THREADS
 
 __all__ = ["DEFAULT_SESSION_TIMEOUT", "RemoteBundle", "RemoteError", "bundle_input", "bundle_latency_over_rpc"]
 
 #: seconds a board session may last (an emulated board is ~10-50x slower than a Pi)
 DEFAULT_SESSION_TIMEOUT = 600.0
+#: runtime.config_threadpool's affinity mode kBig: threads on the fastest cores (all of a Pi 4's, which are alike)
+_AFFINITY_BIG = 0
 
 
 class RemoteError(RuntimeError):
@@ -101,6 +105,7 @@ class RemoteBundle:
                               f"{self.target.get('name')} ({self.target.get('arch')}); is the board one? "
                               f"({_last_line(error)})") from None
         if arity != 1:
+            del vm  # it holds the session
             raise RemoteError(f"{path}: main takes {arity} arguments; a bundle library takes the images only")
         return _RemoteLibrary(batch_size, path, vm)
 
@@ -148,9 +153,23 @@ class RemoteBundle:
             raise RemoteError(f"batch size {batch_size}: timing main failed on the board: {_last_line(error)}") from None
         return [float(seconds) * 1e3 for seconds in result.results]
 
+    def configure_threads(self, threads: int) -> None:
+        """Run the board's TVM thread pool on ``threads`` threads (``runtime.config_threadpool`` on the board)."""
+        if threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        try:
+            self.session.get_function("runtime.config_threadpool")(_AFFINITY_BIG, int(threads))
+        except Exception as error:  # noqa: BLE001
+            raise RemoteError(f"cannot set {threads} thread(s) on the board under key {self.key!r}: "
+                              f"{_last_line(error)}") from None
+
     def close(self) -> None:
+        """End the session: the server ends it when the client's last reference to it goes (the remote
+        device holds one too), else only at its timeout, and the board serves one session at a time."""
         self._libraries.clear()
-        self.session = None  # the server ends the session when the client's last reference is dropped
+        self.device = None
+        self.session = None
+        gc.collect()  # the VMs' reference cycles hold remote objects, and those the session
 
     def __enter__(self) -> RemoteBundle:
         return self
@@ -165,17 +184,19 @@ def _last_line(error: BaseException) -> str:
 
 
 def bundle_latency_over_rpc(bundle_dir: str | Path, tracker: str, key: str, *, emulated: bool, number: int = 10,
-                            repeat: int = 5, images: np.ndarray | None = None, batch_sizes: list[int] | None = None,
-                            keep_outputs: bool = False,
+                            repeat: int = 5, threads: int | None = DEFAULT_THREADS, images: np.ndarray | None = None,
+                            batch_sizes: list[int] | None = None, keep_outputs: bool = False,
                             session_timeout: float = DEFAULT_SESSION_TIMEOUT) -> list[dict]:
     """End-to-end latency of a deployed bundle on the board under ``key``, one row per compiled batch size.
 
     Each row: ``batch_size``, ``median_ms``, ``mean_ms``, ``std_ms``, ``min_ms``, ``per_image_ms`` (median
     / batch size), ``number``, ``repeat``, ``key``, ``tracker``, ``emulated``, ``model``, ``target``,
-    ``library``; with ``keep_outputs`` also ``outputs`` (name -> array, the board's outputs for the
+    ``library``, ``threads``; with ``keep_outputs`` also ``outputs`` (name -> array, the board's outputs for the
     timed input: ``images`` cycled to the batch size, see :func:`bundle_input`).
     ``emulated``: the board is an emulator (params ``tune.rpc.emulated``), recorded so its timings
-    are never read as a board's.
+    are never read as a board's. ``threads``: the board's TVM threads, by default the runtime's
+    (:data:`pfp_runtime.DEFAULT_THREADS`, what ``load_bundle`` uses there); None leaves the RPC
+    server's own pool (its ``TVM_NUM_THREADS``, else one thread per core).
     """
     if number < 1 or repeat < 1:
         raise ValueError(f"number and repeat must be >= 1, got {number}, {repeat}")
@@ -185,6 +206,8 @@ def bundle_latency_over_rpc(bundle_dir: str | Path, tracker: str, key: str, *, e
         missing = sorted(set(sizes) - set(remote.batch_sizes))
         if missing:
             raise BundleError(f"{remote.bundle.folder}: batch size(s) {missing} not compiled (compiled: {remote.batch_sizes})")
+        if threads is not None:
+            remote.configure_threads(threads)
         for batch_size in sizes:
             x = bundle_input(remote.bundle, images, batch_size)
             start = time.monotonic()
@@ -193,7 +216,7 @@ def bundle_latency_over_rpc(bundle_dir: str | Path, tracker: str, key: str, *, e
             median = float(np.median(runs))
             row = {"batch_size": batch_size, "median_ms": median, "mean_ms": float(np.mean(runs)),
                    "std_ms": float(np.std(runs)), "min_ms": float(np.min(runs)), "per_image_ms": median / batch_size,
-                   "number": number, "repeat": repeat, "key": key, "tracker": tracker, "emulated": bool(emulated),
+                   "number": number, "repeat": repeat, "threads": threads, "key": key, "tracker": tracker, "emulated": bool(emulated),
                    "model": remote.bundle.model, "target": remote.target.get("name"),
                    "library": remote.bundle.libraries[batch_size].name,
                    "wall_seconds": round(time.monotonic() - start, 3)}
