@@ -29,6 +29,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 from prefect import flow, get_run_logger, task  # noqa: E402
 
+from flows.promotion import publish_and_promote  # noqa: E402
 from pfp import tracking  # noqa: E402
 from pfp.config import load_params  # noqa: E402
 from pfp.io import atomic_write_json  # noqa: E402
@@ -36,7 +37,7 @@ from pfp.stages.report import headline_metrics  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # What a separate DVC workspace needs from the repo: the stage code and the stage graph.
-WORKSPACE_CODE = ("src/pfp", "tasks", "dvc.yaml")
+WORKSPACE_CODE = ("src/pfp", "src/pfp_runtime", "tasks", "dvc.yaml")
 DATA_PATH_KEYS = ("mnist_dir", "ood_dir", "ambiguous_dir", "download_dir")
 PER_MODEL_STAGES = ("train", "convert", "calibrate", "tune", "bundle", "evaluate")
 
@@ -117,9 +118,11 @@ def pfp_pipeline(workdir: str = str(REPO_ROOT), params: str | None = None) -> di
             metrics = json.loads((workspace / "metrics" / "evaluate.json").read_text())
             run.log_metrics(headline_metrics(metrics))
             run.set_tags({f"stage.{stage}": outcome for stage, outcome in outcomes.items()})
+            # last: register each model's bundle and run the promotion gate (a refusal is not a failure)
+            promotion = publish_and_promote(str(workspace), run.run_id)
     finally:
         os.chdir(previous_cwd)
-    return {"workspace": str(workspace), "stages": outcomes, "metrics": metrics}
+    return {"workspace": str(workspace), "stages": outcomes, "metrics": metrics, "promotion": promotion}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -142,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({"workspace": result["workspace"], "stages": result["stages"]}, indent=2))
     for model, methods in result["metrics"].items():
         for method, values in methods.items():
+            if method == "deployed":  # the bundle's OOD flags, not a method's metrics
+                continue
             print(f"{model:6s} {method:4s} accuracy={values['accuracy']:.4f} nll={values['nll']:.4f} ece={values['ece']:.4f} "
                   f"auroc_mi={values['auroc_mi']:.4f} auroc_sme={values['auroc_sme']:.4f}")
     return 0

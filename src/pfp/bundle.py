@@ -99,6 +99,7 @@ def build_bundle(pfp_model: PFPModel, folder: str | Path, *, target: str, batch_
     head = Head(draws=draws, temperature=float(temperature))
     folder.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    work.chmod(0o755)  # mkdtemp makes it private; a bundle is read by other users (a service account)
     try:
         libraries, schedules = {}, {}
         for batch in sorted(set(int(b) for b in batch_sizes)):

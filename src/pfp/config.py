@@ -257,6 +257,21 @@ class BundleConfig(_Section):
         return targets
 
 
+class PromoteConfig(_Section):
+    """The promotion gate (pfp.registry): a challenger replaces the champion only within these limits.
+
+    Figures are the PFP method's on the test sets (metrics/evaluate.json) and its compiled
+    latency at batch 1 (metrics/latency.json); the first version of a model is champion.
+    """
+
+    max_accuracy_drop: float = Field(0.005, ge=0)  # MNIST accuracy may fall at most this much
+    max_nll_rise: float = Field(0.02, ge=0)  # test NLL may rise at most this much
+    max_ece_rise: float = Field(0.01, ge=0)  # expected calibration error may rise at most this much
+    max_auroc_drop: float = Field(0.01, ge=0)  # OOD AUROC (mutual information) may fall at most this much
+    max_latency_ratio: float = Field(1.25, gt=0)  # PFP latency at batch 1 at most this times the champion's
+    require_latency: bool = False  # refuse when a latency at batch 1 is missing (else that check is skipped)
+
+
 class PipelineParams(_Section):
     seed: int = 0
     models: list[Architecture] = [Architecture.MLP, Architecture.LENET]
@@ -269,6 +284,7 @@ class PipelineParams(_Section):
     tune: TuneParams = TuneParams()
     bundle: BundleConfig = BundleConfig()
     benchmark: BenchmarkConfig = BenchmarkConfig()
+    promote: PromoteConfig = PromoteConfig()
 
     @model_validator(mode="after")
     def _every_model_has_train_section(self) -> "PipelineParams":

@@ -17,11 +17,16 @@ from __future__ import annotations
 from tvm import te, tirx
 
 from pfp.backends.tvm.ops.common import _check, _f, _ints
+from pfp.backends.tvm.ops.gaussian import _exp, _Lets
+from pfp.backends.tvm.ops.linear import LIGHT_ANNOTATION
 
 __all__ = ["packed_width", "uncertainty_head"]
 
 #: probabilities below this count as this in ``p log p`` (their term is then ~0 either way)
 PROB_FLOOR = 1e-30
+#: the per-draw blocks are a few flops per element: parallel only from the light-work threshold
+#: on (one image's 128 x 10 draws run serially: a thread-pool launch would cost more than they do)
+_LIGHT = {LIGHT_ANNOTATION: 1}
 
 
 def uncertainty_head(mean: te.Tensor, var: te.Tensor, draws: te.Tensor, inverse_temperature: float, *,
@@ -36,12 +41,17 @@ def uncertainty_head(mean: te.Tensor, var: te.Tensor, draws: te.Tensor, inverse_
     _check(_ints(var.shape) == (batch, classes), "head: mean and variance differ in shape")
     _check(draw_classes == classes, f"head: draws have {draw_classes} classes, the logits {classes}")
     scale = _f(inverse_temperature)
-    std = te.compute((batch, classes), lambda b, c: tirx.sqrt(tirx.max(var[b, c], _f(0.0))), name="head_std")
+    std = te.compute((batch, classes), lambda b, c: tirx.sqrt(tirx.max(var[b, c], _f(0.0))), name="head_std", attrs=_LIGHT)
     logits = te.compute((batch, samples, classes), lambda b, s, c: (mean[b, c] + std[b, c] * draws[s, c]) * scale,
-                        name="head_logits")
+                        name="head_logits", attrs=_LIGHT)
     k = te.reduce_axis((0, classes), name="k")
     top = te.compute((batch, samples), lambda b, s: te.max(logits[b, s, k], axis=k), name="head_max")
-    shifted = te.compute((batch, samples, classes), lambda b, s, c: tirx.exp(logits[b, s, c] - top[b, s]), name="head_exp")
+    def shifted_exp(b, s, c):
+        lets = _Lets()
+        return lets.wrap(_exp(lets, logits[b, s, c] - top[b, s]))
+
+    # the polynomial exp vectorises; tirx.exp is one libm call per element
+    shifted = te.compute((batch, samples, classes), shifted_exp, name="head_exp", attrs=_LIGHT)
     k2 = te.reduce_axis((0, classes), name="k2")
     total = te.compute((batch, samples), lambda b, s: te.sum(shifted[b, s, k2], axis=k2), name="head_sum")
     k3 = te.reduce_axis((0, classes), name="k3")
