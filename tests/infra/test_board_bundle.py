@@ -5,7 +5,7 @@ a random MLP posterior, target ``host`` and ``rasp4b``, batch sizes 1 and 2), th
 Python (``infra/rpc/emulated-pi.sh``: Debian's arm64 python3.11, numpy and the aarch64 TVM wheel
 under qemu-aarch64-static, no torch) given a copy of ``src/pfp_runtime`` alone, and for the
 latency a TVM RPC tracker with the emulated board registered under ``rasp4b-emulated``.
-About 1.5 minutes warm (the board's RPC server takes ~40 s to start under qemu).
+About 1.5 minutes warm (the board's RPC server takes 15-40 s to start under qemu).
 """
 
 from __future__ import annotations
