@@ -43,9 +43,8 @@ BOARD_OUTPUTS = ("probs", "predicted", "logit_mean", "logit_var", "mi", "sme", "
 BUILD_TIMEOUT = 1200.0  # a cold build of the emulated Pi downloads ~130 MB
 DEFAULT_THREADS = 1  # = pfp_runtime.DEFAULT_THREADS (not imported: this module imports no TVM on the host)
 
-# The board side: imports numpy and the copied pfp_runtime only. Under qemu-user /proc/cpuinfo is the
-# host's (x86 flags), so the CPU features are read from the ELF auxiliary vector (AT_HWCAP, what the
-# kernel's /proc/cpuinfo "Features" line is made from; qemu sets it from the emulated CPU).
+# The board side: imports numpy and the copied pfp_runtime only. (Under qemu-user /proc/cpuinfo is the
+# host's; pfp_runtime reads AArch64 CPU features from AT_HWCAP, which qemu sets from the emulated CPU.)
 _DRIVER = r'''
 import json, os, sys, time
 start = time.perf_counter()
@@ -55,24 +54,14 @@ imported = {"torch": "torch" in sys.modules, "tvm": "tvm" in sys.modules, "tvm_f
 import_seconds = time.perf_counter() - start
 from pfp_runtime import bundle as bundle_module, load_bundle
 
-_HWCAP_NAMES = ("fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm jscvt fcma lrcpc dcpop "
-                "sha3 sm3 sm4 asimddp sha512 sve asimdfhm dit uscat ilrcpc flagm ssbs sb paca pacg").split()
-
-def hwcap_features():
-    import ctypes
-    libc = ctypes.CDLL(None)
-    libc.getauxval.restype, libc.getauxval.argtypes = ctypes.c_ulong, [ctypes.c_ulong]
-    bits = libc.getauxval(16)  # AT_HWCAP
-    return {name for i, name in enumerate(_HWCAP_NAMES) if bits >> i & 1}
+from pfp_runtime._cpu import _aarch64_hwcap_features as hwcap_features
 
 bundle_dir, images_path, out_path, threads = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
-try:  # the runtime's own check, with the CPU features of /proc/cpuinfo
+try:  # the runtime's own check (on aarch64 the CPU features come from AT_HWCAP, also under qemu-user)
     bundle_module.read_bundle(bundle_dir)
     cpuinfo_check = "accepted"
 except bundle_module.BundleError as error:
     cpuinfo_check = str(error)
-if os.environ.get("PFP_BOARD_HWCAP") == "1":
-    bundle_module.host_cpu_features = lambda cpuinfo="/proc/cpuinfo": hwcap_features()
 start = time.perf_counter()
 predictor = load_bundle(bundle_dir, threads=threads)
 load_seconds = time.perf_counter() - start
@@ -161,16 +150,16 @@ def emulated_pi_python(timeout: float = BUILD_TIMEOUT) -> Path:
     return python
 
 
-def _board_env(site: Path, tripwire: Path, threads: int, hwcap: bool) -> dict[str, str]:
+def _board_env(site: Path, tripwire: Path, threads: int) -> dict[str, str]:
     """A clean environment: PYTHONPATH is the deployed folder alone (nothing of the host's Python leaks in)."""
     env = {name: os.environ[name] for name in ("PATH", "HOME", "LANG", "TMPDIR", "EMULATED_PI_CPU") if name in os.environ}
     env.update(PYTHONPATH=str(site), PYTHONNOUSERSITE="1", PYTHONDONTWRITEBYTECODE="1", TVM_NUM_THREADS=str(threads),
-               PFP_BOARD_TORCH_TRIPWIRE=str(tripwire), PFP_BOARD_HWCAP="1" if hwcap else "0")
+               PFP_BOARD_TORCH_TRIPWIRE=str(tripwire))
     return env
 
 
 def run_bundle_on_board(bundle_dir: str | Path, images: np.ndarray, *, python: str | Path | None = None, threads: int = 1,
-                        timeout: float = 1800.0, torch_tripwire: bool = True, hwcap_features: bool | None = None) -> BoardRun:
+                        timeout: float = 1800.0, torch_tripwire: bool = True) -> BoardRun:
     """Predict ``images`` with ``bundle_dir`` on the board's Python (default: the emulated Pi 4).
 
     The board gets a fresh folder: ``site/pfp_runtime`` (a copy of the package; ``site`` is the only
@@ -178,15 +167,12 @@ def run_bundle_on_board(bundle_dir: str | Path, images: np.ndarray, *, python: s
     ``load_bundle(bundle).predict(images)`` (:mod:`pfp_runtime`) and writes the outputs to ``.npz``.
     With ``torch_tripwire`` a ``torch`` package that records its importers comes first on the
     path, so an import of torch (which the board does not have) is reported, not just failed.
-    ``hwcap_features`` (default: when ``python`` is the emulated Pi's) reads the CPU features for
-    the bundle's CPU check from AT_HWCAP: under qemu-user ``/proc/cpuinfo`` is the host's.
     """
     images = np.asarray(images)
     emulated = python is None
     if emulated:
         _require_qemu()  # checked on every run: emulated_pi_python() is cached
     python = Path(python) if python is not None else emulated_pi_python()
-    hwcap = emulated if hwcap_features is None else hwcap_features
     bundle_dir = Path(bundle_dir)
     if not (bundle_dir / "bundle.json").is_file():
         raise BoardError(f"{bundle_dir}: not a bundle folder (no bundle.json)")
@@ -206,7 +192,7 @@ def run_bundle_on_board(bundle_dir: str | Path, images: np.ndarray, *, python: s
                    str(root / "out.npz"), str(threads)]
         start = time.monotonic()
         try:
-            result = subprocess.run(command, cwd=root, env=_board_env(site, tripwire, threads, hwcap), capture_output=True,
+            result = subprocess.run(command, cwd=root, env=_board_env(site, tripwire, threads), capture_output=True,
                                     text=True, timeout=timeout, stdin=subprocess.DEVNULL)
         except subprocess.TimeoutExpired:
             raise BoardError(f"the board's Python ({python}) did not finish in {timeout:.0f} s") from None
