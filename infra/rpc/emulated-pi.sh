@@ -4,12 +4,15 @@
 # wheels from PyPI, run by qemu-aarch64-static. `start` registers tvm.exec.rpc_server at a tracker
 # under a key (default rasp4b-emulated) through start-server.sh, exactly as on a real board.
 #
-# Usage: infra/rpc/emulated-pi.sh [build|start|check|path|stop|help] [-- extra rpc_server arguments]
+# Usage: infra/rpc/emulated-pi.sh [build|start|check|path|run|stop|help] [-- extra rpc_server arguments]
 #   build   build the runtime folder (cached; a no-op when it exists)
 #   start   build if needed, then start the RPC server (foreground; `start --detach`: background,
 #           log and pid file in the cache folder, stopped with `stop`)
 #   check   build if needed, then import tvm under the emulator and start a child interpreter
 #   path    build if needed, then print the runtime folder (its bin/python3 is the board's Python)
+#   run     build if needed, then run the board's Python with the remaining arguments (a script and
+#           its arguments, -c CODE, -m MODULE; PYTHONPATH and the rest of the environment pass through),
+#           e.g. PYTHONPATH=/tmp/deploy infra/rpc/emulated-pi.sh run -c 'import pfp_runtime'
 #   stop    stop a server started with `start --detach`
 #
 # Env overrides: PFP_EMULATED_PI_CACHE (cache root, default ~/.cache/pfp/emulated-pi), HOST_PYTHON
@@ -223,9 +226,10 @@ command="${1:-start}"
 case "$command" in
     build) build; echo "$RUNTIME" ;;
     path) build >&2; echo "$RUNTIME" ;;
+    run) build >&2; [[ "${1:-}" == "--" ]] && shift; exec "$RUNTIME/bin/python3" "$@" ;;
     check) check ;;
     start) start "$@" ;;
     stop) stop ;;
     help|-h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//' ;;
-    *) die "unknown command '$command' (build, start, check, path, stop, help)" ;;
+    *) die "unknown command '$command' (build, start, check, path, run, stop, help)" ;;
 esac
