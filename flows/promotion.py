@@ -83,12 +83,14 @@ def publish_models(workspace: str | Path, parent_run_id: str | None = None, para
     evaluate = json.loads((workspace / "metrics" / "evaluate.json").read_text())
     latency_path = workspace / "metrics" / "latency.json"
     latency = json.loads(latency_path.read_text()) if latency_path.is_file() else None
+    serving_path = workspace / "metrics" / "serving.json"
+    serving = json.loads(serving_path.read_text()) if serving_path.is_file() else None
     images = example_images(workspace)
     decisions = {}
     with _in_workspace(workspace):
         for architecture in config.models:
             model = architecture.value
-            evaluation = evaluation_from_metrics(evaluate, latency, model)
+            evaluation = evaluation_from_metrics(evaluate, latency, model, serving)
             with _publish_run(model, parent_run_id) as run:
                 run.log_metrics({f"gate.{key}": value for key, value in asdict(evaluation).items() if value is not None})
                 client = MlflowClient(tracking_uri=tracking.tracking_uri())

@@ -177,6 +177,9 @@ def test_evaluation_from_the_recorded_metrics():
     assert evaluation.accuracy == evaluate["lenet"]["pfp"]["accuracy"] and evaluation.auroc_mi == evaluate["lenet"]["pfp"]["auroc_mi"]
     assert evaluation.latency_b1_ms == latency["lenet"]["batch_1"]["pfp_tvm_ms"]
     assert evaluation_from_metrics(evaluate, None, "mlp").latency_b1_ms is None
+    served = {"summary": {"lenet": {"quiet": {"batch_1": {"pfp_runtime_p50_ms": 0.041}}}}}  # the deployed predictor's, preferred
+    assert evaluation_from_metrics(evaluate, latency, "lenet", served).latency_b1_ms == 0.041
+    assert evaluation_from_metrics(evaluate, latency, "mlp", served).latency_b1_ms == latency["mlp"]["batch_1"]["pfp_tvm_ms"]
     assert Evaluation.from_tags(evaluation.to_tags()) == evaluation
     with pytest.raises(ValueError, match="no pfp figures for model 'cnn'"):
         evaluation_from_metrics(evaluate, latency, "cnn")

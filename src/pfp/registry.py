@@ -68,8 +68,13 @@ class Evaluation:
         return cls(**values)
 
 
-def evaluation_from_metrics(evaluate: Mapping[str, Any], latency: Mapping[str, Any] | None, model: str) -> Evaluation:
-    """The gate's figures of ``model`` from ``metrics/evaluate.json`` and ``metrics/latency.json`` (parsed; None: no benchmark)."""
+def evaluation_from_metrics(evaluate: Mapping[str, Any], latency: Mapping[str, Any] | None, model: str,
+                            serving: Mapping[str, Any] | None = None) -> Evaluation:
+    """The gate's figures of ``model`` from ``metrics/evaluate.json`` and the benchmark (parsed; None: no benchmark).
+
+    The latency is the deployed predictor's (``metrics/serving.json``: the runtime's p50 at batch 1
+    on the quiet host) when the serving benchmark ran, else the compiled PFP's (``metrics/latency.json``).
+    """
     try:
         pfp = evaluate[model]["pfp"]
     except KeyError:
@@ -77,7 +82,10 @@ def evaluation_from_metrics(evaluate: Mapping[str, Any], latency: Mapping[str, A
     missing = [key for key in ("accuracy", "nll", "ece", "auroc_mi") if key not in pfp]
     if missing:
         raise ValueError(f"evaluate metrics of {model}: missing {', '.join(missing)}")
-    latency_ms = ((latency or {}).get(model) or {}).get("batch_1", {}).get("pfp_tvm_ms")
+    served = ((((serving or {}).get("summary") or {}).get(model) or {}).get("quiet") or {}).get("batch_1", {})
+    latency_ms = served.get("pfp_runtime_p50_ms")
+    if latency_ms is None:
+        latency_ms = ((latency or {}).get(model) or {}).get("batch_1", {}).get("pfp_tvm_ms")
     return Evaluation(accuracy=float(pfp["accuracy"]), nll=float(pfp["nll"]), ece=float(pfp["ece"]), auroc_mi=float(pfp["auroc_mi"]),
                       latency_b1_ms=None if latency_ms is None else float(latency_ms))
 
