@@ -35,7 +35,8 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 from prefect import flow, get_run_logger, task  # noqa: E402
 
-from pfp import logs, tracking  # noqa: E402
+from flows import console  # noqa: E402
+from pfp import tracking  # noqa: E402
 from pfp.config import load_params  # noqa: E402
 from pfp.io import atomic_write_json  # noqa: E402
 from pfp.stages.report import headline_metrics  # noqa: E402
@@ -98,7 +99,7 @@ def run_dvc_stage(stage: str, workdir: str, log_file: str | None = None) -> str:
     """Reproduce one stage; returns "ran" or "skipped" (DVC found nothing changed).
 
     With ``log_file`` the stage's whole output (DVC's, the stage process's and its libraries')
-    goes there, not to the terminal. A failure raises :class:`pfp.logs.StageFailed` naming the log.
+    goes there, not to the terminal. A failure raises :class:`flows.console.StageFailed` naming the log.
     """
     logger = get_run_logger()
     env = _stage_env()
@@ -111,14 +112,14 @@ def run_dvc_stage(stage: str, workdir: str, log_file: str | None = None) -> str:
         with open(log_file, "w") as log:
             result = subprocess.run(command, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT)
     if result.returncode != 0:
-        raise logs.StageFailed(stage, result.returncode, log_file)
+        raise console.StageFailed(stage, result.returncode, log_file)
     outcome = "ran" if changed else "skipped"
     logger.info("stage %s: %s", stage, outcome)
     return outcome
 
 
 # The terminal of the flow run (progress bar), when main() has sent the process's output to a log file.
-_console: logs.Console | None = None
+_terminal: console.Console | None = None
 
 
 @flow(name="pfp-pipeline")
@@ -129,18 +130,18 @@ def pfp_pipeline(workdir: str = str(REPO_ROOT), params: str | None = None) -> di
     """
     workspace = prepare_workspace(Path(workdir), Path(params) if params else None)
     models = [m.value for m in load_params(workspace / "params.yaml").models]
-    log_dir = workspace / logs.LOG_DIR
+    log_dir = workspace / console.LOG_DIR
     log_dir.mkdir(exist_ok=True)
     stages = stage_order(models)
     outcomes: dict[str, str] = {}
     seconds: dict[str, float] = {}
-    progress = logs.StageProgress(stages, _console.err if _console else sys.stderr)
+    progress = console.StageProgress(stages, _terminal.err if _terminal else sys.stderr)
     previous_cwd = Path.cwd()
     os.chdir(workspace)  # the default MLflow store lives in the workspace
     try:
         with tracking.pipeline_run("pipeline", tags={"pfp.workspace": str(workspace)}) as run:
             for stage in stages:
-                log_file = logs.stage_log(log_dir, stage)
+                log_file = console.stage_log(log_dir, stage)
                 progress.start(stage, log_file)
                 start = time.perf_counter()
                 outcomes[stage] = run_dvc_stage(stage, str(workspace), str(log_file))
@@ -165,7 +166,7 @@ def _display(path: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    global _console
+    global _terminal
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default=str(REPO_ROOT), help="DVC workspace (default: this repo)")
     parser.add_argument("--params", default=None, help="params file for a separate workdir (default: params.yaml)")
@@ -175,25 +176,25 @@ def main(argv: list[str] | None = None) -> int:
     if args.serve:
         pfp_pipeline.serve(name="pfp-retraining", cron=args.serve, parameters={"workdir": args.workdir, "params": args.params})
         return 0
-    log_dir = Path(args.workdir).resolve() / logs.LOG_DIR
-    flow_log = log_dir / logs.FLOW_LOG
+    log_dir = Path(args.workdir).resolve() / console.LOG_DIR
+    flow_log = log_dir / console.FLOW_LOG
     # from here on Prefect, MLflow, warnings and the stages write to the log files; the terminal gets ours
-    console = _console = logs.redirect_output(flow_log)
-    console.err.write(f"pfp pipeline in {_display(Path(args.workdir))}; library logs: {_display(log_dir)}/\n")
+    terminal = _terminal = console.redirect_output(flow_log)
+    terminal.err.write(f"pfp pipeline in {_display(Path(args.workdir))}; library logs: {_display(log_dir)}/\n")
     start = time.perf_counter()
     try:
         result = pfp_pipeline(workdir=args.workdir, params=args.params)
-    except logs.StageFailed as error:
-        console.err.write(f"\nerror: {error}\n")
+    except console.StageFailed as error:
+        terminal.err.write(f"\nerror: {error}\n")
         if error.log:
-            console.err.write(f"--- last lines of {_display(Path(error.log))} ---\n{logs.tail(error.log)}\n---\n")
+            terminal.err.write(f"--- last lines of {_display(Path(error.log))} ---\n{console.tail(error.log)}\n---\n")
         return 1
     except Exception as error:
-        console.err.write(f"\nerror: {type(error).__name__}: {error}\n(the flow's log: {_display(flow_log)})\n")
+        terminal.err.write(f"\nerror: {type(error).__name__}: {error}\n(the flow's log: {_display(flow_log)})\n")
         return 1
     if args.summary:
         atomic_write_json(args.summary, result)
-    console.out.write("\n" + logs.summary_table(result["stages"], result["seconds"], result["metrics"],
+    terminal.out.write("\n" + console.summary_table(result["stages"], result["seconds"], result["metrics"],
                                                   workspace=_display(Path(result["workspace"])),
                                                   log_dir=_display(Path(result["logs"])),
                                                   wall_seconds=time.perf_counter() - start))

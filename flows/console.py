@@ -1,11 +1,10 @@
-"""The pipeline's terminal output: library logs to files, a progress bar and one summary on the terminal.
+"""The flow's terminal output: library logs to files, a progress bar and one summary on the terminal.
 
 The flow (``flows/pipeline.py``) runs each DVC stage with its output (DVC, the stage process, TVM,
 the Meta Scheduler, Pyro, MLflow, warnings) in ``WORKSPACE/logs/STAGE.log``, and its own
 process's (Prefect, MLflow) in ``WORKSPACE/logs/flow.log`` (:func:`redirect_output`). The
 terminal gets a progress bar over the stages (:class:`StageProgress`), the summary table
 (:func:`summary_table`) and, when a stage fails, the end of its log (:func:`tail`).
-No stage imports this module.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""pfp.logs: what the pipeline's terminal shows (progress, summary, a failed stage's log) and what goes to log files."""
+"""flows.console: what the pipeline's terminal shows (progress, summary, a failed stage's log) and what goes to log files."""
 
 from __future__ import annotations
 
@@ -8,9 +8,11 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
-from pfp import logs
+from flows import console as logs
 
+REPO = Path(__file__).resolve().parents[1]
 TQDM_OUTPUT = ("Running stage 'train@mlp':\n> python -m tasks.train mlp\n"
                "SVI mlp:   0%|          | 0/1065 [00:00<?, ?step/s]\rSVI mlp:   3%|▎         | 27/1065 [00:00<00:03, 267.01step/s]"
                "\rSVI mlp:   7%|▋         | 71/1065 [00:00<00:03, 274.73step/s, elbo_loss=11.0813]")
@@ -95,7 +97,7 @@ def test_redirect_output_sends_the_process_and_its_children_to_the_log(tmp_path)
     log = tmp_path / "logs" / "flow.log"
     script = textwrap.dedent(f"""
         import logging, subprocess, sys, warnings
-        from pfp import logs
+        from flows import console as logs
         console = logs.redirect_output({str(log)!r})
         print("library print")
         logging.getLogger("tvm").warning("library warning")
@@ -104,7 +106,7 @@ def test_redirect_output_sends_the_process_and_its_children_to_the_log(tmp_path)
         console.out.write("summary\\n")
         console.err.write("progress\\n")
     """)
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout == "summary\n" and result.stderr == "progress\n"
     text = log.read_text()
