@@ -199,7 +199,7 @@ def duration(seconds: float) -> str:
 
 
 def summary_table(stages: Mapping[str, str], seconds: Mapping[str, float], metrics: Mapping[str, Mapping[str, Mapping]] | None,
-                  *, workspace: str | Path | None = None, log_dir: str | Path | None = None, wall_seconds: float | None = None) -> str:
+                  *, workspace: str | Path | None = None, wall_seconds: float | None = None) -> str:
     """The end-of-run summary: per stage its outcome and time, per model and method the headline metrics.
 
     ``wall_seconds``: the whole run's time (with Prefect's start-up and MLflow), shown under the stages.
@@ -218,7 +218,5 @@ def summary_table(stages: Mapping[str, str], seconds: Mapping[str, float], metri
                 table.append([model, method, *cells])
         lines += ["metrics (MNIST test set; OOD AUROC: MNIST vs Fashion-MNIST by mutual information / softmax entropy)", *_format_table(header, table, right=set(range(2, len(header)))), ""]
     if workspace is not None:
-        lines.append(f"results: {workspace}/metrics/evaluate.json, plots: {workspace}/plots/")
-    if log_dir is not None:
-        lines.append(f"logs:    {log_dir}/")
+        lines.append(f"results: {workspace}/metrics/ (evaluate.json, latency.json), plots: {workspace}/plots/")
     return "\n".join(lines).rstrip() + "\n"

@@ -189,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
         if error.log:
             terminal.err.write(f"--- last lines of {_display(Path(error.log))} ---\n{console.tail(error.log)}\n---\n")
         return 1
+    except KeyboardInterrupt:
+        terminal.err.write(f"\ninterrupted (the flow's log: {_display(flow_log)})\n")
+        return 130
     except Exception as error:
         terminal.err.write(f"\nerror: {type(error).__name__}: {error}\n(the flow's log: {_display(flow_log)})\n")
         return 1
@@ -196,7 +199,6 @@ def main(argv: list[str] | None = None) -> int:
         atomic_write_json(args.summary, result)
     terminal.out.write("\n" + console.summary_table(result["stages"], result["seconds"], result["metrics"],
                                                   workspace=_display(Path(result["workspace"])),
-                                                  log_dir=_display(Path(result["logs"])),
                                                   wall_seconds=time.perf_counter() - start))
     return 0
 

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import io
+import os
 import pickle
+import shutil
 import subprocess
 import sys
 import textwrap
 import time
 from pathlib import Path
+
+import yaml
 
 from flows import console as logs
 
@@ -55,7 +59,7 @@ def test_summary_table_lists_stages_with_times_and_metrics_per_model_and_method(
     seconds = {"prepare": 21.84, "train@mlp": 2.0}
     metrics = {"mlp": {"svi": {"accuracy": 0.928, "nll": 0.2682, "ece": 0.0566, "auroc_mi": 0.7516, "auroc_sme": 0.8157, "sets": {}},
                        "det": {"accuracy": 0.928, "nll": 0.2678, "ece": 0.0554, "auroc_mi": 0.5, "auroc_sme": 0.8156}}}
-    text = logs.summary_table(stages, seconds, metrics, workspace="runs/embedded", log_dir="runs/embedded/logs", wall_seconds=95)
+    text = logs.summary_table(stages, seconds, metrics, workspace="runs/embedded", wall_seconds=95)
     lines = text.splitlines()
     assert any(line.split() == ["prepare", "ran", "21.8", "s"] for line in lines)
     assert any(line.split() == ["train@mlp", "skipped", "2.0", "s"] for line in lines)
@@ -64,7 +68,7 @@ def test_summary_table_lists_stages_with_times_and_metrics_per_model_and_method(
     header = next(line for line in lines if line.startswith("model"))
     assert header.split()[:5] == ["model", "method", "accuracy", "NLL", "ECE"] and "OOD AUROC (MI)" in header
     assert any(line.split() == ["mlp", "svi", "0.9280", "0.2682", "0.0566", "0.7516", "0.8157"] for line in lines)
-    assert lines[-1] == "logs:    runs/embedded/logs/"
+    assert lines[-1] == "results: runs/embedded/metrics/ (evaluate.json, latency.json), plots: runs/embedded/plots/"
 
 
 def test_progress_prints_one_line_per_stage_off_a_terminal():
@@ -112,3 +116,31 @@ def test_redirect_output_sends_the_process_and_its_children_to_the_log(tmp_path)
     text = log.read_text()
     for line in ("library print", "library warning", "a deprecation", "child out", "child err"):
         assert line in text
+
+
+def test_a_failing_stage_shows_its_error_and_log_tail_not_library_logs(tmp_path):
+    """The real flow (Prefect, DVC, MLflow) on a corrupt data file: prepare fails; the terminal says which stage, where
+    its log is and shows its end (the stage's own error line); Prefect's traceback stays in flow.log."""
+    mnist = tmp_path / "mnist"
+    shutil.copytree(REPO / "data/embedded/mnist", mnist)
+    (mnist / "train-labels-idx1-ubyte.gz").write_bytes(b"\x1f\x8b" + b"not gzip at all" * 10)
+    params = tmp_path / "broken.yaml"
+    params.write_text(yaml.safe_dump({"models": ["mlp", "lenet"],
+                                      "data": {"mnist_dir": str(mnist), "ood_dir": str(REPO / "data/embedded/fashion-mnist")}}))
+    workdir = tmp_path / "workspace"
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "PREFECT_HOME": str(tmp_path / "prefect"), "PFP_MLFLOW_EXPERIMENT": "pfp-failing"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    result = subprocess.run([sys.executable, "-m", "flows.pipeline", "--workdir", str(workdir), "--params", str(params)],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    log = workdir / "logs" / "prepare.log"
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert result.stdout == ""  # no summary table
+    lines = result.stderr.splitlines()
+    assert lines[0] == f"pfp pipeline in {workdir}; library logs: {workdir / 'logs'}/"
+    assert f"error: stage prepare failed (exit 2); its log: {log}" in lines
+    tail = lines[lines.index(f"--- last lines of {log} ---") + 1:]
+    assert any("train-labels-idx1-ubyte.gz: corrupt or truncated gzip data" in line and line.startswith("error:") for line in tail)
+    assert "Traceback" not in result.stderr and "Flow run" not in result.stderr and "prefect" not in result.stderr.lower()
+    assert "corrupt or truncated gzip data" in log.read_text()
+    flow_log = (workdir / "logs" / "flow.log").read_text()
+    assert "StageFailed" in flow_log and "Finished in state Failed" in flow_log

@@ -111,7 +111,8 @@ def _check_terminal_output(stdout: str, stderr: str, workdir: Path, outcome: str
         for method in ("svi", "pfp", "det"):
             assert any(line.split()[:2] == [model, method] for line in lines), (model, method)
     assert any(line.split()[:2] == ["tune@lenet", outcome] for line in lines)
-    assert lines[-1] == f"logs:    {workdir / 'logs'}/"
+    assert lines[-1].startswith(f"results: {workdir}/metrics/")
+    assert sum(str(workdir / "logs") in line for line in terminal.splitlines()) == 1  # the logs folder, named once
 
 
 def test_pipeline_end_to_end(tmp_path, mlflow_server):
