@@ -1,5 +1,6 @@
-# Two commands for a newcomer on a fresh clone:
+# Commands for a newcomer on a fresh clone:
 #   make run    set up .venv and run the whole pipeline on the embedded sample data
+#   make predict  and then predict: the main job's bundle on a few test images
 #   make test   set up .venv and the Debian packages the ARM tests need, run the quick test suite (what CI runs)
 PYTHON ?= python3.11
 VENV := .venv
@@ -7,7 +8,7 @@ BIN := $(VENV)/bin
 export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: setup system-deps emulated-pi run run-full repro test test-slow lint
+.PHONY: setup system-deps emulated-pi run run-full repro predict test test-slow lint
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +39,14 @@ emulated-pi: setup system-deps
 
 run: setup
 	$(BIN)/python -m flows.pipeline --workdir runs/embedded --params configs/embedded.yaml
+
+# And then predict: the main job's LeNet bundle on a few MNIST test digits and Fashion-MNIST images
+# (pfp predict takes any bundle folder or archive and IDX, .npy or PNG files; see README, Deploy).
+PREDICT_BUNDLE ?= runs/embedded/models/lenet/bundle/host
+predict: setup
+	@test -f $(PREDICT_BUNDLE)/bundle.json || { echo "no bundle at $(PREDICT_BUNDLE): run 'make run' first" >&2; exit 1; }
+	$(BIN)/pfp predict $(PREDICT_BUNDLE) data/embedded/mnist/t10k-images-idx3-ubyte.gz --limit 5
+	$(BIN)/pfp predict $(PREDICT_BUNDLE) data/embedded/fashion-mnist/t10k-images-idx3-ubyte.gz --limit 5
 
 # The recorded full run: params.yaml on ../shared/data, in this repo's DVC workspace.
 run-full: setup

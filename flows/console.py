@@ -199,9 +199,12 @@ def duration(seconds: float) -> str:
 
 
 def summary_table(stages: Mapping[str, str], seconds: Mapping[str, float], metrics: Mapping[str, Mapping[str, Mapping]] | None,
-                  *, workspace: str | Path | None = None, wall_seconds: float | None = None) -> str:
+                  *, promotion: Mapping[str, Mapping] | None = None, workspace: str | Path | None = None,
+                  wall_seconds: float | None = None) -> str:
     """The end-of-run summary: per stage its outcome and time, per model and method the headline metrics.
 
+    ``metrics``: metrics/evaluate.json (model -> method -> values; ``deployed``, the bundle, has an
+    accuracy only). ``promotion``: model -> the promotion gate's decision (``GateDecision.to_dict()``).
     ``wall_seconds``: the whole run's time (with Prefect's start-up and MLflow), shown under the stages.
     """
     rows = [[stage, outcome, duration(seconds.get(stage, 0.0))] for stage, outcome in stages.items()]
@@ -217,6 +220,13 @@ def summary_table(stages: Mapping[str, str], seconds: Mapping[str, float], metri
                 cells = [f"{values[key]:.4f}" if isinstance(values.get(key), (int, float)) else "-" for key, _ in SUMMARY_METRICS]
                 table.append([model, method, *cells])
         lines += ["metrics (MNIST test set; OOD AUROC: MNIST vs Fashion-MNIST by mutual information / softmax entropy)", *_format_table(header, table, right=set(range(2, len(header)))), ""]
+    if promotion:
+        lines.append("promotion gate (MLflow registry)")
+        for decision in promotion.values():
+            verdict = "PROMOTED to champion" if decision.get("promoted") else "not promoted"
+            lines.append(f"  {decision.get('registered_model')} v{decision.get('version')}: {verdict} ({decision.get('reason')}); "
+                         f"champion v{decision.get('champion_after') or '-'}")
+        lines.append("")
     if workspace is not None:
         lines.append(f"results: {workspace}/metrics/ (evaluate.json, latency.json), plots: {workspace}/plots/")
     return "\n".join(lines).rstrip() + "\n"

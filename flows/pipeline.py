@@ -36,6 +36,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 from prefect import flow, get_run_logger, task  # noqa: E402
 
 from flows import console  # noqa: E402
+from flows.promotion import publish_and_promote  # noqa: E402
 from pfp import tracking  # noqa: E402
 from pfp.config import load_params  # noqa: E402
 from pfp.io import atomic_write_json  # noqa: E402
@@ -43,9 +44,11 @@ from pfp.stages.report import headline_metrics  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # What a separate DVC workspace needs from the repo: the stage code and the stage graph.
-WORKSPACE_CODE = ("src/pfp", "tasks", "dvc.yaml")
+WORKSPACE_CODE = ("src/pfp", "src/pfp_runtime", "tasks", "dvc.yaml")
 DATA_PATH_KEYS = ("mnist_dir", "ood_dir", "ambiguous_dir", "download_dir")
-PER_MODEL_STAGES = ("train", "convert", "calibrate", "tune", "evaluate")
+PER_MODEL_STAGES = ("train", "convert", "calibrate", "tune", "bundle", "evaluate")
+# The flow's last step after the DVC stages (flows/promotion.py), as the progress and the summary name it.
+PROMOTION_STEP = "publish+promote"
 
 
 def stage_order(models: list[str]) -> list[str]:
@@ -124,9 +127,11 @@ _terminal: console.Console | None = None
 
 @flow(name="pfp-pipeline")
 def pfp_pipeline(workdir: str = str(REPO_ROOT), params: str | None = None) -> dict:
-    """Run every stage in order in ``workdir``; returns the stage outcomes, their times and the final metrics.
+    """Run every stage in order in ``workdir``, then publish and gate the bundles.
 
-    Each stage's output goes to ``workdir/logs/STAGE.log``.
+    Returns the stage outcomes ("ran" / "skipped"), the seconds of each stage and of the promotion
+    step, the final metrics and the promotion decisions. Each stage's output goes to
+    ``workdir/logs/STAGE.log``.
     """
     workspace = prepare_workspace(Path(workdir), Path(params) if params else None)
     models = [m.value for m in load_params(workspace / "params.yaml").models]
@@ -135,7 +140,8 @@ def pfp_pipeline(workdir: str = str(REPO_ROOT), params: str | None = None) -> di
     stages = stage_order(models)
     outcomes: dict[str, str] = {}
     seconds: dict[str, float] = {}
-    progress = console.StageProgress(stages, _terminal.err if _terminal else sys.stderr)
+    # the DVC stages, then the promotion step (in this process: its output goes to the flow's log)
+    progress = console.StageProgress([*stages, PROMOTION_STEP], _terminal.err if _terminal else sys.stderr)
     previous_cwd = Path.cwd()
     os.chdir(workspace)  # the default MLflow store lives in the workspace
     try:
@@ -151,10 +157,17 @@ def pfp_pipeline(workdir: str = str(REPO_ROOT), params: str | None = None) -> di
             run.log_metrics(headline_metrics(metrics))
             run.set_tags({f"stage.{stage}": outcome for stage, outcome in outcomes.items()})
             run.log_metrics({f"seconds.{stage}": value for stage, value in seconds.items()})
+            # last: register each model's bundle and run the promotion gate (a refusal is not a failure)
+            progress.start(PROMOTION_STEP, log_dir / console.FLOW_LOG)
+            start = time.perf_counter()
+            promotion = publish_and_promote(str(workspace), run.run_id)
+            seconds[PROMOTION_STEP] = time.perf_counter() - start
+            progress.finish(PROMOTION_STEP, "ran", seconds[PROMOTION_STEP])
     finally:
         progress.close()
         os.chdir(previous_cwd)
-    return {"workspace": str(workspace), "stages": outcomes, "seconds": seconds, "metrics": metrics, "logs": str(log_dir)}
+    return {"workspace": str(workspace), "stages": outcomes, "seconds": seconds, "metrics": metrics, "promotion": promotion,
+            "logs": str(log_dir)}
 
 
 def _display(path: Path) -> str:
@@ -197,8 +210,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if args.summary:
         atomic_write_json(args.summary, result)
-    terminal.out.write("\n" + console.summary_table(result["stages"], result["seconds"], result["metrics"],
-                                                  workspace=_display(Path(result["workspace"])),
+    steps = {**result["stages"], PROMOTION_STEP: "ran"}
+    terminal.out.write("\n" + console.summary_table(steps, result["seconds"], result["metrics"],
+                                                  promotion=result["promotion"], workspace=_display(Path(result["workspace"])),
                                                   wall_seconds=time.perf_counter() - start))
     return 0
 

@@ -92,3 +92,24 @@ def refusal(error_type, call, *fragments) -> str:
     for fragment in fragments:
         assert fragment in message, (fragment, message)
     return message
+
+
+def make_bundle(folder: Path, model: str = "mlp", *, target: str = "host", batch_sizes=(1, 4), temperature: float = 1.3,
+                variance_scale: float = 0.7, seed: int = 0, threshold: float | None = None, head_draws: int = 64):
+    """A small bundle (``pfp.bundle.build_bundle``) of a random posterior, hand schedules; returns the BuiltBundle.
+
+    Host bundles choose their OOD threshold on 40 random validation images unless ``threshold``
+    is given; a board's bundle (it does not run here) takes ``threshold`` (default 0.1).
+    """
+    from pfp.bundle import build_bundle
+    from pfp.convert import convert_posterior
+
+    pfp_model = convert_posterior(random_posterior(model, seed))
+    validation = None
+    if threshold is None and target == "host":
+        validation = np.random.default_rng(seed).integers(0, 256, (40, 28, 28), dtype=np.uint8)
+    elif threshold is None:
+        threshold = 0.1
+    return build_bundle(pfp_model, folder, target=target, batch_sizes=batch_sizes, temperature=temperature,
+                        variance_scale=variance_scale, head_draw_count=head_draws, seed=seed,
+                        validation_images=validation, threshold=threshold)

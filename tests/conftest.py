@@ -16,6 +16,8 @@ os.environ.setdefault("TVM_NUM_THREADS", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from tests.servers import mlflow_tracking_server  # noqa: E402
+
 
 @pytest.fixture(autouse=True)
 def _single_torch_thread():
@@ -25,3 +27,18 @@ def _single_torch_thread():
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real ``mlflow server`` on loopback (SQLite store, local artifacts), one per test session; its URL."""
+    with mlflow_tracking_server(tmp_path_factory.mktemp("mlflow")) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def lenet_bundle(tmp_path_factory):
+    """One small LeNet bundle (random posterior, batch sizes 1 and 4, hand schedules) for the MLflow and serving tests."""
+    from tests.common import make_bundle
+
+    return make_bundle(tmp_path_factory.mktemp("bundle") / "lenet", "lenet").folder

@@ -7,6 +7,7 @@ module-level one, since it runs when the function does.
 from __future__ import annotations
 
 import ast
+import sys
 from pathlib import Path
 
 import pytest
@@ -150,6 +151,19 @@ def test_the_runtime_side_imports_no_torch():
         reached = {module} | _reaches(graph, module)
         users = sorted(m for m in reached if {"torch", "pyro"} & _third_party(m))
         assert not users, f"{module} reaches torch or pyro through {users}"
+
+
+def test_the_deployed_runtime_imports_only_numpy_and_tvm_ffi():
+    """src/pfp_runtime goes to boards and servers on its own: no pfp, torch, tvm compiler, scipy (PIL only for PNG files)."""
+    allowed = {"numpy", "tvm_ffi", "pfp_runtime", "__future__"}
+    offenders = {}
+    for path in sorted((ROOT / "src" / "pfp_runtime").glob("*.py")):
+        found = {name.split(".")[0] for name in imported_names(path, "pfp_runtime")}
+        stdlib = {name for name in found if name in sys.stdlib_module_names}
+        extra = found - allowed - stdlib - ({"PIL"} if path.name == "images.py" else set())
+        if extra:
+            offenders[path.name] = sorted(extra)
+    assert not offenders, f"pfp_runtime imports {offenders}"
 
 
 def test_no_test_imports_a_stage_script_or_another_test_module():

@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-PROJECT_PACKAGES = ("pfp", "tasks", "flows")
+PROJECT_PACKAGES = ("pfp", "pfp_runtime", "tasks", "flows")
 CODE_ROOTS = ("src/", "tasks/", "flows/")
 
 

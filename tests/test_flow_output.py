@@ -58,8 +58,11 @@ def test_summary_table_lists_stages_with_times_and_metrics_per_model_and_method(
     stages = {"prepare": "ran", "train@mlp": "skipped"}
     seconds = {"prepare": 21.84, "train@mlp": 2.0}
     metrics = {"mlp": {"svi": {"accuracy": 0.928, "nll": 0.2682, "ece": 0.0566, "auroc_mi": 0.7516, "auroc_sme": 0.8157, "sets": {}},
-                       "det": {"accuracy": 0.928, "nll": 0.2678, "ece": 0.0554, "auroc_mi": 0.5, "auroc_sme": 0.8156}}}
-    text = logs.summary_table(stages, seconds, metrics, workspace="runs/embedded", wall_seconds=95)
+                       "det": {"accuracy": 0.928, "nll": 0.2678, "ece": 0.0554, "auroc_mi": 0.5, "auroc_sme": 0.8156},
+                       "deployed": {"score": "mi", "accuracy": 0.93, "flagged": {"mnist": 0.05}}}}
+    promotion = {"mlp": {"registered_model": "pfp-mlp", "version": "2", "promoted": False, "reason": "ece rose 0.02 > 0.01",
+                         "champion_after": "1"}}
+    text = logs.summary_table(stages, seconds, metrics, promotion=promotion, workspace="runs/embedded", wall_seconds=95)
     lines = text.splitlines()
     assert any(line.split() == ["prepare", "ran", "21.8", "s"] for line in lines)
     assert any(line.split() == ["train@mlp", "skipped", "2.0", "s"] for line in lines)
@@ -68,6 +71,8 @@ def test_summary_table_lists_stages_with_times_and_metrics_per_model_and_method(
     header = next(line for line in lines if line.startswith("model"))
     assert header.split()[:5] == ["model", "method", "accuracy", "NLL", "ECE"] and "OOD AUROC (MI)" in header
     assert any(line.split() == ["mlp", "svi", "0.9280", "0.2682", "0.0566", "0.7516", "0.8157"] for line in lines)
+    assert any(line.split() == ["mlp", "deployed", "0.9300", "-", "-", "-", "-"] for line in lines)
+    assert "  pfp-mlp v2: not promoted (ece rose 0.02 > 0.01); champion v1" in lines
     assert lines[-1] == "results: runs/embedded/metrics/ (evaluate.json, latency.json), plots: runs/embedded/plots/"
 
 

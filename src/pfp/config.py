@@ -233,6 +233,45 @@ class TuneParams(_Section):
         return self
 
 
+class OODScore(str, Enum):
+    """The uncertainty score a bundle flags out-of-distribution images by."""
+
+    MI = "mi"  #: mutual information (epistemic)
+    SME = "sme"  #: softmax entropy of the prediction (total)
+
+
+class BundleConfig(_Section):
+    """The deployable bundles (:mod:`pfp.bundle`): targets, compiled batch sizes, head, OOD threshold."""
+
+    targets: list[CompileTarget] = Field(default_factory=lambda: [CompileTarget.HOST])
+    batch_sizes: BatchSizes = Field(default_factory=lambda: [1, 100])
+    head_draws: int = Field(128, ge=2)  # quasi-random logit draws of the uncertainty head
+    ood_score: OODScore = OODScore.MI
+    ood_target_tpr: float = Field(0.95, gt=0, lt=1)  # in-distribution validation images accepted (not flagged)
+
+    @field_validator("targets")
+    @classmethod
+    def _host_first(cls, targets: list[CompileTarget]) -> list[CompileTarget]:
+        if CompileTarget.HOST not in targets:
+            raise ValueError("must include host: the OOD threshold is chosen by running the host bundle")
+        return targets
+
+
+class PromoteConfig(_Section):
+    """The promotion gate (pfp.registry): a challenger replaces the champion only within these limits.
+
+    Figures are the PFP method's on the test sets (metrics/evaluate.json) and its compiled
+    latency at batch 1 (metrics/latency.json); the first version of a model is champion.
+    """
+
+    max_accuracy_drop: float = Field(0.005, ge=0)  # MNIST accuracy may fall at most this much
+    max_nll_rise: float = Field(0.02, ge=0)  # test NLL may rise at most this much
+    max_ece_rise: float = Field(0.01, ge=0)  # expected calibration error may rise at most this much
+    max_auroc_drop: float = Field(0.01, ge=0)  # OOD AUROC (mutual information) may fall at most this much
+    max_latency_ratio: float = Field(1.25, gt=0)  # PFP latency at batch 1 at most this times the champion's
+    require_latency: bool = False  # refuse when a latency at batch 1 is missing (else that check is skipped)
+
+
 class PipelineParams(_Section):
     seed: int = 0
     models: list[Architecture] = [Architecture.MLP, Architecture.LENET]
@@ -243,7 +282,9 @@ class PipelineParams(_Section):
     calibrate: CalibrateConfig = CalibrateConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     tune: TuneParams = TuneParams()
+    bundle: BundleConfig = BundleConfig()
     benchmark: BenchmarkConfig = BenchmarkConfig()
+    promote: PromoteConfig = PromoteConfig()
 
     @model_validator(mode="after")
     def _every_model_has_train_section(self) -> "PipelineParams":

@@ -191,3 +191,26 @@ def write_plots(plot_dir: Path, model_name: str, predictions: dict[Method, dict[
         plots.uncertainty_histograms(per_set_values("softmax_entropy"), plot_dir / "sme_hist.png",
                                      title=f"{model_name}: softmax entropy", xlabel="SME (nats)"),
     ]
+
+
+def deployed_metrics(predictor, arrays: dict[str, np.ndarray]) -> dict:
+    """The deployed bundle (a :class:`pfp_runtime.Predictor`) on the test sets, at its own OOD threshold.
+
+    In-distribution (clean MNIST) images are the positives: ``tpr_mnist`` is the fraction of the
+    MNIST test set accepted (not flagged), ``fpr`` per other set the fraction accepted although
+    it should be flagged: Fashion-MNIST (out of distribution) and Ambiguous-MNIST (aleatoric,
+    which a purely epistemic score such as MI is not meant to flag). Also the accuracy of the
+    bundle on MNIST test, and the fraction flagged per set.
+    """
+    ood = predictor.bundle.metadata["ood"]
+    flagged, accuracy = {}, None
+    for eval_set, key in SET_ARRAYS.items():
+        prediction = predictor.predict(arrays[f"{key}_x"])
+        flagged[eval_set.value] = float(np.mean(prediction.ood))
+        if eval_set is EvalSet.MNIST:
+            accuracy = float(np.mean(prediction.predicted == np.asarray(arrays[f"{key}_y"])))
+    return {"score": ood["score"], "threshold": ood["threshold"], "target_tpr": ood["target_tpr"],
+            "validation_tpr": ood.get("validation_tpr"), "accuracy": accuracy, "flagged": flagged,
+            "tpr_mnist": 1.0 - flagged[EvalSet.MNIST.value],
+            "fpr": {EvalSet.FASHION.value: 1.0 - flagged[EvalSet.FASHION.value],
+                    EvalSet.AMBIGUOUS.value: 1.0 - flagged[EvalSet.AMBIGUOUS.value]}}

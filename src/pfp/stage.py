@@ -36,6 +36,11 @@ def tvm_dir(model: str) -> Path:
     return MODELS_DIR / model / "tvm"
 
 
+def bundle_dir(model: str, target: str) -> Path:
+    """The deployable bundle of ``model`` for ``target`` (the bundle stage's output, one folder per target)."""
+    return MODELS_DIR / model / "bundle" / str(target)
+
+
 def run_stage(main: Callable[[PipelineParams, list[str]], None], params_path: str = "params.yaml") -> None:
     """Load params, run ``main(params, argv)``; user errors print one clear line and exit 2."""
     try:

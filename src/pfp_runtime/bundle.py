@@ -6,8 +6,9 @@ A bundle folder holds
   architecture, the CPU features the code was compiled for), the libraries by batch size, the
   input normalisation, the calibration (temperature, variance scale), the uncertainty head, the
   out-of-distribution threshold, versions and provenance;
-* one shared library per compiled batch size (``pfp_b1.so``, ...): ``main(x) -> (probs,
-  logit_mean, logit_var, mi, sme)`` with ``x`` the normalised images (batch, 1, 28, 28);
+* one shared library per compiled batch size (``pfp_b1.so``, ...): ``main(x)`` with ``x`` the
+  normalised images (batch, 1, 28, 28) returns one packed (batch, 3 C + 2) tensor, columns
+  ``[probs | logit_mean | logit_var | mi | sme]`` (:func:`packed_columns`);
 * ``SHA256SUMS`` (:data:`CHECKSUM_FILE`): the sha256 of every other file, in ``sha256sum``'s
   format (``sha256sum -c SHA256SUMS`` checks a copy by hand).
 
@@ -29,13 +30,27 @@ from typing import Any
 from pfp_runtime._cpu import host_arch, host_cpu_features
 
 __all__ = ["BUNDLE_FORMAT", "CHECKSUM_FILE", "HEAD_OUTPUTS", "METADATA_FILE", "Bundle", "BundleError", "file_sha256",
-           "read_bundle", "write_checksums"]
+           "packed_columns", "read_bundle", "write_checksums"]
 
 BUNDLE_FORMAT = 1
 METADATA_FILE = "bundle.json"
 CHECKSUM_FILE = "SHA256SUMS"
-#: the outputs of every bundle library's ``main``, in order
-HEAD_OUTPUTS = ("probs", "logit_mean", "logit_var", "mi", "sme")
+#: the outputs packed side by side in every bundle library's output, in order, with their widths (C: classes)
+HEAD_OUTPUTS = (("probs", "C"), ("logit_mean", "C"), ("logit_var", "C"), ("mi", 1), ("sme", 1))
+
+
+def packed_columns(classes: int) -> dict[str, slice | int]:
+    """Output name -> its column slice (C wide) or column index (one) in the packed output."""
+    columns: dict[str, slice | int] = {}
+    start = 0
+    for name, width in HEAD_OUTPUTS:
+        if width == "C":
+            columns[name] = slice(start, start + classes)
+            start += classes
+        else:
+            columns[name] = start
+            start += 1
+    return columns
 _REQUIRED_KEYS = ("format", "model", "classes", "target", "libraries", "input", "calibration", "head", "ood")
 
 
@@ -103,11 +118,41 @@ def _unpack(archive: Path) -> Path:
         with tarfile.open(archive) as tar:
             tar.extractall(folder, filter="data")
     except (tarfile.TarError, OSError) as error:
-        raise BundleError(f"{archive}: not a readable bundle archive ({error})") from None
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise BundleError(f"{archive}: not a readable bundle archive ({first_line})") from None
     found = sorted(folder.rglob(METADATA_FILE))
     if not found:
         raise BundleError(f"{archive}: the archive holds no {METADATA_FILE}")
     return found[0].parent
+
+
+def _number(meta_path: Path, metadata: dict, section: str, key: str, *, positive: bool = False) -> None:
+    value = metadata.get(section, {}).get(key) if isinstance(metadata.get(section), dict) else None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or (positive and not value > 0):
+        raise BundleError(f"{meta_path}: {section}.{key} must be a {'positive ' if positive else ''}number, got {value!r}")
+
+
+def _check_fields(meta_path: Path, metadata: dict) -> None:
+    """The fields the predictor reads, with their types: a clear error here, not a KeyError later."""
+    libraries = metadata["libraries"]
+    if not isinstance(libraries, dict) or not libraries:
+        raise BundleError(f"{meta_path}: libraries must map batch sizes to library files, got {libraries!r}")
+    for size, name in libraries.items():
+        if not str(size).isdigit() or int(size) < 1 or not isinstance(name, str) or "/" in name:
+            raise BundleError(f"{meta_path}: libraries: {size!r}: {name!r} is not 'batch size': 'file name'")
+    if not isinstance(metadata["classes"], int) or metadata["classes"] < 2:
+        raise BundleError(f"{meta_path}: classes must be an integer >= 2, got {metadata['classes']!r}")
+    shape = metadata["input"].get("shape") if isinstance(metadata["input"], dict) else None
+    if not isinstance(shape, list) or not shape or not all(isinstance(d, int) and d > 0 for d in shape):
+        raise BundleError(f"{meta_path}: input.shape must be a list of positive integers, got {shape!r}")
+    _number(meta_path, metadata, "input", "mean")
+    _number(meta_path, metadata, "input", "std", positive=True)
+    _number(meta_path, metadata, "calibration", "temperature", positive=True)
+    _number(meta_path, metadata, "ood", "threshold")
+    if metadata["ood"].get("score") not in ("mi", "sme"):
+        raise BundleError(f"{meta_path}: ood.score must be 'mi' or 'sme', got {metadata['ood'].get('score')!r}")
+    if not isinstance(metadata["target"], dict) or "arch" not in metadata["target"]:
+        raise BundleError(f"{meta_path}: target must record the architecture (target.arch)")
 
 
 def _check_checksums(folder: Path, metadata: dict) -> None:
@@ -160,8 +205,7 @@ def read_bundle(path: str | Path, *, expected_model: str | None = None, check_ho
         raise BundleError(f"{meta_path}: missing field(s) {', '.join(missing)}")
     if metadata["format"] != BUNDLE_FORMAT:
         raise BundleError(f"{meta_path}: bundle format {metadata['format']!r}, this runtime reads format {BUNDLE_FORMAT}")
-    if not metadata["libraries"]:
-        raise BundleError(f"{meta_path}: the bundle lists no library")
+    _check_fields(meta_path, metadata)
     _check_checksums(path, metadata)
     bundle = Bundle(path, metadata)
     if expected_model is not None and bundle.model != expected_model:

@@ -1,16 +1,13 @@
 """End to end: the Prefect flow drives real DVC stages on tiny data in a temp dir and
-logs to a real MLflow tracking server on loopback."""
+logs to a real MLflow tracking server on loopback (the ``mlflow_server`` fixture of tests/conftest.py)."""
 
 from __future__ import annotations
 
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -38,41 +35,6 @@ TINY_PARAMS = {
              "number": 1, "min_repeat_ms": 1},
     "benchmark": {"batch_sizes": [2], "svi_samples": 3, "repeat": 1, "tvm_number": 1, "tvm_repeat": 1},
 }
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mlflow")
-    port = _free_port()
-    log = open(root / "server.log", "w")
-    process = subprocess.Popen(
-        [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--default-artifact-root", str(root / "artifacts")],
-        stdout=log, stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 300
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                if response.status == 200:
-                    break
-        except OSError:
-            pass
-        if process.poll() is not None or time.time() > deadline:
-            process.kill()
-            pytest.fail(f"MLflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
-        time.sleep(1)
-    yield url
-    process.terminate()
-    process.wait(timeout=30)
-    log.close()
 
 
 def _pipeline_env(tracking_uri: str) -> dict:

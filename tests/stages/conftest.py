@@ -1,11 +1,11 @@
 """A DVC workspace shared by the stage tests: the upstream stages' outputs for a random MLP, and
-the tune stage run once in it (hand schedules measured, no search)."""
+the tune stage run once in it (hand schedules measured, no search), then the bundle stage (host)."""
 
 from __future__ import annotations
 
 import pytest
 
-from pfp.config import TuneParams, Variant
+from pfp.config import BundleConfig, TuneParams, Variant
 
 from ..common import write_model_artifacts, write_prepared
 
@@ -20,10 +20,15 @@ def tune_params() -> TuneParams:
 
 
 @pytest.fixture(scope="session")
-def tuned_workspace(tmp_path_factory, tune_params):
-    """(workspace folder, the tune stage's outcome)."""
-    pytest.importorskip("tvm")
-    from pfp.stages import tune
+def bundle_config() -> BundleConfig:
+    """Batch 2 is tuned (its database is used), batch 1 is not (hand schedules)."""
+    return BundleConfig(batch_sizes=[1, 2], head_draws=16)
+
+
+@pytest.fixture(scope="session")
+def tuned_workspace(tmp_path_factory, tune_params, bundle_config):
+    """(workspace folder, the tune stage's outcome); the bundle stage has run too."""
+    from pfp.stages import bundle, tune
 
     workspace = tmp_path_factory.mktemp("workspace")
     write_model_artifacts(workspace, "mlp", variance_scale=SCALE)
@@ -31,4 +36,5 @@ def tuned_workspace(tmp_path_factory, tune_params):
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(workspace)
         outcome = tune.run("mlp", tune_params, seed=1)
+        bundle.run("mlp", bundle_config, tune_params, seed=1)
     return workspace, outcome

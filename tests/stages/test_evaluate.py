@@ -44,7 +44,7 @@ def test_run_writes_metrics_and_plots(tuned_workspace, tune_params, monkeypatch,
     outcome = evaluate.run("mlp", config, tune_params, seed=0)
     assert str(outcome.results_path) == "metrics/evaluate/mlp.json"
     assert json.loads(outcome.results_path.read_text()) == json.loads(json.dumps(outcome.results))
-    assert set(outcome.results) == {"svi", "pfp", "det"} and outcome.results["pfp"]["backend"] == backend.value
+    assert set(outcome.results) == {"svi", "pfp", "det", "deployed"} and outcome.results["pfp"]["backend"] == backend.value
     assert outcome.tags["pfp.backend"] == backend.value
     if backend is PFPBackend.TVM:
         assert outcome.results["pfp"]["library"] == outcome.tags["pfp.library"] == "models/mlp/tvm/host/pfp_b2.so"
@@ -83,3 +83,27 @@ def test_evaluate_refuses_another_models_library_and_a_stale_one(tuned_workspace
     with pytest.raises(DataError, match=r"pfp_b2.so: compiled from other calibration, pfp_params, posterior than the "
                                         r"workspace holds \(stale library\); re-run the tune@mlp stage"):
         evaluate.tuned_pfp_library("mlp", tune_params, SCALE)
+
+
+def test_deployed_metrics_are_the_host_bundles_flags_at_its_threshold(tuned_workspace, tune_params, monkeypatch):
+    """Oracle: the torch PFP and the numpy head with the bundle's draws, thresholded independently."""
+    from pfp.artifacts.trained import load_trained
+    from pfp.convert import predict_pfp
+    from pfp.data.dirty_mnist import load_prepared, normalise
+    from pfp.head import head_draws, head_reference
+
+    workspace, _ = tuned_workspace
+    monkeypatch.chdir(workspace)
+    deployed = evaluate.run("mlp", CONFIG, tune_params, seed=0).results["deployed"]
+    meta = json.loads((workspace / "models/mlp/bundle/host/bundle.json").read_text())
+    assert deployed["threshold"] == meta["ood"]["threshold"] and deployed["score"] == "mi"
+    trained, arrays = load_trained("mlp"), load_prepared("data/prepared")
+    draws = head_draws(meta["head"]["draws"], 10, seed=meta["head"]["seed"])
+    accepted = {}
+    for name, key in (("mnist", "mnist_test"), ("fashion", "ood_test"), ("ambiguous", "ambiguous_test")):
+        mean, var = predict_pfp(trained.pfp_model, normalise(arrays[f"{key}_x"]), variance_scale=SCALE)
+        mi = head_reference(mean.numpy(), var.numpy(), draws, meta["calibration"]["temperature"])["mi"]
+        accepted[name] = float((mi <= deployed["threshold"]).mean())
+    assert deployed["tpr_mnist"] == pytest.approx(accepted["mnist"])
+    assert deployed["fpr"] == pytest.approx({"fashion": accepted["fashion"], "ambiguous": accepted["ambiguous"]})
+    assert deployed["flagged"]["fashion"] == pytest.approx(1 - accepted["fashion"])

@@ -1,5 +1,8 @@
 """Stage `evaluate@MODEL`: svi / pfp / det metrics -> metrics/evaluate/MODEL.json + plots.
 
+``deployed``: the host bundle of the bundle stage on the test sets at its OOD threshold
+(:func:`pfp.evaluation.deployed_metrics`).
+
 The pfp metrics come from ``evaluate.pfp_backend``: with ``tvm`` the tune stage's host PFP
 library (largest batch), or, when the libraries were tuned for a board, a PFP predictor
 compiled here with the hand schedules.
@@ -15,10 +18,11 @@ from pfp.backends.base import Predictor
 from pfp.config import CompileTarget, EvaluateConfig, PFPBackend, TuneParams, Variant
 from pfp.data.dirty_mnist import load_prepared
 from pfp.data.idx import DataError
-from pfp.evaluation import evaluate_model
+from pfp.evaluation import deployed_metrics, evaluate_model
 from pfp.io import atomic_write_json
-from pfp.stage import METRICS_DIR, PLOTS_DIR, PREPARED_DIR, tvm_dir
+from pfp.stage import METRICS_DIR, PLOTS_DIR, PREPARED_DIR, bundle_dir, tvm_dir
 from pfp.tuning import library_path, load_library
+from pfp_runtime import BundleError, load_bundle
 
 __all__ = ["EvaluateOutcome", "plot_dir", "results_path", "run", "tuned_pfp_library"]
 
@@ -60,9 +64,16 @@ def run(model: str, config: EvaluateConfig, tune: TuneParams, *, seed: int) -> E
     library, source = None, None
     if config.pfp_backend is PFPBackend.TVM:
         library, source = tuned_pfp_library(model, tune, calibration.variance_scale)
+    arrays = load_prepared(PREPARED_DIR)
     results = evaluate_model(trained.posterior, trained.pfp_model,
-                             calibration, load_prepared(PREPARED_DIR), config, seed=seed, plot_dir=plot_dir(model),
+                             calibration, arrays, config, seed=seed, plot_dir=plot_dir(model),
                              pfp_library=library)
+    host_bundle = bundle_dir(model, CompileTarget.HOST.value)
+    try:
+        results["deployed"] = {"bundle": str(host_bundle),
+                               **deployed_metrics(load_bundle(host_bundle, expected_model=model), arrays)}
+    except BundleError as error:
+        raise DataError(f"{error}; run the bundle@{model} stage first") from None
     results["pfp"]["backend"] = config.pfp_backend.value
     tags = {"pfp.backend": config.pfp_backend.value}
     if source is not None:

@@ -37,6 +37,7 @@ __all__ = [
     "DETERMINISTIC_TABLE",
     "ENSEMBLE_TABLE",
     "PFP_TABLE",
+    "Head",
     "build_deterministic_module",
     "build_ensemble_module",
     "build_pfp_module",
@@ -275,11 +276,35 @@ def _pfp_output(state, ctx: _Build) -> relax.Expr:
     return relax.Tuple([mean, var])
 
 
+@dataclass(frozen=True)
+class Head:
+    """The uncertainty head appended to a PFP module: fixed draws (S, C) and the softmax temperature."""
+
+    draws: np.ndarray
+    temperature: float = 1.0
+
+
+def _pfp_head_output(head: Head):
+    """``[probs | logit_mean | logit_var | mi | sme]`` (B, 3C + 2): the head (:mod:`pfp.backends.tvm.ops.head`) after the PFP."""
+    if not (math.isfinite(head.temperature) and head.temperature > 0):
+        raise ValueError(f"head temperature must be a finite number > 0, got {head.temperature}")
+
+    def output(state, ctx: _Build) -> relax.Expr:
+        mean, var = _pfp_output(state, ctx).fields
+        draws = relax.const(np.ascontiguousarray(head.draws, dtype=np.float32))
+        return ctx.bb.emit_te(ops.uncertainty_head, mean, var, draws, 1.0 / head.temperature, packed=True,
+                              primfunc_name_hint="uncertainty_head")
+
+    return output
+
+
 def build_pfp_module(spec: ModelSpec, params: Mapping, *, batch_size: int = 1, joint: bool = True,
-                     weights_as_params: bool = False, variance_scale: float = 1.0) -> tvm.IRModule:
+                     weights_as_params: bool = False, variance_scale: float = 1.0, head: Head | None = None) -> tvm.IRModule:
     """Relax IRModule of the probabilistic forward pass of ``spec``.
 
-    ``main(x[, weights...]) -> (logit_mean, logit_var)``, each (batch_size, num_classes).
+    ``main(x[, weights...]) -> (logit_mean, logit_var)``, each (batch_size, num_classes); with
+    ``head``, one packed (batch_size, 3 C + 2) tensor ``[probs | logit_mean | logit_var | mi | sme]``
+    (the deployed bundle's function, see :func:`pfp.backends.tvm.ops.head.uncertainty_head`).
     ``params[layer.name]`` is a :class:`~pfp.backends.torch_ref.GaussianLayerParams` (e.g.
     ``PFPModel.params``). ``joint`` selects the one-reduction mean+variance operators; False
     gives the separate-path ablation (two reductions per layer). With ``weights_as_params``
@@ -288,7 +313,8 @@ def build_pfp_module(spec: ModelSpec, params: Mapping, *, batch_size: int = 1, j
     """
     weights = _Weights(pfp_weight_arrays(spec, params, variance_scale=variance_scale), weights_as_params)
     context = _Build(relax.BlockBuilder(), weights, batch_size, joint=joint)
-    return _build(spec, PFP_TABLE, lambda x: (x, None), _pfp_output, context)
+    output = _pfp_output if head is None else _pfp_head_output(head)
+    return _build(spec, PFP_TABLE, lambda x: (x, None), output, context)
 
 
 # --------------------------------------------------------------------------- deterministic twin

@@ -60,7 +60,7 @@ finally:
         del sys.modules["torch"]
 
 __all__ = ["CompiledDeterministic", "CompiledEnsemble", "CompiledModel", "CompiledPFP", "IncompatibleLibraryError",
-           "load"]
+           "export_library", "load"]
 
 #: 2 adds ``model`` and ``cpu_features``; libraries of format 1 (without them) still load.
 _METADATA_FORMAT = 2
@@ -225,18 +225,7 @@ class CompiledModel:
         if not isinstance(self.module, tvm.runtime.Executable):
             raise RuntimeError("only a freshly compiled module (tvm.runtime.Executable) can be exported; "
                                "this one was loaded from a library")
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        kwargs = {}
-        cross = cross_compiler(self.target)
-        if cross is not None:
-            compiler = shutil.which(cross)
-            if compiler is None:
-                raise RuntimeError(f"cross-linking for {target_arch(self.target)} needs {cross} on PATH "
-                                   "(Debian/Ubuntu: apt-get install gcc-aarch64-linux-gnu)")
-            kwargs["cc"] = compiler
-        with atomic_path(path) as tmp:  # no half-written library if linking fails
-            self.module.export_library(str(tmp), **kwargs)
+        path = export_library(self.module, path, self.target)
         metadata = {"format": _METADATA_FORMAT, "kind": self.kind.value, "model": self.model,
                     "input_shape": list(self.input_shape), "target": str(self.target),
                     "cpu_features": list(self.cpu_features), "weights": list(self.weights), "info": self.info}
@@ -284,6 +273,27 @@ class CompiledModel:
                 weights = {name: archive[name] for name in metadata["weights"]}
         return subclass(tvm.runtime.load_module(str(path)), metadata["input_shape"], target=target_config,
                         weights=weights, info=metadata.get("info"), model=model, cpu_features=required)
+
+
+def export_library(executable, path: str | Path, target) -> Path:
+    """Link a compiled executable into the shared library ``path`` for ``target`` (atomically).
+
+    Libraries for another architecture are cross-linked (aarch64: ``aarch64-linux-gnu-gcc``,
+    package gcc-aarch64-linux-gnu).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    kwargs = {}
+    cross = cross_compiler(target)
+    if cross is not None:
+        compiler = shutil.which(cross)
+        if compiler is None:
+            raise RuntimeError(f"cross-linking for {target_arch(target)} needs {cross} on PATH "
+                               "(Debian/Ubuntu: apt-get install gcc-aarch64-linux-gnu)")
+        kwargs["cc"] = compiler
+    with atomic_path(path) as tmp:  # no half-written library if linking fails
+        executable.export_library(str(tmp), **kwargs)
+    return path
 
 
 class CompiledPFP(CompiledModel):

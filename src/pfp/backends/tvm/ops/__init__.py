@@ -36,13 +36,14 @@ All functions take and return ``te.Tensor`` objects, so they plug into
 Modules: :mod:`~.gaussian` (phi, Phi via the erfcx fit, exp, Clark's max, ReLU moments),
 :mod:`~.linear` (dense and conv2d: joint, separate, deterministic; the conv grid and the
 channels-last form), :mod:`~.pointwise` (ReLU, 2x2 max-pool, flatten), :mod:`~.ensemble`
-(S weight draws in one pass), :mod:`~.kernels` (one operator as a stand-alone function). This
+(S weight draws in one pass), :mod:`~.head` (Gaussian logits -> probabilities, MI, SME), :mod:`~.kernels` (one operator as a stand-alone function). This
 package re-exports them: ``from pfp.backends.tvm import ops; ops.dense_joint(...)``.
 """
 
 from pfp.backends.tvm.ops.common import DTYPE
 from pfp.backends.tvm.ops.ensemble import conv2d_ensemble, dense_ensemble
 from pfp.backends.tvm.ops.gaussian import CLARK_EPS, MAX_STD_ARG, RELU_VAR_EPS
+from pfp.backends.tvm.ops.head import packed_width, uncertainty_head
 from pfp.backends.tvm.ops.kernels import CompiledOp, make_prim_func
 from pfp.backends.tvm.ops.linear import (
     CHANNEL_VECTOR,
@@ -97,7 +98,9 @@ __all__ = [
     "make_prim_func",
     "maxpool2x2",
     "maxpool2x2_gaussian",
+    "packed_width",
     "relu",
     "relu_gaussian",
+    "uncertainty_head",
 ]
 
