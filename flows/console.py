@@ -133,9 +133,9 @@ class StageProgress:
 
         self.interactive = stream.isatty() if interactive is None else interactive
         self.stream, self.interval = stream, interval
-        self.bar = tqdm(total=len(stages), desc="pipeline", unit="stage", file=stream, disable=not self.interactive,
-                        dynamic_ncols=True, bar_format="{desc} {percentage:3.0f}%|{bar:20}| {n_fmt}/{total_fmt} "
-                                                       "[{elapsed}] {postfix}")
+        # the running stage and its progress go where tqdm puts the description, at the end of the line
+        self.bar = tqdm(total=len(stages), unit="stage", file=stream, disable=not self.interactive, dynamic_ncols=True,
+                        bar_format="pipeline {percentage:3.0f}%|{bar:20}| {n_fmt}/{total_fmt} [{elapsed}] {desc}")
         self.total, self.done = len(stages), 0
         self._lock = threading.Lock()
         self._stage: str | None = None
@@ -149,7 +149,7 @@ class StageProgress:
     def start(self, stage: str, log: Path | None) -> None:
         with self._lock:
             self._stage, self._log, self._started = stage, log, time.monotonic()
-            self.bar.set_postfix_str(stage, refresh=True)
+            self.bar.set_description_str(stage, refresh=True)
 
     def finish(self, stage: str, outcome: str, seconds: float) -> None:
         with self._lock:
@@ -173,14 +173,14 @@ class StageProgress:
                     except OSError:
                         pass
                 seconds = time.monotonic() - self._started
-                self.bar.set_postfix_str(f"{self._stage} {seconds:.0f} s" + (f" · {status}" if status else ""), refresh=True)
+                self.bar.set_description_str(f"{self._stage} {seconds:.0f} s" + (f" · {status}" if status else ""), refresh=True)
 
     def close(self) -> None:
         self._stop.set()
         if self._ticker.is_alive():
             self._ticker.join()
         with self._lock:
-            self.bar.set_postfix_str("", refresh=False)
+            self.bar.set_description_str("", refresh=False)
             self.bar.close()
 
 
@@ -221,7 +221,7 @@ def summary_table(stages: Mapping[str, str], seconds: Mapping[str, float], metri
                 table.append([model, method, *cells])
         lines += ["metrics (MNIST test set; OOD AUROC: MNIST vs Fashion-MNIST by mutual information / softmax entropy)", *_format_table(header, table, right=set(range(2, len(header)))), ""]
     if promotion:
-        lines.append("promotion gate (MLflow registry)")
+        lines.append("promotion gate (registered models, champion alias)")
         for decision in promotion.values():
             verdict = "PROMOTED to champion" if decision.get("promoted") else "not promoted"
             lines.append(f"  {decision.get('registered_model')} v{decision.get('version')}: {verdict} ({decision.get('reason')}); "

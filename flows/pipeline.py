@@ -29,9 +29,11 @@ from pathlib import Path
 import yaml
 
 # The embedded server needs more than Prefect's default 20 s to start on a busy 2-core box;
-# telemetry would only fail on these offline machines.
+# telemetry would only fail on these offline machines (DO_NOT_TRACK: the client's, whose first-run
+# notice Prefect prints on a terminal when it is imported, before the output goes to the logs).
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
 
 from prefect import flow, get_run_logger, task  # noqa: E402
 
