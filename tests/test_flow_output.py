@@ -50,6 +50,16 @@ def test_stage_failed_names_the_stage_and_its_log_and_survives_pickling():
     assert "printed above" in str(logs.StageFailed("report", 1))
 
 
+def test_stages_wait_passively_except_the_timed_benchmark(monkeypatch):
+    from flows.pipeline import _stage_env
+
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    assert _stage_env("train@mlp")["OMP_WAIT_POLICY"] == "PASSIVE"
+    assert "OMP_WAIT_POLICY" not in _stage_env("benchmark") and "OMP_WAIT_POLICY" not in _stage_env()
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # the caller's choice stands
+    assert _stage_env("train@mlp")["OMP_WAIT_POLICY"] == "ACTIVE"
+
+
 def test_duration_reads_as_seconds_or_minutes():
     assert [logs.duration(s) for s in (0.04, 59.94, 60, 247.2)] == ["0.0 s", "59.9 s", "1 min 00 s", "4 min 07 s"]
 
