@@ -46,8 +46,8 @@ def _pipeline_env(tracking_uri: str) -> dict:
 
 
 # what must not reach the terminal: library logs (TVM, Meta Scheduler, Prefect, MLflow, DVC, Python warnings)
-LIBRARY_LINES = re.compile(r"meta_schedule|tvm|Flow run|Task run|prefect|mlflow|Running stage|dvc\.lock|Warning|INFO|DEBUG|Traceback",
-                           re.IGNORECASE)
+LIBRARY_LINES = re.compile(r"(?i:meta_schedule|task_scheduler|tvm|Flow run|Task run|prefect|mlflow|alembic|Running stage|dvc\.lock|"
+                           r"Traceback)|\b(INFO|DEBUG|WARNING)\b|Warning:")
 
 
 def _run_flow(workdir: Path, params_file: Path, summary: Path, tracking_uri: str, prefect_home: Path) -> tuple[dict, str, str]:
