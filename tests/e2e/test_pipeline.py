@@ -15,8 +15,9 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
-STAGES = (["prepare"] + [f"{s}@{m}" for s in ("train", "convert", "calibrate", "tune", "evaluate") for m in ("mlp", "lenet")]
+STAGES = (["prepare"] + [f"{s}@{m}" for s in ("train", "convert", "calibrate", "tune", "bundle", "evaluate") for m in ("mlp", "lenet")]
           + ["report", "benchmark"])
+PROMOTION_STEP = "publish+promote"  # the flow's step after the stages (in its own process)
 METRIC_KEYS = {"accuracy", "nll", "ece", "brier", "auroc_mi", "auroc_sme", "auroc_var", "mi_id", "mi_ood", "sme_id", "sme_ood"}
 
 TINY_PARAMS = {
@@ -33,6 +34,7 @@ TINY_PARAMS = {
     # one batch size: several are tested in tests/test_tuning.py and tests/test_bench.py, and each costs CI minutes
     "tune": {"batch_sizes": [2], "variants": ["pfp", "det", "svi"], "trials_per_task": 0, "svi_samples": 3,
              "number": 1, "min_repeat_ms": 1},
+    "bundle": {"batch_sizes": [2], "head_draws": 16},  # the tune stage's batch size: compiled with its database
     "benchmark": {"batch_sizes": [2], "svi_samples": 3, "repeat": 1, "tvm_number": 1, "tvm_repeat": 1},
 }
 
@@ -43,12 +45,40 @@ def _pipeline_env(tracking_uri: str) -> dict:
             "OMP_NUM_THREADS": "1"}
 
 
-def _run_flow(workdir: Path, params_file: Path, summary: Path, tracking_uri: str, prefect_home: Path) -> dict:
+# what must not reach the terminal: library logs (TVM, Meta Scheduler, Prefect, MLflow, DVC, Python warnings)
+LIBRARY_LINES = re.compile(r"(?i:meta_schedule|task_scheduler|tvm|Flow run|Task run|prefect|mlflow|alembic|Running stage|dvc\.lock|"
+                           r"Traceback)|\b(INFO|DEBUG|WARNING)\b|Warning:")
+
+
+def _run_flow(workdir: Path, params_file: Path, summary: Path, tracking_uri: str, prefect_home: Path) -> tuple[dict, str, str]:
+    """Run the flow as `make run` does; returns its summary JSON and its terminal output (stdout, stderr)."""
     env = {**_pipeline_env(tracking_uri), "PREFECT_HOME": str(prefect_home)}
     result = subprocess.run([sys.executable, "-m", "flows.pipeline", "--workdir", str(workdir), "--params", str(params_file),
                              "--summary", str(summary)], cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    return json.loads(summary.read_text())
+    logs = workdir / "logs"
+    flow_log = (logs / "flow.log").read_text()[-5000:] if (logs / "flow.log").is_file() else ""
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:] + flow_log
+    return json.loads(summary.read_text()), result.stdout, result.stderr
+
+
+def _check_terminal_output(stdout: str, stderr: str, workdir: Path, outcome: str) -> None:
+    """Quiet terminal: one line per stage and the summary table; the library logs are in workdir/logs."""
+    terminal = stdout + stderr
+    noisy = [line for line in terminal.splitlines() if LIBRARY_LINES.search(line)]
+    assert not noisy, noisy
+    progress = [line.split() for line in stderr.splitlines() if line.startswith("[")]
+    assert [row[1:3] for row in progress] == [[stage, outcome] for stage in STAGES] + [[PROMOTION_STEP, "ran"]]
+    assert f"library logs: {workdir / 'logs'}/" in stderr.splitlines()[0]
+    lines = stdout.splitlines()
+    assert any(line.split()[:5] == ["model", "method", "accuracy", "NLL", "ECE"] for line in lines)
+    for model in ("mlp", "lenet"):
+        for method in ("svi", "pfp", "det"):
+            assert any(line.split()[:2] == [model, method] for line in lines), (model, method)
+    assert any(line.split()[:2] == ["tune@lenet", outcome] for line in lines)
+    assert "promotion gate (registered models, champion alias)" in lines
+    assert any(line.startswith("  pfp-lenet v") for line in lines)
+    assert lines[-1].startswith(f"results: {workdir}/metrics/")
+    assert sum(str(workdir / "logs") in line for line in terminal.splitlines()) == 1  # the logs folder, named once
 
 
 def test_pipeline_end_to_end(tmp_path, mlflow_server):
@@ -57,15 +87,30 @@ def test_pipeline_end_to_end(tmp_path, mlflow_server):
     params_file = tmp_path / "tiny.yaml"
     params_file.write_text(yaml.safe_dump(TINY_PARAMS))
     workdir = tmp_path / "workspace"
-    first = _run_flow(workdir, params_file, tmp_path / "first.json", mlflow_server, tmp_path / "prefect")
+    first, stdout, stderr = _run_flow(workdir, params_file, tmp_path / "first.json", mlflow_server, tmp_path / "prefect")
 
     # Every stage ran once, in order, and the metrics file has the promised shape.
     assert first["stages"] == {stage: "ran" for stage in STAGES}
+    assert set(first["seconds"]) == {*STAGES, PROMOTION_STEP} and all(value > 0 for value in first["seconds"].values())
+    # The terminal got the progress and the summary; each stage's output (DVC, the stage, its libraries) is in its log,
+    # the flow's own (Prefect, MLflow) in flow.log.
+    _check_terminal_output(stdout, stderr, workdir, "ran")
+    assert first["logs"] == str(workdir / "logs")
+    # the promotion step's decisions are the summary's last section (the first version of a model is champion)
+    for model in ("mlp", "lenet"):
+        assert first["promotion"][model]["promoted"] is True and str(first["promotion"][model]["version"]) == "1"
+        assert f"  pfp-{model} v1: PROMOTED to champion" in stdout
+    for stage in STAGES:
+        assert f"Running stage '{stage}'" in (workdir / "logs" / f"{stage}.log").read_text()
+    tune_log = (workdir / "logs" / "tune@mlp.log").read_text()
+    assert "[tune 1/3] mlp pfp batch 2" in tune_log and "schedules kept" in tune_log
+    flow_log = (workdir / "logs" / "flow.log").read_text()
+    assert "Beginning flow run" in flow_log and "Finished in state Completed" in flow_log
     metrics = json.loads((workdir / "metrics/evaluate.json").read_text())
     assert set(metrics) == {"mlp", "lenet"}
     for model in metrics.values():
-        assert set(model) == {"svi", "pfp", "det"}
-        for values in model.values():
+        assert set(model) == {"svi", "pfp", "det", "deployed"}  # deployed: the bundle, at its OOD threshold
+        for values in (model[method] for method in ("svi", "pfp", "det")):
             assert METRIC_KEYS <= set(values)
             assert 0.0 <= values["accuracy"] <= 1.0 and values["nll"] > 0 and 0.0 <= values["auroc_mi"] <= 1.0
     for path in ("data/prepared/manifest.json", "models/mlp/posterior.npz", "models/lenet/pfp.npz", "models/mlp/calibration.json",
@@ -115,7 +160,7 @@ def test_pipeline_end_to_end(tmp_path, mlflow_server):
     assert len(parents) == 1
     parent_id = parents[0].info.run_id
     children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent_id}
-    assert set(children) == set(STAGES)
+    assert set(children) == {*STAGES, "publish@mlp", "publish@lenet"}
     train = children["train@mlp"]
     assert train.data.params["prior_scale"] == "1.0" and "elbo_loss" in train.data.metrics
     assert train.data.tags["git_commit"] != ""
@@ -129,8 +174,10 @@ def test_pipeline_end_to_end(tmp_path, mlflow_server):
     assert parents[0].data.metrics["mlp.pfp.accuracy"] == pytest.approx(metrics["mlp"]["pfp"]["accuracy"])
 
     # Nothing changed: DVC skips every stage.
-    second = _run_flow(workdir, params_file, tmp_path / "second.json", mlflow_server, tmp_path / "prefect")
+    second, stdout, stderr = _run_flow(workdir, params_file, tmp_path / "second.json", mlflow_server, tmp_path / "prefect")
     assert second["stages"] == {stage: "skipped" for stage in STAGES}
+    _check_terminal_output(stdout, stderr, workdir, "skipped")
+    assert "didn't change, skipping" in (workdir / "logs" / "train@mlp.log").read_text()
 
     # One evaluate parameter changed: DVC finds only the evaluation stages out of date, and `dvc repro`
     # (without the flow: its runs were checked above) reruns them and the report that reads their metrics
