@@ -25,7 +25,6 @@ import yaml
 
 from pfp import board as board_module
 from pfp.backends.tvm.remote import RemoteError, bundle_latency_over_rpc
-from pfp.backends.tvm.targets import ARM_CROSS_COMPILER
 from pfp.backends.tvm.tuning.measure import TrackerError
 from pfp.data.idx import read_idx_images
 from pfp_runtime import load_bundle
@@ -33,13 +32,8 @@ from pfp_runtime import load_bundle
 from ..backends.tvm.helpers import (
     RPC_DIR,
     assert_close,
-    free_port,
-    start_process_group,
-    start_tracker,
-    stop_process_group,
-    wait_for_key,
 )
-from ..common import make_bundle, require_command
+from ..common import make_bundle
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = RPC_DIR / "emulated-pi.sh"
@@ -54,14 +48,6 @@ def _end_sessions() -> None:
 
 # --------------------------------------------------------------------------- fixtures
 
-@pytest.fixture(scope="module")
-def script_env() -> dict:
-    require_command("qemu-aarch64-static", "qemu-user-static")
-    require_command(ARM_CROSS_COMPILER, "gcc-aarch64-linux-gnu")
-    env = dict(os.environ, HOST_PYTHON=sys.executable, TVM_NUM_THREADS="1")
-    for name in ("PYTHON", "RPC_KEY", "TVM_USE_RUNTIME_LIB"):
-        env.pop(name, None)
-    return env
 
 
 @pytest.fixture(scope="module")
@@ -101,27 +87,6 @@ def images(bundles) -> np.ndarray:
     return x
 
 
-@pytest.fixture(scope="module")
-def board(script_env, board_python, tmp_path_factory):
-    """A tracker on 127.0.0.1 and the emulated board registered under KEY; yields the tracker address."""
-    logs = tmp_path_factory.mktemp("board_logs")
-    port, server_port = free_port(), free_port()
-    env = dict(script_env, PYTHON=sys.executable, TRACKER=f"127.0.0.1:{port}", SERVER_PORT=str(server_port),
-               SERVER_PORT_END=str(server_port + 1))
-    processes = []
-    try:
-        try:
-            processes.append(start_tracker(env, port, logs / "tracker.log"))
-            server_env = {name: value for name, value in env.items() if name != "PYTHON"}
-            processes.append(start_process_group(["bash", str(SCRIPT), "start"], server_env, logs / "server.log"))
-            seconds = wait_for_key(port, KEY, processes[1], logs / "server.log", timeout=240)
-        except RuntimeError as error:
-            pytest.fail(str(error), pytrace=False)
-        print(f"emulated board registered under {KEY!r} after {seconds:.1f} s")
-        yield f"127.0.0.1:{port}"
-    finally:
-        for process in reversed(processes):
-            stop_process_group(process)
 
 
 def _assert_same_prediction(board_outputs: dict, host_outputs: dict, what: str) -> None:

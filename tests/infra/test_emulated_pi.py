@@ -37,14 +37,8 @@ from pfp.spec import build_spec
 from ..backends.tvm.helpers import (
     RPC_DIR,
     assert_close,
-    free_port,
     random_params,
-    start_process_group,
-    start_tracker,
-    stop_process_group,
-    wait_for_key,
 )
-from ..common import require_command
 
 SCRIPT = RPC_DIR / "emulated-pi.sh"
 KEY = "rasp4b-emulated"  # the script's default key
@@ -62,14 +56,6 @@ def _script(*args: str, env: dict, timeout: float) -> subprocess.CompletedProces
     return result
 
 
-@pytest.fixture(scope="module")
-def script_env() -> dict:
-    require_command("qemu-aarch64-static", "qemu-user-static")
-    require_command(ARM_CROSS_COMPILER, "gcc-aarch64-linux-gnu")
-    env = dict(os.environ, HOST_PYTHON=sys.executable, TVM_NUM_THREADS="1")
-    for name in ("PYTHON", "RPC_KEY", "TVM_USE_RUNTIME_LIB"):  # the script's defaults, as documented
-        env.pop(name, None)
-    return env
 
 
 @pytest.fixture(scope="module")
@@ -82,27 +68,6 @@ def runtime(script_env) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def board(script_env, runtime, tmp_path_factory):
-    """A tracker on 127.0.0.1 and the emulated board registered under KEY; yields the tracker address."""
-    logs = tmp_path_factory.mktemp("emulated_pi_logs")
-    port, server_port = free_port(), free_port()
-    env = dict(script_env, PYTHON=sys.executable, TRACKER=f"127.0.0.1:{port}", SERVER_PORT=str(server_port),
-               SERVER_PORT_END=str(server_port + 1))
-    processes = []
-    try:
-        try:
-            processes.append(start_tracker(env, port, logs / "tracker.log"))
-            server_env = {name: value for name, value in env.items() if name != "PYTHON"}
-            processes.append(start_process_group(["bash", str(SCRIPT), "start"], server_env, logs / "server.log"))
-            seconds = wait_for_key(port, KEY, processes[1], logs / "server.log", timeout=180)
-        except RuntimeError as error:
-            pytest.fail(str(error), pytrace=False)
-        print(f"emulated-pi start: registered under {KEY!r} after {seconds:.1f} s")
-        yield f"127.0.0.1:{port}"
-    finally:
-        for process in reversed(processes):
-            stop_process_group(process)
 
 
 def run_on_board(address: str, library: Path, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -217,7 +182,7 @@ def test_tune_stage_uses_the_emulated_board_and_keeps_its_timings_apart(board, t
     from pfp.backends.torch_ref import pfp_forward
     from pfp.convert import convert_posterior
 
-    from ..common import write_model_artifacts
+    from ..common import write_model_artifacts, write_prepared
 
     workspace = tmp_path / "workspace"
     posterior = write_model_artifacts(workspace, "mlp")
@@ -227,7 +192,10 @@ def test_tune_stage_uses_the_emulated_board_and_keeps_its_timings_apart(board, t
         # hand schedules only: the Meta Scheduler's search on the board is test_meta_scheduler_tuning_on_the_board's
         "tune": {"target": "rasp4b", "batch_sizes": [1], "variants": ["pfp"], "trials_per_task": 0, "number": 1,
                  "min_repeat_ms": 1, "population_size": 4, "rpc": {"tracker": board, "key": KEY, "emulated": True}},
-        "benchmark": {"batch_sizes": [1], "svi_samples": 3, "repeat": 1, "tvm_number": 1, "tvm_repeat": 1}}))
+        "bundle": {"batch_sizes": [1], "head_draws": 16},
+        "benchmark": {"batch_sizes": [1], "svi_samples": 3, "repeat": 1, "tvm_number": 1, "tvm_repeat": 1,
+                      "serving_batch_sizes": [1], "serving_threads": [1], "serving_rounds": 1, "serving_turn_ms": 2.0,
+                      "serving_max_calls": 3, "serving_warmup": 1, "serving_torch_threads": 1, "head_images": 12}}))
     _end_sessions()
     _stage("tasks.tune", workspace, "mlp")
 
@@ -250,6 +218,9 @@ def test_tune_stage_uses_the_emulated_board_and_keeps_its_timings_apart(board, t
     assert_close(var, ref_var, what="stage library var (board)")
 
     # the host benchmark never runs (or reports) the board's libraries: its compiled variants are host builds
+    # (its serving part needs the prepared data and the host bundle)
+    write_prepared(workspace)
+    _stage("tasks.bundle", workspace, "mlp")
     _stage("tasks.benchmark", workspace)
     latency = json.loads((workspace / "metrics/latency.json").read_text())
     assert set(latency["mlp"]["batch_1"]["schedules"].values()) == {"hand"}
