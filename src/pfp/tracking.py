@@ -1,9 +1,10 @@
-"""The only module that talks to MLflow.
+"""MLflow runs: the stage runs, the pipeline run, and the connection to the tracking server.
 
 Default tracking URI: a SQLite database ``mlflow.db`` in the working folder (the DVC
 workspace), no server needed; ``MLFLOW_TRACKING_URI`` points it at a server. When the
 Prefect flow drives the stages it opens a pipeline run and passes its id in
-``PFP_MLFLOW_PARENT_RUN_ID``, so every stage run is nested under it.
+``PFP_MLFLOW_PARENT_RUN_ID``, so every stage run is nested under it. A tracking server that does
+not answer fails a stage within seconds (:func:`check_tracking_server`), naming the URI.
 """
 
 from __future__ import annotations
@@ -11,12 +12,24 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from pfp.config import ConfigError
+
 EXPERIMENT = os.environ.get("PFP_MLFLOW_EXPERIMENT", "pfp-pipeline")
+#: seconds one reachability probe of a tracking server may take, and the probes before giving up
+CONNECT_TIMEOUT = float(os.environ.get("PFP_MLFLOW_CONNECT_TIMEOUT", "5"))
+CONNECT_ATTEMPTS = 3
+#: MLflow's own HTTP retries, where the user has not set them: its defaults (7 retries, backoff
+#: factor 2, 120 s per request) kept a stage waiting for minutes on a server that had gone away
+_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                  "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
 PARENT_RUN_ENV = "PFP_MLFLOW_PARENT_RUN_ID"
 GIT_COMMIT_ENV = "PFP_GIT_COMMIT"
 
@@ -52,7 +65,42 @@ def _key(name: str) -> str:
     return name.replace("@", ":")
 
 
+class TrackingUnavailable(ConfigError):
+    """The configured MLflow tracking server does not answer."""
+
+
+def check_tracking_server(uri: str, *, timeout: float = CONNECT_TIMEOUT, attempts: int = CONNECT_ATTEMPTS) -> None:
+    """Raise :class:`TrackingUnavailable` naming ``uri`` when an http(s) tracking server does not answer ``/health``.
+
+    A few short probes (a server starting up, a network blip), then a clear error instead of
+    MLflow's minutes of silent retries. Other stores (sqlite, file) need no server.
+    """
+    if not uri.startswith(("http://", "https://")):
+        return
+    error: Exception | None = None
+    for attempt in range(attempts):
+        try:
+            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as response:
+                if response.status < 500:
+                    return
+        except urllib.error.HTTPError as failure:
+            if failure.code < 500:  # it answers (e.g. /health behind an auth proxy)
+                return
+            error = failure
+        except (OSError, ValueError) as failure:  # refused, unreachable, timed out, bad URL
+            error = failure
+        if attempt + 1 < attempts:
+            time.sleep(1.0 * (attempt + 1))
+    reason = getattr(error, "reason", None) or error
+    raise TrackingUnavailable(f"MLFLOW_TRACKING_URI={uri}: the MLflow tracking server does not answer ({reason}; "
+                              f"{attempts} tries). Start it (infra/mlflow-server.sh), or unset MLFLOW_TRACKING_URI to "
+                              "log to mlflow.db in the workspace")
+
+
 def _mlflow():
+    for name, value in _HTTP_DEFAULTS.items():
+        os.environ.setdefault(name, value)
+    check_tracking_server(tracking_uri())
     import mlflow  # slow import: only where tracking happens
 
     mlflow.set_tracking_uri(tracking_uri())
