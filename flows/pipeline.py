@@ -42,6 +42,7 @@ from flows.promotion import publish_and_promote  # noqa: E402
 from pfp import tracking  # noqa: E402
 from pfp.config import load_params  # noqa: E402
 from pfp.io import atomic_write_json  # noqa: E402
+from pfp.stage import PREPARED_DIR  # noqa: E402
 from pfp.stages.report import headline_metrics  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -165,6 +166,12 @@ def pfp_pipeline(workdir: str = str(REPO_ROOT), params: str | None = None) -> di
                 progress.finish(stage, outcomes[stage], seconds[stage])
             metrics = json.loads((workspace / "metrics" / "evaluate.json").read_text())
             run.log_metrics(headline_metrics(metrics))
+            # what the run was: every resolved param (the UI's compare view shows what changed), the
+            # params file and the lock, and the data as dataset inputs (digests: the prepared arrays' sha256)
+            run.log_params(load_params(workspace / "params.yaml").model_dump(mode="json"))
+            run.log_artifact(workspace / "params.yaml")
+            run.log_artifact(workspace / "dvc.lock")
+            run.log_prepared_datasets(workspace / PREPARED_DIR)
             run.set_tags({f"stage.{stage}": outcome for stage, outcome in outcomes.items()})
             run.log_metrics({f"seconds.{stage}": value for stage, value in seconds.items()})
             # last: register each model's bundle and run the promotion gate (a refusal is not a failure)

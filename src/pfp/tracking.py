@@ -145,6 +145,29 @@ class StageRun:
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         self._mlflow.set_tags({_key(k): str(v) for k, v in tags.items()})
 
+    def log_prepared_datasets(self, prepared_dir: str | Path) -> list[str]:
+        """Each split of the prepared data as an MLflow dataset input (``log_input``), digest = its images' sha256.
+
+        The context says what the split is for (training, validation, test, ood); returns the split names.
+        """
+        import numpy as np
+        from mlflow.data import from_numpy
+
+        prepared_dir = Path(prepared_dir)
+        manifest = json.loads((prepared_dir / "manifest.json").read_text())
+        digests = manifest.get("array_sha256", {})
+        logged = []
+        with np.load(prepared_dir / "dirty_mnist.npz", allow_pickle=False) as arrays:
+            for split in manifest["counts"]:
+                digest = digests.get(f"{split}_x") or manifest.get("data_hash", "")
+                dataset = from_numpy(arrays[f"{split}_x"], targets=arrays[f"{split}_y"], source=str(prepared_dir.resolve()),
+                                     name=split, digest=digest[:32])
+                purpose = "ood" if split.startswith("ood") else split.rsplit("_", 1)[-1]
+                context = {"train": "training", "val": "validation", "test": "test"}.get(purpose, purpose)
+                self._mlflow.log_input(dataset, context=context)
+                logged.append(split)
+        return logged
+
 
 @contextmanager
 def stage_run(stage: str, *, params: Mapping[str, Any] | None = None, tags: Mapping[str, Any] | None = None) -> Iterator[StageRun]:
@@ -170,7 +193,10 @@ def stage_run(stage: str, *, params: Mapping[str, Any] | None = None, tags: Mapp
 def pipeline_run(name: str, *, tags: Mapping[str, Any] | None = None) -> Iterator[StageRun]:
     """The parent run of one flow execution; exports its id for the stage processes."""
     mlflow = _mlflow()
-    with mlflow.start_run(run_name=name, tags={"pfp.stage": "pipeline", "git_commit": git_commit(), **(tags or {})}) as run:
+    commit = git_commit()
+    # git_commit: ours since the first runs; mlflow.source.git.commit: what the MLflow UI shows
+    run_tags = {"pfp.stage": "pipeline", "git_commit": commit, "mlflow.source.git.commit": commit, **(tags or {})}
+    with mlflow.start_run(run_name=name, tags=run_tags) as run:
         previous = os.environ.get(PARENT_RUN_ENV)
         os.environ[PARENT_RUN_ENV] = run.info.run_id
         try:

@@ -172,6 +172,12 @@ def test_pipeline_end_to_end(tmp_path, mlflow_server):
     assert {a.path for a in client.list_artifacts(tune_run.info.run_id, "tvm/host")} >= {"tvm/host/pfp_b2.so",
                                                                                           "tvm/host/pfp_b2"}
     assert parents[0].data.metrics["mlp.pfp.accuracy"] == pytest.approx(metrics["mlp"]["pfp"]["accuracy"])
+    # the parent run says what it was: resolved params, the params file and lock, the data, the commit
+    parent = parents[0]
+    assert parent.data.params["tune.batch_sizes"] == "[2]" and parent.data.params["seed"] == "0"
+    assert {a.path for a in client.list_artifacts(parent_id)} >= {"params.yaml", "dvc.lock"}
+    assert {item.dataset.name for item in parent.inputs.dataset_inputs} >= {"mnist_train", "mnist_test", "ood_test"}
+    assert parent.data.tags["mlflow.source.git.commit"] == parent.data.tags["git_commit"]
 
     # Nothing changed: DVC skips every stage.
     second, stdout, stderr = _run_flow(workdir, params_file, tmp_path / "second.json", mlflow_server, tmp_path / "prefect")
