@@ -34,6 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pfp_runtime import DEFAULT_THREADS  # importing pfp_runtime loads no TVM (tvm_ffi only when a bundle loads)
+
 __all__ = ["BOARD_OUTPUTS", "BoardError", "BoardRun", "EMULATED_PI_SCRIPT", "emulated_pi_python", "main",
            "run_bundle_on_board", "runtime_package"]
 
@@ -41,7 +43,6 @@ EMULATED_PI_SCRIPT = Path(__file__).resolve().parents[2] / "infra" / "rpc" / "em
 #: what :func:`run_bundle_on_board` returns per image (``pfp_runtime.Prediction``'s fields)
 BOARD_OUTPUTS = ("probs", "predicted", "logit_mean", "logit_var", "mi", "sme", "ood")
 BUILD_TIMEOUT = 1200.0  # a cold build of the emulated Pi downloads ~130 MB
-DEFAULT_THREADS = 1  # = pfp_runtime.DEFAULT_THREADS (not imported: this module imports no TVM on the host)
 
 # The board side: imports numpy and the copied pfp_runtime only. (Under qemu-user /proc/cpuinfo is the
 # host's; pfp_runtime reads AArch64 CPU features from AT_HWCAP, which qemu sets from the emulated CPU.)

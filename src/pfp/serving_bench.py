@@ -62,7 +62,6 @@ BUSY_LOOP = "while True:\n    pass\n"
 RUNTIME_OVERHEAD_TARGET = 1.5
 #: more threads must cut the loaded p99 by more than this fraction to be chosen
 THREAD_TOLERANCE = 0.10
-_ALIGNMENT = 64
 
 
 # --------------------------------------------------------------------------- numpy heads (what a user writes)
@@ -112,9 +111,7 @@ class Contender:
 
 
 def _aligned_copy(array: np.ndarray) -> np.ndarray:
-    raw = np.empty(array.nbytes + _ALIGNMENT, np.uint8)
-    offset = (-raw.ctypes.data) % _ALIGNMENT
-    out = raw[offset:offset + array.nbytes].view(np.float32).reshape(array.shape)
+    out = runtime_tvm.aligned_empty(array.shape, array.dtype)
     out[...] = array
     return out
 

@@ -12,7 +12,10 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
+
 _DL_CPU = 1  # DLPack's kDLCPU
+_ALIGNMENT = 64  # bytes; TVM's kernels may assume it of their buffers (an unaligned one segfaulted)
 _POOLED_ALLOCATOR = 2  # the Relax VM's pooled allocator (what tvm.runtime.vm.VirtualMachine uses)
 #: runtime.config_threadpool's kSpecifyThreadShareAllCore: the threads float over the given CPUs
 _SHARE_ALL_CORES = -3
@@ -53,6 +56,15 @@ def ffi():
         ctypes.CDLL(str(_runtime_library()), ctypes.RTLD_GLOBAL)
         _ffi = tvm_ffi
     return _ffi
+
+
+def aligned_empty(shape: tuple[int, ...], dtype=np.float32) -> np.ndarray:
+    """An uninitialised C-contiguous array whose data starts on a 64-byte boundary (a safe TVM input)."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    raw = np.empty(nbytes + _ALIGNMENT, np.uint8)
+    offset = (-raw.ctypes.data) % _ALIGNMENT
+    return raw[offset:offset + nbytes].view(dtype).reshape(shape)
 
 
 class Machine:

@@ -19,14 +19,14 @@ from pfp_runtime import _tvm
 from pfp_runtime._cpu import usable_cpus
 from pfp_runtime.bundle import Bundle, BundleError, packed_columns, read_bundle
 
-__all__ = ["DEFAULT_THREADS", "THREADS_ENV", "InputError", "Prediction", "Predictor", "load_bundle"]
+__all__ = ["DEFAULT_THREADS", "THREADS_ENV", "InputError", "Prediction", "Predictor", "check_images", "load_bundle",
+           "normalise"]
 
 #: TVM runtime threads unless the caller or $PFP_RUNTIME_THREADS says otherwise. One: a
 #: request runs on one core, so a competing process on the other core does not stall it
 #: (a parallel kernel waits for its slowest thread); see metrics/serving.json.
 DEFAULT_THREADS = 1
 THREADS_ENV = "PFP_RUNTIME_THREADS"
-_ALIGNMENT = 64  # bytes; TVM's kernels may assume it of their buffers
 #: a call's fixed cost in images' worth of compute: LeNet's PFP runs 1 image in about the time
 #: 100-image batches take for 4 images each (a rough figure; it only decides pad vs split)
 CALL_COST = 4
@@ -66,13 +66,6 @@ class Prediction:
         return rows
 
 
-def _aligned_empty(shape: tuple[int, ...]) -> np.ndarray:
-    count = int(np.prod(shape))
-    raw = np.empty(count * 4 + _ALIGNMENT, np.uint8)
-    offset = (-raw.ctypes.data) % _ALIGNMENT
-    return raw[offset:offset + count * 4].view(np.float32).reshape(shape)
-
-
 class _Library:
     """One compiled batch size: its VM and its preallocated (aligned) input tensor."""
 
@@ -82,7 +75,7 @@ class _Library:
         except Exception as error:  # noqa: BLE001 - the FFI raises its own error types
             raise BundleError(f"{path}: cannot load the compiled library ({str(error).strip().splitlines()[-1]})") from None
         self.batch_size = batch_size
-        self.buffer = _aligned_empty((batch_size, *input_shape))
+        self.buffer = _tvm.aligned_empty((batch_size, *input_shape))
         self.buffer.fill(0.0)
         self.tensor = _tvm.Machine.tensor(self.buffer)
 
@@ -115,6 +108,65 @@ def chunk_plan(count: int, sizes: list[int]) -> list[int]:
     return plan
 
 
+def check_images(images, input_shape: tuple[int, ...]) -> np.ndarray:
+    """``images`` as an (N, *input_shape) array of uint8 (or other integers 0-255) or floats 0-1; else InputError."""
+    x = images if type(images) is np.ndarray else _as_array(images)
+    kind = x.dtype.kind
+    if kind not in "uif":  # bool is kind "b"
+        raise InputError(f"images: dtype {x.dtype} not supported; give uint8 pixels 0-255 or floats 0-1")
+    shape = tuple(input_shape)  # (1, 28, 28)
+    if x.shape[1:] != shape:
+        if x.shape == shape[1:]:
+            x = x[None]  # one image (28, 28)
+        if x.ndim == len(shape) and x.shape[1:] == shape[1:]:
+            x = x.reshape((x.shape[0], *shape))
+        if x.ndim != len(shape) + 1 or x.shape[1:] != shape:
+            raise InputError(f"images: shape {x.shape}, expected (N, {', '.join(map(str, shape[1:]))}) or "
+                             f"(N, {', '.join(map(str, shape))})")
+    if x.shape[0] == 0:
+        raise InputError("images: empty batch (0 images)")
+    if x.dtype.char == "B":  # uint8: every value is a pixel
+        return x
+    lowest, highest = x.min(), x.max()  # NaN propagates, so NaN fails the range check too
+    top = 1.0 if kind == "f" else 255
+    if not (lowest >= 0 and highest <= top):
+        if kind == "f" and not np.isfinite(x).all():
+            bad = int(np.size(x) - np.count_nonzero(np.isfinite(x)))
+            raise InputError(f"images: {bad} pixel value(s) are NaN or infinite")
+        hint = " (pixels 0-255? give them as integers)" if kind == "f" and highest <= 255 else ""
+        raise InputError(f"images: values from {lowest} to {highest}, expected 0 to {top}{hint}")
+    return x
+
+
+def normalise(images, bundle: Bundle) -> np.ndarray:
+    """``images`` checked and normalised as the bundle's libraries take them: float32 (N, *input_shape).
+
+    The predictor does the same into its preallocated input tensors; this is for a caller that
+    runs the libraries itself (e.g. over RPC on a board).
+    """
+    x = check_images(images, bundle.input_shape)
+    out = np.empty(x.shape, np.float32)
+    _normalise_into(x, out, *_normaliser(bundle))
+    return out
+
+
+def _normaliser(bundle: Bundle) -> tuple[np.ndarray, np.float32, np.float32]:
+    """(table of the 256 integer pixels, factor, offset) of the bundle's ``(x - mean) / std``."""
+    mean, std = float(bundle.metadata["input"]["mean"]), float(bundle.metadata["input"]["std"])
+    table = ((np.arange(256, dtype=np.float64) / 255.0 - mean) / std).astype(np.float32)
+    return table, np.float32(1.0 / std), np.float32(-mean / std)
+
+
+def _normalise_into(x: np.ndarray, out: np.ndarray, table: np.ndarray, factor: np.float32, offset: np.float32) -> None:
+    """Checked pixels ``x`` normalised into ``out`` (float32, same shape): integers by table lookup (one pass,
+    no temporary; indices are checked 0-255, so no bounds check), floats by ``x * factor + offset``."""
+    if x.dtype.kind != "f":
+        np.take(table, x, out=out, mode="clip")
+    else:
+        np.multiply(x, factor, out=out, casting="unsafe")
+        out += offset
+
+
 class Predictor:
     """A loaded bundle: :meth:`predict` any number of raw images (thread-safe)."""
 
@@ -129,11 +181,7 @@ class Predictor:
         self._libraries = {size: _Library(path, size, self.input_shape) for size, path in bundle.libraries.items()}
         self._plans: dict[int, list[int]] = {}
         self._lock = threading.Lock()  # the libraries' input buffers are shared
-        normalisation = bundle.metadata["input"]
-        mean, std = float(normalisation["mean"]), float(normalisation["std"])
-        self._factor, self._offset = np.float32(1.0 / std), np.float32(-mean / std)
-        # integer pixels (0-255) are normalised by a table lookup: one pass, no temporary
-        self._table = ((np.arange(256, dtype=np.float64) / 255.0 - mean) / std).astype(np.float32)
+        self._normaliser = _normaliser(bundle)
         self._threshold = bundle.ood_threshold
         self._score = bundle.ood_score
         self._columns = packed_columns(bundle.classes)
@@ -151,33 +199,7 @@ class Predictor:
     # -- input
 
     def _images(self, images) -> np.ndarray:
-        """``images`` as an (N, *input_shape) array of uint8 (or other integers 0-255) or floats 0-1; else InputError."""
-        x = images if type(images) is np.ndarray else _as_array(images)
-        kind = x.dtype.kind
-        if kind not in "uif":  # bool is kind "b"
-            raise InputError(f"images: dtype {x.dtype} not supported; give uint8 pixels 0-255 or floats 0-1")
-        shape = self.input_shape  # (1, 28, 28)
-        if x.shape[1:] != shape:
-            if x.shape == shape[1:]:
-                x = x[None]  # one image (28, 28)
-            if x.ndim == len(shape) and x.shape[1:] == shape[1:]:
-                x = x.reshape((x.shape[0], *shape))
-            if x.ndim != len(shape) + 1 or x.shape[1:] != shape:
-                raise InputError(f"images: shape {x.shape}, expected (N, {', '.join(map(str, shape[1:]))}) or "
-                                 f"(N, {', '.join(map(str, shape))})")
-        if x.shape[0] == 0:
-            raise InputError("images: empty batch (0 images)")
-        if x.dtype.char == "B":  # uint8: every value is a pixel
-            return x
-        lowest, highest = x.min(), x.max()  # NaN propagates, so NaN fails the range check too
-        top = 1.0 if kind == "f" else 255
-        if not (lowest >= 0 and highest <= top):
-            if kind == "f" and not np.isfinite(x).all():
-                bad = int(np.size(x) - np.count_nonzero(np.isfinite(x)))
-                raise InputError(f"images: {bad} pixel value(s) are NaN or infinite")
-            hint = " (pixels 0-255? give them as integers)" if kind == "f" and highest <= 255 else ""
-            raise InputError(f"images: values from {lowest} to {highest}, expected 0 to {top}{hint}")
-        return x
+        return check_images(images, self.input_shape)
 
     # -- prediction
 
@@ -188,15 +210,14 @@ class Predictor:
         plan = self._plans.get(count)
         if plan is None:
             plan = self._plans.setdefault(count, chunk_plan(count, self.batch_sizes))
-        integers = x.dtype.kind != "f"
         with self._lock:
             if len(plan) == 1:  # one call (the common case: keep it lean)
-                packed = self._run(self._libraries[plan[0]], x, count, integers)
+                packed = self._run(self._libraries[plan[0]], x, count)
             else:
                 parts, start = [], 0
                 for size in plan:
                     rows = min(size, count - start)
-                    parts.append(self._run(self._libraries[size], x[start:start + rows], rows, integers))
+                    parts.append(self._run(self._libraries[size], x[start:start + rows], rows))
                     start += rows
                 packed = np.concatenate(parts)
         columns = self._columns
@@ -204,14 +225,9 @@ class Predictor:
         return Prediction(probs, probs.argmax(axis=1), packed[:, columns["logit_mean"]], packed[:, columns["logit_var"]],
                           mi, sme, (mi if self._score == "mi" else sme) > self._threshold)
 
-    def _run(self, library: _Library, chunk: np.ndarray, rows: int, integers: bool) -> np.ndarray:
+    def _run(self, library: _Library, chunk: np.ndarray, rows: int) -> np.ndarray:
         """The packed output rows of ``chunk`` (at most the library's batch size), normalised into its input tensor."""
-        target = library.buffer[:rows]
-        if integers:
-            np.take(self._table, chunk, out=target, mode="clip")  # indices are 0-255 (checked): no bounds check
-        else:
-            np.multiply(chunk, self._factor, out=target, casting="unsafe")
-            target += self._offset
+        _normalise_into(chunk, library.buffer[:rows], *self._normaliser)
         return library()[:rows]
 
     def __call__(self, images) -> Prediction:

@@ -25,7 +25,7 @@ from tvm import relax
 
 from pfp.backends.tvm.tuning.config import parse_tracker
 from pfp_runtime.bundle import Bundle, BundleError, packed_columns, read_bundle
-from pfp_runtime.predictor import DEFAULT_THREADS
+from pfp_runtime.predictor import DEFAULT_THREADS, normalise
 
 __all__ = ["DEFAULT_SESSION_TIMEOUT", "RemoteBundle", "RemoteError", "bundle_input", "bundle_latency_over_rpc"]
 
@@ -40,23 +40,15 @@ class RemoteError(RuntimeError):
 
 
 def bundle_input(bundle: Bundle, images: np.ndarray | None, batch_size: int, *, seed: int = 0) -> np.ndarray:
-    """One batch of the library's input: ``images`` (cycled to ``batch_size`` rows) normalised as the bundle says.
+    """One batch of the library's input: ``images`` (cycled to ``batch_size`` rows) normalised as the runtime does.
 
-    ``images``: uint8 pixels 0-255 or floats 0-1, (N, 28, 28) or (N, 1, 28, 28); None: seeded random
-    pixels. The normalisation is the runtime's (``pfp_runtime.predictor``): ``(x - mean) / std``.
+    ``images``: uint8 pixels 0-255 or floats 0-1, (N, 28, 28) or (N, 1, 28, 28), checked and
+    normalised by :func:`pfp_runtime.predictor.normalise`; None: seeded random pixels.
     """
-    shape = bundle.input_shape
     if images is None:
-        images = np.random.default_rng(seed).integers(0, 256, (batch_size, *shape), dtype=np.uint8)
-    x = np.asarray(images)
-    if x.ndim == len(shape):
-        x = x.reshape((x.shape[0], *shape))
-    if x.ndim != len(shape) + 1 or x.shape[1:] != shape or x.shape[0] == 0:
-        raise ValueError(f"images: shape {x.shape}, expected (N, {', '.join(map(str, shape))}) with N >= 1")
-    scale = 1.0 / 255.0 if x.dtype.kind in "ui" else 1.0
-    x = x[np.arange(batch_size) % x.shape[0]].astype(np.float64) * scale
-    normalisation = bundle.metadata["input"]
-    return ((x - float(normalisation["mean"])) / float(normalisation["std"])).astype(np.float32)
+        images = np.random.default_rng(seed).integers(0, 256, (batch_size, *bundle.input_shape), dtype=np.uint8)
+    x = normalise(images, bundle)
+    return np.ascontiguousarray(x[np.arange(batch_size) % x.shape[0]])
 
 
 @dataclass
