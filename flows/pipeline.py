@@ -20,13 +20,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
-
-import yaml
 
 # The embedded server needs more than Prefect's default 20 s to start on a busy 2-core box;
 # telemetry would only fail on these offline machines (DO_NOT_TRACK: the client's, whose first-run
@@ -39,16 +36,13 @@ from prefect import flow, get_run_logger, task  # noqa: E402
 
 from flows import console  # noqa: E402
 from flows.promotion import publish_and_promote  # noqa: E402
+from flows.workspace import REPO_ROOT, prepare_workspace, stage_env  # noqa: E402
 from pfp import tracking  # noqa: E402
 from pfp.config import load_params  # noqa: E402
 from pfp.io import atomic_write_json  # noqa: E402
 from pfp.stage import PREPARED_DIR  # noqa: E402
 from pfp.stages.report import headline_metrics  # noqa: E402
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-# What a separate DVC workspace needs from the repo: the stage code and the stage graph.
-WORKSPACE_CODE = ("src/pfp", "src/pfp_runtime", "tasks", "dvc.yaml")
-DATA_PATH_KEYS = ("mnist_dir", "ood_dir", "ambiguous_dir", "download_dir")
 PER_MODEL_STAGES = ("train", "convert", "calibrate", "tune", "bundle", "evaluate")
 # The flow's last step after the DVC stages (flows/promotion.py), as the progress and the summary name it.
 PROMOTION_STEP = "publish+promote"
@@ -61,53 +55,6 @@ def stage_order(models: list[str]) -> list[str]:
     return stages + ["report", "benchmark"]
 
 
-# Stages whose torch timings are results: their OpenMP threads keep torch's default wait policy.
-TIMED_STAGES = ("benchmark",)
-
-
-def _stage_env(stage: str | None = None) -> dict[str, str]:
-    env = dict(os.environ)
-    # dvc.yaml says `python`: make it this interpreter, whatever PATH the caller had.
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env.setdefault("DVC_NO_ANALYTICS", "1")
-    env.setdefault(tracking.GIT_COMMIT_ENV, tracking.git_commit(REPO_ROOT))
-    if stage is not None and stage.split("@")[0] not in TIMED_STAGES:
-        # torch's OpenMP threads spin at every barrier by default: with one other busy process on a
-        # 2-core box, SVI training of the MLP ran 10 steps/s instead of 105 with passive waiting
-        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    return env
-
-
-def prepare_workspace(workdir: Path, params_file: Path | None) -> Path:
-    """Make ``workdir`` a DVC workspace: the repo itself, or a copy of the stage code + params."""
-    workdir = workdir.resolve()
-    if workdir == REPO_ROOT:
-        if params_file is not None and params_file.resolve() != (REPO_ROOT / "params.yaml"):
-            raise ValueError("--params: the repo workspace always uses params.yaml; give --workdir for another params file")
-        return workdir
-    workdir.mkdir(parents=True, exist_ok=True)
-    for relative in WORKSPACE_CODE:
-        source, target = REPO_ROOT / relative, workdir / relative
-        if source.is_dir():
-            shutil.copytree(source, target, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, target)
-    params_file = (params_file or REPO_ROOT / "params.yaml").resolve()
-    # Write every key with its default filled in: DVC refuses a stage whose params are absent.
-    resolved = load_params(params_file).model_dump(mode="json")
-    for key in DATA_PATH_KEYS:  # relative data paths are relative to where the command runs
-        if resolved["data"].get(key) is not None:
-            resolved["data"][key] = str(Path(resolved["data"][key]).resolve())
-    new_text = yaml.safe_dump(resolved, sort_keys=False)
-    target = workdir / "params.yaml"
-    if not target.exists() or target.read_text() != new_text:
-        target.write_text(new_text)
-    if not (workdir / ".dvc").is_dir():
-        subprocess.run(["dvc", "init", "--no-scm", "-q"], cwd=workdir, env=_stage_env(), check=True)
-    return workdir
-
-
 @task(name="dvc-stage", task_run_name="{stage}")
 def run_dvc_stage(stage: str, workdir: str, log_file: str | None = None) -> str:
     """Reproduce one stage; returns "ran" or "skipped" (DVC found nothing changed).
@@ -116,7 +63,7 @@ def run_dvc_stage(stage: str, workdir: str, log_file: str | None = None) -> str:
     goes there, not to the terminal. A failure raises :class:`flows.console.StageFailed` naming the log.
     """
     logger = get_run_logger()
-    env = _stage_env(stage)
+    env = stage_env(stage)
     status = subprocess.run(["dvc", "status", "--json", stage], cwd=workdir, env=env, capture_output=True, text=True)
     changed = status.returncode != 0 or json.loads(status.stdout or "{}") != {}
     command = ["dvc", "repro", "--single-item", stage]

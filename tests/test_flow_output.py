@@ -52,7 +52,7 @@ def test_stage_failed_names_the_stage_and_its_log_and_survives_pickling():
 
 
 def test_stages_wait_passively_except_the_timed_benchmark(monkeypatch):
-    from flows.pipeline import _stage_env
+    from flows.workspace import stage_env as _stage_env
 
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
     assert _stage_env("train@mlp")["OMP_WAIT_POLICY"] == "PASSIVE"

@@ -187,7 +187,7 @@ def test_pipeline_end_to_end(tmp_path, mlflow_server):
 
     # One evaluate parameter changed: DVC finds only the evaluation stages out of date, and `dvc repro`
     # (without the flow: its runs were checked above) reruns them and the report that reads their metrics
-    from flows.pipeline import prepare_workspace
+    from flows.workspace import prepare_workspace
 
     TINY = {**TINY_PARAMS, "evaluate": {**TINY_PARAMS["evaluate"], "logit_samples": 30}}
     params_file.write_text(yaml.safe_dump(TINY))
