@@ -170,3 +170,11 @@ def test_experiment_opens_on_the_training_runs_and_stage_runs_log_their_splits(m
     with pytest.raises(ValueError, match=r"dataset contexts \['testing'\]: expected some of"):
         with tracking.stage_run("evaluate@mlp", datasets=["testing"]):
             pass
+
+
+def test_ui_links_ask_for_the_model_training_view():
+    assert (tracking.experiment_url("7", "http://127.0.0.1:5000/")
+            == "http://127.0.0.1:5000/#/experiments/7/runs?workflowType=machine_learning")
+    assert (tracking.run_url("7", "abc", "https://mlflow.example.org")
+            == "https://mlflow.example.org/#/experiments/7/runs/abc?workflowType=machine_learning")
+    assert tracking.experiment_url("7", "sqlite:///mlflow.db") is None and tracking.run_url("7", "abc", "file:///x") is None
