@@ -6,6 +6,7 @@ Python package playwright, and is skipped, saying which is missing, without them
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -26,13 +27,16 @@ CHROMIUM = os.environ.get("PFP_CHROMIUM", "/usr/bin/chromium")
 EXPERIMENT = "pfp-ui-check"
 
 
-def _require_browser() -> None:
+def _missing() -> str | None:
     if not Path(CHROMIUM).is_file():
-        pytest.skip(f"{CHROMIUM}: no Chromium (Debian package chromium)")
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
-        pytest.skip("the Python package playwright is not installed")
+        return f"{CHROMIUM}: no Chromium (Debian package chromium)"
+    if importlib.util.find_spec("playwright") is None:
+        return "the Python package playwright is not installed"
+    return None
+
+
+# skipped before the fixtures build a bundle and a server
+pytestmark = pytest.mark.skipif(_missing() is not None, reason=_missing() or "")
 
 
 def _populate(workspace: Path, bundle: Path) -> dict[str, str]:
@@ -67,7 +71,6 @@ def _screenshot(uri: str, output: Path, *extra: str) -> subprocess.CompletedProc
 
 @pytest.mark.slow
 def test_the_experiment_opens_on_its_runs_with_datasets_and_models(tmp_path, lenet_bundle, monkeypatch):
-    _require_browser()
     workspace = tmp_path / "workspace"
     workspace.mkdir()
     monkeypatch.chdir(workspace)
