@@ -310,7 +310,7 @@ start_tracker() {
 
 start_board() {
     if alive board; then log "board: already running (pid $(pid_of board))"; return; fi
-    log "board: starting the emulated Raspberry Pi under key $BOARD_KEY (the first start builds it: about a minute)"
+    log "board: starting the emulated Raspberry Pi under key $BOARD_KEY (the first start on a machine builds it: about a minute)"
     launch board env -u PYTHON HOST_PYTHON="$PY" TRACKER="$TRACKER" RPC_KEY="$BOARD_KEY" SERVER_HOST="$HOST" \
         SERVER_PORT="$BOARD_PORT" SERVER_PORT_END=$((BOARD_PORT + 100)) bash "$HERE/rpc/emulated-pi.sh" start
 }
@@ -329,11 +329,17 @@ up() {
     [[ -x "$PY" ]] || die "no Python at $PY (make setup, or set VENV)"
     mkdir -p "$LOGS" "$PIDS"
     chmod 755 "$STACK_DIR"
-    local running=0 name
-    for name in "${SERVICES[@]}"; do if alive "$name"; then running=$((running + 1)); fi; done
+    local running=0 wanted=0 name
+    for name in "${SERVICES[@]}"; do
+        [[ "$name" == board && "$BOARD" == none ]] && continue
+        wanted=$((wanted + 1))
+        if alive "$name"; then running=$((running + 1)); fi
+    done
     if ((running > 0)); then
         check_same_settings
-        log "$running of the services already running in $STACK_DIR: starting the others"
+        if ((running == wanted)); then log "already up in $STACK_DIR: checking that each service answers"
+        else log "$running of $wanted services already running in $STACK_DIR: starting the others"
+        fi
     fi
     check_ports_free
     write_conf
