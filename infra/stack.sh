@@ -77,7 +77,8 @@ PREFECT_HOME_DIR="$STACK_DIR/prefect"
 MLFLOW_URL="http://$HOST:$MLFLOW_PORT"
 PREFECT_URL="http://$HOST:$PREFECT_PORT/api"
 TRACKER="$HOST:$TRACKER_PORT"
-PG_SUPERUSER="$([[ "$(id -u)" == 0 ]] && echo postgres || id -un)"  # initdb's default: the cluster owner
+PG_SUPERUSER="$(id -un)"  # initdb's default: the cluster owner
+if [[ "$(id -u)" == 0 ]]; then PG_SUPERUSER=postgres; fi
 WORKER_NAME="pfp-stack-$(hostname)"
 SERVICES=(postgres mlflow prefect-server prefect-worker tracker board)
 
@@ -92,12 +93,16 @@ as_pg() {  # run a PostgreSQL program as the cluster's owner
     if [[ "$(id -u)" == 0 ]]; then runuser -u postgres -- "$@"; else "$@"; fi
 }
 
-pid_of() { [[ -f "$PIDS/$1.pid" ]] && cat "$PIDS/$1.pid"; }
+# A pid file holds the pid and the process's start time: a pid reused by another program after a crash or
+# reboot is not taken for the service (nor stopped by down).
+record_pid() { { echo "$2"; ps -o lstart= -p "$2"; } >"$PIDS/$1.pid"; }
+
+pid_of() { [[ -f "$PIDS/$1.pid" ]] && head -n 1 "$PIDS/$1.pid"; }
 
 alive() {  # the service's recorded process is running
     local pid
     pid="$(pid_of "$1")" || return 1
-    [[ -n "$pid" ]] && kill -0 "$pid" 2>/dev/null
+    [[ -n "$pid" ]] && kill -0 "$pid" 2>/dev/null && [[ "$(ps -o lstart= -p "$pid")" == "$(sed -n 2p "$PIDS/$1.pid")" ]]
 }
 
 port_open() { (exec 3<>"/dev/tcp/$HOST/$1") 2>/dev/null; }
@@ -117,7 +122,7 @@ launch() {  # launch NAME COMMAND...: in its own session (process group = pid), 
     echo "=== $(date -u +%Y-%m-%dT%H:%M:%SZ) $*" >>"$LOGS/$name.log"
     # not a process-group leader here (no job control), so setsid execs in place and $! is the server's pid
     setsid "$@" >>"$LOGS/$name.log" 2>&1 </dev/null &
-    echo $! >"$PIDS/$name.pid"
+    record_pid "$name" $!
 }
 
 fail_service() {  # fail_service NAME MESSAGE: name the service and show the end of its log
@@ -242,7 +247,7 @@ start_postgres() {
         as_pg "$PG_BIN/pg_ctl" -D "$PG_DATA" -l "$LOGS/postgres.log" -w -t "$TIMEOUT" \
             -o "-c port=$PG_PORT -c listen_addresses=$HOST -c unix_socket_directories=$PG_SOCKET" start \
             >/dev/null || fail_service postgres "did not start (pg_ctl start)"
-        head -n 1 "$PG_DATA/postmaster.pid" >"$PIDS/postgres.pid"
+        record_pid postgres "$(head -n 1 "$PG_DATA/postmaster.pid")"
     fi
     wait_until postgres "$TIMEOUT" pg_healthy
 
@@ -371,7 +376,7 @@ up() {
 stop_group() {  # stop_group NAME: TERM the process group and its escaped descendants, then KILL what is left
     local name="$1" pid
     pid="$(pid_of "$name")" || return 0
-    if [[ -n "$pid" ]] && kill -0 "$pid" 2>/dev/null; then
+    if alive "$name"; then
         local others start=$SECONDS
         others="$(descendants "$pid")"
         log "$name: stopping (pid $pid)"
@@ -429,16 +434,16 @@ status() {
         elif "$@" >/dev/null 2>&1; then health="healthy"
         else health="NOT ANSWERING"; bad=1
         fi
-        printf '%-15s %-36s %-8s %s\n' "$name" "$url" "${pid:--}" "$health"
+        printf '%-15s %-40s %-8s %s\n' "$name" "$url" "${pid:--}" "$health"
     }
-    printf '%-15s %-36s %-8s %s\n' SERVICE URL PID HEALTH
+    printf '%-15s %-40s %-8s %s\n' SERVICE URL PID HEALTH
     row postgres "postgresql://$HOST:$PG_PORT/mlflow" pg_healthy
     row mlflow "$MLFLOW_URL" mlflow_healthy
     row prefect-server "${PREFECT_URL%/api}" prefect_healthy
     row prefect-worker "pool $POOL ($WORKER_NAME)" worker_online
     row tracker "$TRACKER" tracker_healthy
     if [[ "$BOARD" == none ]]; then
-        printf '%-15s %-36s %-8s %s\n' board "-" - "not started (STACK_BOARD=none)"
+        printf '%-15s %-40s %-8s %s\n' board "-" - "not started (STACK_BOARD=none)"
     else
         row board "key $BOARD_KEY at $TRACKER" board_registered 0
     fi

@@ -42,7 +42,7 @@ class Stack:
         return f"http://127.0.0.1:{self.ports['prefect']}/api"
 
     def pid(self, service: str) -> int:
-        return int((self.state / "pids" / f"{service}.pid").read_text())
+        return int((self.state / "pids" / f"{service}.pid").read_text().splitlines()[0])
 
 
 def run_stack(command: str, env: dict[str, str], timeout: float = 600) -> subprocess.CompletedProcess:
