@@ -29,9 +29,7 @@ POOL=pfp-process
 log() { echo "stack: $*" >&2; }
 die() { log "error: $*"; exit 1; }
 
-STACK_DIR="${STACK_DIR:-$REPO/.stack}"
-mkdir -p "$STACK_DIR"
-STACK_DIR="$(cd "$STACK_DIR" && pwd)"
+STACK_DIR="$(realpath -m "${STACK_DIR:-$REPO/.stack}")"
 CONF="$STACK_DIR/stack.conf"
 LOGS="$STACK_DIR/logs"
 PIDS="$STACK_DIR/pids"
@@ -332,8 +330,11 @@ check_ports_free() {  # before starting anything: a port taken by another progra
 
 up() {
     [[ -x "$PY" ]] || die "no Python at $PY (make setup, or set VENV)"
+    if [[ ! -d "$STACK_DIR" ]]; then
+        mkdir -p "$STACK_DIR"
+        chmod 755 "$STACK_DIR"  # whatever the umask: the postgres user goes through it to pg/
+    fi
     mkdir -p "$LOGS" "$PIDS"
-    chmod 755 "$STACK_DIR"
     local running=0 wanted=0 name
     for name in "${SERVICES[@]}"; do
         [[ "$name" == board && "$BOARD" == none ]] && continue

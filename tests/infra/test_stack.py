@@ -5,6 +5,7 @@ the emulated Pi; the tests then use each service as a client would, and `down` m
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -241,3 +242,25 @@ def test_up_fails_fast_naming_the_service(broken, tmp_path):
     assert expected in result.stderr
     assert started == [], "the checks come before any service starts"
     assert seconds < 30
+
+
+def test_up_names_a_service_that_does_not_answer_in_time():
+    """STACK_TIMEOUT=1: no Prefect server (nor PostgreSQL, under load) answers within a second; `up` must name the one
+    it gave up on and show its log, and `down` must then stop what had started."""
+    state = state_folder()
+    ports = {name: free_port() for name in ("pg", "mlflow", "prefect", "tracker", "board")}
+    env = dict(stack_env(state, ports, board="none"), STACK_TIMEOUT="1")
+    try:
+        result = run_stack("up", env, timeout=300)
+        started = [path.stem for path in (state / "pids").glob("*.pid")]
+        down = run_stack("down", env, timeout=300)
+        left = [path.name for path in (state / "pids").glob("*.pid")]
+    finally:
+        shutil.rmtree(state, ignore_errors=True)
+    assert result.returncode == 1
+    failed = re.search(r"stack: error: (postgres|prefect-server) (did not start \(pg_ctl start\)|did not answer within 1 s)\n"
+                       r"stack: last lines of (\S+):", result.stderr)
+    assert failed, result.stderr
+    assert failed[3] == f"{state}/logs/{failed[1]}.log"
+    assert "stop them with: " in result.stderr and started, result.stderr
+    assert down.returncode == 0 and left == []
