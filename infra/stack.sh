@@ -15,6 +15,7 @@
 #   STACK_DIR (default <repo>/.stack: logs/, pids/, pg/, mlflow/, prefect/), STACK_HOST (127.0.0.1),
 #   STACK_PG_PORT (5433), STACK_MLFLOW_PORT (5000), STACK_PREFECT_PORT (4200), STACK_TRACKER_PORT (9190),
 #   STACK_BOARD (emulated-pi | none), STACK_BOARD_KEY (rasp4b-emulated), STACK_BOARD_PORT (9090),
+#   STACK_PREFECT_DB (postgres: the Prefect server's database in the same cluster | sqlite: in prefect/),
 #   STACK_TIMEOUT (seconds per service, 180), STACK_BOARD_TIMEOUT (300: a first start builds the emulated
 #   Pi, about a minute), STACK_PG_BIN (/usr/lib/postgresql/15/bin), VENV (<repo>/.venv).
 #
@@ -40,7 +41,7 @@ command="${1:-help}"
 # Settings: the other commands use what the last `up` recorded, so a stack started on other ports is still
 # found and stopped; `up` takes the environment first, then the record.
 SETTINGS=(STACK_HOST STACK_PG_PORT STACK_MLFLOW_PORT STACK_PREFECT_PORT STACK_TRACKER_PORT STACK_BOARD STACK_BOARD_KEY
-          STACK_BOARD_PORT STACK_PG_BIN VENV)
+          STACK_BOARD_PORT STACK_PREFECT_DB STACK_PG_BIN VENV)
 declare -A GIVEN=() RECORDED=()
 for name in "${SETTINGS[@]}"; do [[ -v $name ]] && GIVEN[$name]="${!name}"; done
 if [[ -f "$CONF" ]]; then
@@ -57,6 +58,7 @@ MLFLOW_PORT="${STACK_MLFLOW_PORT:-5000}"
 PREFECT_PORT="${STACK_PREFECT_PORT:-4200}"
 TRACKER_PORT="${STACK_TRACKER_PORT:-9190}"
 BOARD="${STACK_BOARD:-emulated-pi}"
+PREFECT_DB="${STACK_PREFECT_DB:-postgres}"
 BOARD_KEY="${STACK_BOARD_KEY:-rasp4b-emulated}"
 BOARD_PORT="${STACK_BOARD_PORT:-9090}"
 TIMEOUT="${STACK_TIMEOUT:-180}"
@@ -83,6 +85,10 @@ SERVICES=(postgres mlflow prefect-server prefect-worker tracker board)
 case "$BOARD" in
     emulated-pi|none) ;;
     *) die "STACK_BOARD=$BOARD: expected emulated-pi or none" ;;
+esac
+case "$PREFECT_DB" in
+    postgres|sqlite) ;;
+    *) die "STACK_PREFECT_DB=$PREFECT_DB: expected postgres or sqlite" ;;
 esac
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -194,7 +200,7 @@ write_env() {
 write_conf() {
     STACK_HOST=$HOST STACK_PG_PORT=$PG_PORT STACK_MLFLOW_PORT=$MLFLOW_PORT STACK_PREFECT_PORT=$PREFECT_PORT
     STACK_TRACKER_PORT=$TRACKER_PORT STACK_BOARD=$BOARD STACK_BOARD_KEY=$BOARD_KEY STACK_BOARD_PORT=$BOARD_PORT
-    STACK_PG_BIN=$PG_BIN
+    STACK_PG_BIN=$PG_BIN STACK_PREFECT_DB=$PREFECT_DB
     {
         echo "# settings of the last 'infra/stack.sh up' (read by down, status, env and the next up)"
         for name in "${SETTINGS[@]}"; do printf '%s=%q\n' "$name" "${!name}"; done
@@ -249,20 +255,28 @@ start_postgres() {
     fi
     wait_until postgres "$TIMEOUT" pg_healthy
 
-    # the mlflow role (password in secrets/, made once) and its database, idempotently
     mkdir -p "$SECRETS"
     chmod 700 "$SECRETS"
-    if [[ ! -s "$SECRETS/mlflow-db-password" ]]; then
-        (umask 077; "$PY" -c 'import secrets; print(secrets.token_urlsafe(24))' >"$SECRETS/mlflow-db-password")
+    create_database mlflow
+    if [[ "$PREFECT_DB" == postgres ]]; then create_database prefect; fi
+}
+
+create_database() {  # create_database NAME: a role and a database NAME (its password made once into secrets/), idempotently
+    local name="$1" password
+    if [[ ! -s "$SECRETS/$name-db-password" ]]; then
+        (umask 077; "$PY" -c 'import secrets; print(secrets.token_urlsafe(24))' >"$SECRETS/$name-db-password")
     fi
-    local password
-    password="$(cat "$SECRETS/mlflow-db-password")"
+    password="$(cat "$SECRETS/$name-db-password")"
     as_pg "$PG_BIN/psql" -q -X -v ON_ERROR_STOP=1 -h "$PG_SOCKET" -p "$PG_PORT" -d postgres >>"$LOGS/postgres.log" 2>&1 <<EOF \
-        || fail_service postgres "could not create the mlflow role and database"
-SELECT 'CREATE ROLE mlflow LOGIN' WHERE NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'mlflow')\gexec
-ALTER ROLE mlflow PASSWORD '$password';
-SELECT 'CREATE DATABASE mlflow OWNER mlflow' WHERE NOT EXISTS (SELECT FROM pg_database WHERE datname = 'mlflow')\gexec
+        || fail_service postgres "could not create the $name role and database"
+SELECT 'CREATE ROLE $name LOGIN' WHERE NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '$name')\gexec
+ALTER ROLE $name PASSWORD '$password';
+SELECT 'CREATE DATABASE $name OWNER $name' WHERE NOT EXISTS (SELECT FROM pg_database WHERE datname = '$name')\gexec
 EOF
+}
+
+db_url() {  # db_url NAME [DRIVER]: the TCP URL of the stack's database NAME, with its password
+    echo "postgresql${2:++$2}://$1:$(cat "$SECRETS/$1-db-password")@$HOST:$PG_PORT/$1"
 }
 
 start_mlflow() {
@@ -272,7 +286,7 @@ start_mlflow() {
     # The store URI holds the password: passed in the environment, not on the command line. Job execution
     # (GenAI jobs, unused here) would add seven huey worker processes: off unless asked for.
     MLFLOW_SERVER_ENABLE_JOB_EXECUTION="${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false}" \
-    MLFLOW_BACKEND_STORE_URI="postgresql://mlflow:$(cat "$SECRETS/mlflow-db-password")@$HOST:$PG_PORT/mlflow" \
+    MLFLOW_BACKEND_STORE_URI="$(db_url mlflow)" \
         launch mlflow "$VENV/bin/mlflow" server --host "$HOST" --port "$MLFLOW_PORT" --workers 1 \
         --serve-artifacts --artifacts-destination "$ARTIFACTS"
 }
@@ -284,8 +298,14 @@ PREFECT_VARS=(PREFECT_HOME="$PREFECT_HOME_DIR" PREFECT_API_URL="$PREFECT_URL" PR
 start_prefect_server() {
     if alive prefect-server; then log "prefect-server: already running (pid $(pid_of prefect-server))"; return; fi
     mkdir -p "$PREFECT_HOME_DIR"
-    log "prefect-server: starting on ${PREFECT_URL%/api}"
-    launch prefect-server env "${PREFECT_VARS[@]}" "$VENV/bin/prefect" server start --host "$HOST" --port "$PREFECT_PORT" --analytics-off
+    log "prefect-server: starting on ${PREFECT_URL%/api} (database: $PREFECT_DB)"
+    local server=(env "${PREFECT_VARS[@]}" "$VENV/bin/prefect" server start --host "$HOST" --port "$PREFECT_PORT" --analytics-off)
+    if [[ "$PREFECT_DB" == postgres ]]; then
+        # the URL holds a password: in the server's environment, not on its command line
+        PREFECT_SERVER_DATABASE_CONNECTION_URL="$(db_url prefect asyncpg)" launch prefect-server "${server[@]}"
+    else
+        launch prefect-server "${server[@]}"  # SQLite in $PREFECT_HOME
+    fi
 }
 
 start_prefect_worker() {

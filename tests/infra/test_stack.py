@@ -175,6 +175,18 @@ def test_prefect_server_and_a_worker_on_the_process_pool(stack):
     assert environ["PFP_RPC_TRACKER"] == f"127.0.0.1:{stack.ports['tracker']}"
     assert psutil.Process(stack.pid("prefect-server")).environ()["PREFECT_SERVER_ANALYTICS_ENABLED"] == "false"
 
+    # the Prefect server keeps its state in the stack's PostgreSQL cluster (database prefect), not in SQLite
+    import psycopg
+
+    password = (stack.state / "secrets" / "prefect-db-password").read_text().strip()
+    with psycopg.connect(host="127.0.0.1", port=stack.ports["pg"], user="prefect", password=password, dbname="prefect") as db:
+        pools = db.execute("SELECT name, type FROM work_pool").fetchall()
+        rows = db.execute("SELECT worker.name FROM worker JOIN work_pool ON worker.work_pool_id = work_pool.id "
+                          "WHERE work_pool.name = 'pfp-process'").fetchall()
+    assert ("pfp-process", "process") in pools
+    assert [name for name, in rows] == online
+    assert not list((stack.state / "prefect").glob("*.db"))
+
 
 def test_the_tracker_reports_the_emulated_pi(stack):
     import tvm.rpc
