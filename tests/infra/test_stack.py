@@ -4,6 +4,7 @@ the emulated Pi; the tests then use each service as a client would, and `down` m
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -205,6 +206,38 @@ def test_up_again_changes_nothing_and_other_ports_are_refused(stack):
     other = run_stack("up", dict(stack.env, STACK_MLFLOW_PORT=str(free_port())), timeout=60)
     assert other.returncode == 1
     assert "running with other settings: STACK_MLFLOW_PORT=" in other.stderr and "down' first" in other.stderr
+
+
+FLOW = """
+import json, os
+from prefect import flow
+
+@flow
+def stack_probe(out: str) -> None:
+    with open(out, "w") as handle:
+        json.dump({"cwd": os.getcwd(), "mlflow": os.environ.get("MLFLOW_TRACKING_URI")}, handle)
+"""
+
+
+@pytest.mark.slow
+def test_the_worker_runs_a_deployment(stack, tmp_path):
+    """A deployment on the pool, triggered through the API, runs to completion in the worker with the stack's
+    environment (about 20 s more; the pipeline's own deployment is tested with the flows)."""
+    (tmp_path / "probe.py").write_text(FLOW)
+    script = f"""
+import json, sys
+from prefect import flow
+from prefect.deployments import run_deployment
+flow.from_source(source={str(tmp_path)!r}, entrypoint="probe.py:stack_probe").deploy(
+    name="probe", work_pool_name="pfp-process", print_next_steps=False, ignore_warnings=True)
+run = run_deployment("stack-probe/probe", parameters={{"out": {str(tmp_path / "out.json")!r}}}, timeout=240)
+print(run.state.type.value)
+"""
+    env = dict(stack.env, PREFECT_API_URL=stack.prefect_url, PREFECT_HOME=str(tmp_path / "prefect-home"))
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == "COMPLETED", result.stdout
+    assert json.loads((tmp_path / "out.json").read_text()) == {"cwd": str(tmp_path), "mlflow": stack.mlflow_url}
 
 
 def test_down_stops_every_process_and_frees_the_ports(stack):
