@@ -164,13 +164,16 @@ worker_online() {  # the worker's heartbeat reached the server: it is listed ONL
                                                    for w in json.load(sys.stdin)))' "$WORKER_NAME"
 }
 tracker_healthy() { port_open "$TRACKER_PORT"; }
-board_registered() {  # one interpreter polls (import tvm takes seconds): exit 0 once the key is at the tracker
-    "$PY" - "$HOST" "$TRACKER_PORT" "$BOARD_KEY" "${1:-0}" <<'EOF'
-import sys, time
+board_registered() {  # board_registered [SECONDS [PID]]: exit 0 once the key is at the tracker, 1 at the deadline
+    # or when PID (the board's server) has died; one interpreter polls, as import tvm takes seconds
+    "$PY" - "$HOST" "$TRACKER_PORT" "$BOARD_KEY" "${1:-0}" "${2:-0}" <<'EOF'
+import os, sys, time
 import tvm.rpc
-host, port, key, seconds = sys.argv[1], int(sys.argv[2]), sys.argv[3], float(sys.argv[4])
+host, port, key, seconds, pid = sys.argv[1], int(sys.argv[2]), sys.argv[3], float(sys.argv[4]), int(sys.argv[5])
 deadline = time.monotonic() + seconds
 while True:
+    if pid:
+        os.kill(pid, 0)  # ProcessLookupError: the server is gone, no use waiting
     try:
         if key in tvm.rpc.connect_tracker(host, port).summary()["queue_info"]:
             sys.exit(0)
@@ -384,7 +387,7 @@ up() {
     wait_until prefect-worker "$TIMEOUT" worker_online
     if [[ "$BOARD" != none ]]; then
         alive board || fail_service board "exited"
-        board_registered "$BOARD_TIMEOUT" || { alive board || fail_service board "exited before it registered"
+        board_registered "$BOARD_TIMEOUT" "$(pid_of board)" 2>/dev/null || { alive board || fail_service board "exited before it registered"
                                                fail_service board "was not registered under $BOARD_KEY within $BOARD_TIMEOUT s"; }
     fi
     write_env
