@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from flows.console import SUMMARY_METRICS
+from pfp import tracking
 
 METRICS_KEY = "pfp-headline-metrics"
 PROMOTION_KEY = "pfp-promotion"
@@ -40,10 +41,9 @@ def promotion_markdown(promotion: Mapping[str, Mapping[str, Any]]) -> str:
 
 
 def mlflow_run_link(tracking_uri: str, experiment_id: str, run_id: str) -> str:
-    """The run's page in the MLflow UI (a server), or the ``mlflow ui`` command that shows a local store."""
-    if tracking_uri.startswith(("http://", "https://")):
-        return f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
-    return f"mlflow ui --backend-store-uri {tracking_uri}  (experiment {experiment_id}, run {run_id})"
+    """The run's page in the MLflow UI (a server; in its model-training view), or the ``mlflow ui`` command for a local store."""
+    return (tracking.run_url(experiment_id, run_id, tracking_uri)
+            or f"mlflow ui --backend-store-uri {tracking_uri}  (experiment {experiment_id}, run {run_id})")
 
 
 def publish(*, metrics: Mapping | None, promotion: Mapping | None, stages: Mapping[str, str],

@@ -133,5 +133,6 @@ def test_artifact_contents():
     text = artifacts.promotion_markdown({"mlp": {"registered_model": "pfp-mlp", "version": "3", "promoted": False,
                                                  "reason": "accuracy 0.95 < 0.96", "champion_after": "2"}})
     assert "| mlp | pfp-mlp | 3 | not promoted | accuracy 0.95 < 0.96 | 2 |" in text
-    assert artifacts.mlflow_run_link("http://h:5000/", "7", "abc") == "http://h:5000/#/experiments/7/runs/abc"
+    assert artifacts.mlflow_run_link("http://h:5000/", "7", "abc") == \
+        "http://h:5000/#/experiments/7/runs/abc?workflowType=machine_learning"  # the model-training view
     assert artifacts.mlflow_run_link("sqlite:///x/mlflow.db", "7", "abc").startswith("mlflow ui --backend-store-uri sqlite")

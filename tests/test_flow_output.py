@@ -154,7 +154,9 @@ def test_a_failing_stage_shows_its_error_and_log_tail_not_library_logs(tmp_path)
     assert result.stdout == ""  # no summary table
     lines = result.stderr.splitlines()
     assert lines[0] == f"pfp pipeline in {workdir}; library logs: {workdir / 'logs'}/"
-    assert any(re.fullmatch(rf"error: stage prepare failed \(exit \d+\); its log: {re.escape(str(log))}", line) for line in lines), lines
+    # the stage's own error line (what the Prefect state says too), then where its whole output is
+    assert any(re.fullmatch(rf"error: stage prepare failed \(exit \d+\): error: .+; its log: {re.escape(str(log))}", line)
+               for line in lines), lines
     tail = lines[lines.index(f"--- last lines of {log} ---") + 1:]
     assert any("train-labels-idx1-ubyte.gz: corrupt or truncated gzip data" in line and line.startswith("error:") for line in tail)
     assert "Traceback" not in result.stderr and "Flow run" not in result.stderr and "prefect" not in result.stderr.lower()
