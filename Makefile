@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: setup system-deps emulated-pi run run-full repro predict test test-slow lint stack-up stack-down stack-status
+.PHONY: setup system-deps emulated-pi run run-full repro predict test test-slow lint stack-up stack-down stack-status deploy ui-check
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,20 @@ stack-down:
 
 stack-status:
 	infra/stack.sh status
+
+# Scheduled retraining: deploy the flow on the stack's Prefect server (pool pfp-process, README: Scheduled
+# retraining); the stack's worker runs it. CRON=... WORKDIR=... change the schedule and the workspace.
+CRON ?= 0 3 * * 0
+WORKDIR ?= runs/scheduled
+deploy: setup
+	@test -n "$$PREFECT_API_URL" || { echo "PREFECT_API_URL is not set: make stack-up, then source .stack/env" >&2; exit 1; }
+	$(BIN)/python -m flows.deployment --cron "$(CRON)" --workdir $(WORKDIR)
+
+# The MLflow UI check (docs/mlflow-ui.md): Debian's Chromium driven by Playwright, a screenshot of the runs table
+ui-check: setup
+	@command -v chromium >/dev/null || { SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium; }
+	$(BIN)/pip install --quiet -e '.[dev,ui-check]'
+	$(BIN)/python scripts/mlflow_ui_screenshot.py --output mlflow-ui-runs.png
 
 # The emulated Raspberry Pi's runtime folder (cached in ~/.cache/pfp/emulated-pi) and its smoke check;
 # start it with infra/rpc/emulated-pi.sh start (see infra/rpc/README.md).
