@@ -188,3 +188,12 @@ def test_plots_diff_overlays_two_revisions(tmp_path, params_file):
     _dvc(workspace, "plots", "diff", first, second, "-o", str(html))
     page = (html / "index.html").read_text()
     assert "mlp OOD ROC, MNIST test vs Fashion-MNIST" in page and first in page and second in page
+
+
+def test_repo_workspace_default_remote_is_beside_the_clone():
+    """The recorded run's storage, in the committed .dvc/config: the folder pfp-dvc-storage beside the repo."""
+    from dvc.config import Config
+
+    committed = Config(dvc_dir=str(REPO_ROOT / ".dvc")).read("repo")
+    assert committed["core"]["remote"] == "storage"
+    assert Path(committed["remote"]["storage"]["url"]) == REPO_ROOT.parent / "pfp-dvc-storage"
