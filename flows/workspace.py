@@ -150,11 +150,11 @@ def _init_git(workdir: Path) -> None:
 
 def _init_dvc(workdir: Path) -> None:
     """DVC with git; a workspace made with ``dvc init --no-scm`` (before workspaces were git repos) is migrated."""
-    if not (workdir / ".dvc").is_dir():
-        subprocess.run(["dvc", "init", "-q"], cwd=workdir, env=stage_env(), check=True, capture_output=True)
     from dvc.config import Config
     from dvc.repo import Repo
 
+    if not (workdir / ".dvc").is_dir():
+        Repo.init(str(workdir)).close()
     config = Config(dvc_dir=str(workdir / ".dvc"))
     if config["core"].get("no_scm"):
         with config.edit("repo") as conf:
