@@ -1,14 +1,15 @@
 # Commands for a newcomer on a fresh clone:
 #   make run    set up .venv and run the whole pipeline on the embedded sample data
 #   make predict  and then predict: the main job's bundle on a few test images
-#   make test   set up .venv and the Debian packages the ARM tests need, run the quick test suite (what CI runs)
+#   make test   set up .venv and the Debian packages the ARM and stack tests need, run the quick test suite (what CI runs)
+#   make stack-up / stack-down / stack-status   the shared services (MLflow on PostgreSQL, Prefect, RPC tracker)
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: setup system-deps emulated-pi run run-full repro predict test test-slow lint
+.PHONY: setup system-deps emulated-pi run run-full repro predict test test-slow lint stack-up stack-down stack-status
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,13 +25,25 @@ setup: $(VENV)/.installed
 
 # Debian packages (needs root or sudo): the aarch64 cross-linker for Raspberry Pi libraries; for the
 # emulated Pi (infra/rpc/emulated-pi.sh) qemu-user-static and dpkg's arm64 architecture, whose package
-# lists let apt-get download Debian's arm64 python3.11.
+# lists let apt-get download Debian's arm64 python3.11; PostgreSQL 15 for the service stack (infra/stack.sh
+# runs its own cluster from /usr/lib/postgresql/15/bin).
 system-deps:
-	@{ command -v aarch64-linux-gnu-gcc && command -v qemu-aarch64-static \
+	@{ command -v aarch64-linux-gnu-gcc && command -v qemu-aarch64-static && test -x /usr/lib/postgresql/15/bin/initdb \
 	   && dpkg --print-foreign-architectures | grep -qx arm64 && apt-cache show python3.11:arm64; } >/dev/null 2>&1 || { \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO dpkg --add-architecture arm64 && \
-	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq gcc-aarch64-linux-gnu qemu-user-static; }
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq gcc-aarch64-linux-gnu qemu-user-static postgresql-15; }
+
+# The service stack on loopback (infra/README.md): PostgreSQL + MLflow server, Prefect server + a worker on
+# the pfp-process pool, the RPC tracker + the emulated Pi (STACK_BOARD=none: without it). Then: source .stack/env
+stack-up: setup system-deps
+	infra/stack.sh up
+
+stack-down:
+	infra/stack.sh down
+
+stack-status:
+	infra/stack.sh status
 
 # The emulated Raspberry Pi's runtime folder (cached in ~/.cache/pfp/emulated-pi) and its smoke check;
 # start it with infra/rpc/emulated-pi.sh start (see infra/rpc/README.md).

@@ -38,13 +38,14 @@ def stage_log(log_dir: str | Path, stage: str) -> Path:
 class StageFailed(RuntimeError):
     """A DVC stage exited with an error; its output is in ``log``."""
 
-    def __init__(self, stage: str, returncode: int, log: str | Path | None = None):
-        self.stage, self.returncode, self.log = stage, returncode, (str(log) if log else None)
+    def __init__(self, stage: str, returncode: int, log: str | Path | None = None, detail: str | None = None):
+        self.stage, self.returncode, self.log, self.detail = stage, returncode, (str(log) if log else None), detail
         where = f"its log: {self.log}" if self.log else "its error is printed above"
-        super().__init__(f"stage {stage} failed (exit {returncode}); {where}")
+        cause = f": {detail}" if detail else ""
+        super().__init__(f"stage {stage} failed (exit {returncode}){cause}; {where}")
 
     def __reduce__(self):  # picklable with its fields (Prefect keeps a failed task's exception)
-        return (StageFailed, (self.stage, self.returncode, self.log))
+        return (StageFailed, (self.stage, self.returncode, self.log, self.detail))
 
 
 @dataclass

@@ -64,7 +64,7 @@ def _publish_run(model: str, parent_run_id: str | None) -> Iterator[tracking.Sta
     if parent_run_id:
         experiment_id = mlflow.MlflowClient().get_run(parent_run_id).info.experiment_id
     else:
-        experiment_id = mlflow.set_experiment(tracking.EXPERIMENT).experiment_id
+        experiment_id = tracking.use_experiment(mlflow)
     tags = {"pfp.stage": f"publish@{model}", "pfp.model": model, "git_commit": tracking.git_commit()}
     manifest = Path("data/prepared/manifest.json")
     if manifest.is_file():

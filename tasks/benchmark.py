@@ -7,7 +7,7 @@ from pfp.stages import benchmark
 
 
 def main(params, argv):
-    with tracking.stage_run("benchmark", params=params.benchmark.model_dump(mode="json")) as run:
+    with tracking.stage_run("benchmark", params=params.benchmark.model_dump(mode="json"), system_metrics=True) as run:
         outcome = benchmark.run([m.value for m in params.models], params.benchmark, params.tune, seed=params.seed)
         for plot in outcome.plots:
             run.log_artifact(plot)

@@ -7,7 +7,8 @@ from pfp.stages.calibrate import calibrate
 
 def main(params, argv):
     model = model_argument(params, argv)
-    with tracking.stage_run(f"calibrate@{model}", params={"model": model, **params.calibrate.model_dump()}) as run:
+    with tracking.stage_run(f"calibrate@{model}", params={"model": model, **params.calibrate.model_dump()},
+                            datasets=["validation"]) as run:
         result = calibrate(model, params.calibrate, seed=params.seed, ece_bins=params.evaluate.ece_bins)
         run.log_metrics(result.summary)
         run.log_artifact(result.path)

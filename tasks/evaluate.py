@@ -7,7 +7,8 @@ from pfp.stages import evaluate
 
 def main(params, argv):
     model = model_argument(params, argv)
-    with tracking.stage_run(f"evaluate@{model}", params={"model": model, **params.evaluate.model_dump(mode="json")}) as run:
+    with tracking.stage_run(f"evaluate@{model}", params={"model": model, **params.evaluate.model_dump(mode="json")},
+                            datasets=["test", "ood"]) as run:
         outcome = evaluate.run(model, params.evaluate, params.tune, seed=params.seed)
         run.log_metrics(outcome.results)
         run.set_tags(outcome.tags)

@@ -9,7 +9,7 @@ def main(params, argv):
     model = model_argument(params, argv)
     config = params.train[model]
     with tracking.stage_run(f"train@{model}", params={"model": model, "seed": params.seed, **config.model_dump()},
-                            tags={"data_hash": data_hash()}) as run:
+                            tags={"data_hash": data_hash()}, datasets=["training"]) as run:
         result = train(model, config, seed=params.seed)
         run.log_metric_series("elbo_loss", result.losses)
         run.log_metrics(result.summary)

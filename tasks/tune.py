@@ -8,7 +8,7 @@ from pfp.stages import tune
 def main(params, argv):
     model = model_argument(params, argv)
     with tracking.stage_run(f"tune@{model}", params={"model": model, **params.tune.model_dump(mode="json")},
-                            tags=tune.tags(params.tune)) as run:
+                            tags=tune.tags(params.tune), system_metrics=True) as run:
         outcome = tune.run(model, params.tune, seed=params.seed)
         run.log_metrics(outcome.metrics)
         run.log_artifact(outcome.summary_path)

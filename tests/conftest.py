@@ -16,7 +16,7 @@ os.environ.setdefault("TVM_NUM_THREADS", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from tests.servers import mlflow_tracking_server  # noqa: E402
+from tests.servers import mlflow_tracking_server, prefect_server  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -34,6 +34,21 @@ def mlflow_server(tmp_path_factory):
     """A real ``mlflow server`` on loopback (SQLite store, local artifacts), one per test session; its URL."""
     with mlflow_tracking_server(tmp_path_factory.mktemp("mlflow")) as url:
         yield url
+
+
+@pytest.fixture(scope="session")
+def prefect_api_url(tmp_path_factory):
+    """A real ``prefect server`` on loopback (SQLite), one per test session; its API URL, also set as PREFECT_API_URL."""
+    with prefect_server(tmp_path_factory.mktemp("prefect")) as url:
+        previous = os.environ.get("PREFECT_API_URL")
+        os.environ["PREFECT_API_URL"] = url
+        try:
+            yield url
+        finally:
+            if previous is None:
+                os.environ.pop("PREFECT_API_URL", None)
+            else:
+                os.environ["PREFECT_API_URL"] = previous
 
 
 @pytest.fixture(scope="session")

@@ -109,3 +109,36 @@ def reset_registry(client, models: tuple[str, ...] = ("mlp", "lenet")) -> None:
         name = registered_name(model)
         if client.search_registered_models(f"name = '{name}'"):
             client.delete_registered_model(name)
+
+
+@contextmanager
+def prefect_server(root: Path, timeout: float = 300) -> Iterator[str]:
+    """``prefect server start`` (SQLite under ``root``) on a free loopback port; yields its API URL."""
+    root.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    env = {**os.environ, "PREFECT_HOME": str(root), "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1",
+           "PREFECT_UI_ENABLED": "false"}
+    env.pop("PREFECT_API_URL", None)
+    command = [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    url = f"http://127.0.0.1:{port}/api"
+    with _process(command, root / "server.log", env, f"{url}/health", "Prefect server", timeout):
+        yield url
+
+
+@contextmanager
+def prefect_worker(api_url: str, pool: str, log: Path, env: dict[str, str] | None = None) -> Iterator[subprocess.Popen]:
+    """``prefect worker start --pool POOL`` against ``api_url`` (the pool must exist); yields the process."""
+    env = {**(env or os.environ), "PREFECT_API_URL": api_url, "DO_NOT_TRACK": "1"}
+    command = [str(BIN / "prefect"), "worker", "start", "--pool", pool, "--type", "process", "--prefetch-seconds", "5"]
+    with open(log, "w") as handle:
+        process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            yield process
+        finally:
+            if process.poll() is None:
+                os.killpg(process.pid, 15)
+                try:
+                    process.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(process.pid, 9)
+                    process.wait(timeout=30)

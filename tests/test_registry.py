@@ -234,6 +234,10 @@ def test_publish_and_promote_step_of_the_flow(client, mlflow_server, lenet_bundl
     assert float(version.tags["pfp.metric.accuracy"]) == 0.98 and version.tags["pfp.bundle_sha256"] == bundle_sha256(bundle)
     publish_run = client.get_run(version.run_id)
     assert publish_run.info.run_name == "publish@lenet" and publish_run.data.tags["mlflow.parentRunId"] == parent
+    # the version is the model logged by that run (the UI's Models column of the publish run shows it)
+    logged = [output.model_id for output in publish_run.outputs.model_outputs]
+    assert len(logged) == 1 and version.source == f"models:/{logged[0]}"
+    assert client.get_logged_model(logged[0]).source_run_id == publish_run.info.run_id
     assert publish_run.data.params["promote.lenet.decision"] == "promoted" and publish_run.data.metrics["gate.accuracy"] == 0.98
     # the registered model is the bundle: loaded back by alias, it predicts what the runtime does
     images = real_images(2).astype(np.float32) / np.float32(255)

@@ -82,3 +82,99 @@ def test_pipeline_run_records_params_datasets_and_the_git_commit(mlflow_server, 
         assert inputs["mnist_train"].dataset.digest == digests["mnist_train_x"][:32]
         assert {tag.value for tag in inputs["ood_test"].tags if tag.key == "mlflow.data.context"} == {"ood"}
         assert {tag.value for tag in inputs["mnist_val"].tags if tag.key == "mlflow.data.context"} == {"validation"}
+
+
+# a stage that keeps one core busy with its run open until the server holds two samples (MLflow samples every
+# 2 s here; under load its HTTP calls are slow, so the stage waits for the samples rather than a fixed time)
+_SYSTEM_METRICS_STAGE = """
+import time
+from mlflow import MlflowClient
+from pfp import tracking
+with tracking.stage_run("tune@mlp", system_metrics=True) as run:
+    client, deadline, checked = MlflowClient(), time.monotonic() + 90, 0.0
+    while time.monotonic() < deadline:
+        sum(range(10000))
+        if time.monotonic() - checked > 1:
+            checked = time.monotonic()
+            if len(client.get_metric_history(run.run_id, "system/cpu_utilization_percentage")) >= 2:
+                break
+print(run.run_id)
+"""
+
+
+def test_system_metrics_are_sampled_quietly(mlflow_server, tmp_path):
+    """A stage run with system metrics: CPU and memory series on the server, nothing from MLflow's monitor on the terminal."""
+    from mlflow import MlflowClient
+
+    from .servers import source_env
+
+    env = source_env(MLFLOW_TRACKING_URI=mlflow_server, PFP_MLFLOW_EXPERIMENT="pfp-system-metrics-test")
+    env.pop("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", None)
+    result = subprocess.run([sys.executable, "-c", _SYSTEM_METRICS_STAGE], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr == "", result.stderr  # MLflow's "Started monitoring system metrics" and the like stay off it
+    run_id = result.stdout.split()[-1]  # after MLflow's "View run" lines
+    client = MlflowClient(mlflow_server)
+    cpu = client.get_metric_history(run_id, "system/cpu_utilization_percentage")
+    memory = client.get_metric_history(run_id, "system/system_memory_usage_percentage")
+    assert len(cpu) >= 2 and len(memory) == len(cpu), (len(cpu), len(memory))
+    assert [point.step for point in cpu] == list(range(len(cpu)))
+    assert all(0 < point.value <= 100 for point in memory)
+    assert max(point.value for point in cpu) >= 25  # one of the two cores was busy (the busy loop above)
+    seconds = (cpu[-1].timestamp - cpu[0].timestamp) / 1000 / (len(cpu) - 1)
+    assert 1.5 <= seconds <= 10, seconds  # tracking.SYSTEM_METRICS_INTERVAL (2 s), not MLflow's 10 s
+    assert "system/cpu_utilization_percentage" not in client.get_run(_plain_stage_run(mlflow_server, tmp_path)).data.metrics
+
+
+def _plain_stage_run(uri: str, folder: Path) -> str:
+    """A stage run without the option: no system metrics (the default)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(folder)
+        patch.setenv("MLFLOW_TRACKING_URI", uri)
+        patch.setattr(tracking, "EXPERIMENT", "pfp-system-metrics-test")
+        with tracking.stage_run("convert@mlp") as run:
+            time.sleep(2.5)
+        return run.run_id
+
+
+def test_experiment_opens_on_the_training_runs_and_stage_runs_log_their_splits(mlflow_server, tmp_path, monkeypatch):
+    """The experiment kind the UI reads (a new experiment, one made without it, a user's choice kept); datasets per stage."""
+    from mlflow import MlflowClient
+
+    from .common import write_prepared
+
+    write_prepared(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    client = MlflowClient(mlflow_server)
+    kind = tracking.EXPERIMENT_KIND_TAG
+    bare = client.create_experiment("pfp-made-without-a-kind")  # e.g. by an older version of this project
+    chosen = client.create_experiment("pfp-chosen-kind", tags={kind: "genai_development"})
+    monkeypatch.setattr(tracking, "EXPERIMENT", "pfp-kind-test")
+    with tracking.stage_run("evaluate@mlp", datasets=["test", "ood"]) as run:
+        pass
+    made = client.get_experiment_by_name("pfp-kind-test")
+    assert made.tags[kind] == "custom_model_development" and client.get_run(run.run_id).info.experiment_id == made.experiment_id
+    inputs = client.get_run(run.run_id).inputs.dataset_inputs
+    contexts = {item.dataset.name: {t.value for t in item.tags if t.key == "mlflow.data.context"} for item in inputs}
+    assert contexts == {"mnist_test": {"test"}, "ambiguous_test": {"test"}, "ood_test": {"ood"}}
+    for name, experiment_id, expected in (("pfp-made-without-a-kind", bare, "custom_model_development"),
+                                          ("pfp-chosen-kind", chosen, "genai_development")):
+        monkeypatch.setattr(tracking, "EXPERIMENT", name)
+        with tracking.stage_run("train@mlp", datasets=["training"]) as run:
+            pass
+        assert client.get_experiment(experiment_id).tags[kind] == expected
+        logged = {item.dataset.name for item in client.get_run(run.run_id).inputs.dataset_inputs}
+        assert logged == {"mnist_train", "ambiguous_train"}
+    with pytest.raises(ValueError, match=r"dataset contexts \['testing'\]: expected some of"):
+        with tracking.stage_run("evaluate@mlp", datasets=["testing"]):
+            pass
+
+
+def test_ui_links_ask_for_the_model_training_view():
+    assert (tracking.experiment_url("7", "http://127.0.0.1:5000/")
+            == "http://127.0.0.1:5000/#/experiments/7/runs?workflowType=machine_learning")
+    assert (tracking.run_url("7", "abc", "https://mlflow.example.org")
+            == "https://mlflow.example.org/#/experiments/7/runs/abc?workflowType=machine_learning")
+    assert tracking.experiment_url("7", "sqlite:///mlflow.db") is None and tracking.run_url("7", "abc", "file:///x") is None

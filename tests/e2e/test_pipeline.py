@@ -7,58 +7,14 @@ import json
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
-STAGES = (["prepare"] + [f"{s}@{m}" for s in ("train", "convert", "calibrate", "tune", "bundle", "evaluate") for m in ("mlp", "lenet")]
-          + ["report", "benchmark"])
-PROMOTION_STEP = "publish+promote"  # the flow's step after the stages (in its own process)
-METRIC_KEYS = {"accuracy", "nll", "ece", "brier", "auroc_mi", "auroc_sme", "auroc_var", "mi_id", "mi_ood", "sme_id", "sme_ood"}
+from .flow_run import BIN, LIBRARY_LINES, METRIC_KEYS, PROMOTION_STEP, STAGES, TINY_PARAMS, _pipeline_env, _run_flow
 
-TINY_PARAMS = {
-    "seed": 0,
-    "models": ["mlp", "lenet"],
-    "data": {"mnist_dir": str(REPO / "data/embedded/mnist"), "ood_dir": str(REPO / "data/embedded/fashion-mnist"),
-             "val_size": 200, "train_size": 600, "test_size": 200, "ood_size": 200},
-    "ambiguous": {"train_images": 30, "val_images": 20, "test_images": 30, "labels_per_image": 5, "min_entropy": 0.05, "max_mi": 0.5,
-                  "vae": {"epochs": 1, "hidden": [64], "latent_dim": 8}, "ensemble": {"members": 2, "epochs": 1}},
-    "train": {"mlp": {"epochs": 1, "max_steps": 5}, "lenet": {"epochs": 1, "max_steps": 5}},
-    "calibrate": {"variance_scales": [0.5, 1.0], "logit_samples": 20},
-    "evaluate": {"svi_samples": 4, "logit_samples": 20, "moment_samples": 10, "moment_images": 50},
-    # measured hand schedules only (the Meta Scheduler search is tested in tests/backends/tvm and tests/infra);
-    # one batch size: several are tested in tests/test_tuning.py and tests/test_bench.py, and each costs CI minutes
-    "tune": {"batch_sizes": [2], "variants": ["pfp", "det", "svi"], "trials_per_task": 0, "svi_samples": 3,
-             "number": 1, "min_repeat_ms": 1},
-    "bundle": {"batch_sizes": [2], "head_draws": 16},  # the tune stage's batch size: compiled with its database
-    "benchmark": {"batch_sizes": [2], "svi_samples": 3, "repeat": 1, "tvm_number": 1, "tvm_repeat": 1},
-}
-
-
-def _pipeline_env(tracking_uri: str) -> dict:
-    """The environment the flow and its stages run in: our tracking server and experiment, one OpenMP thread."""
-    return {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "DVC_NO_ANALYTICS": "1", "PFP_MLFLOW_EXPERIMENT": "pfp-e2e",
-            "OMP_NUM_THREADS": "1"}
-
-
-# what must not reach the terminal: library logs (TVM, Meta Scheduler, Prefect, MLflow, DVC, Python warnings)
-LIBRARY_LINES = re.compile(r"(?i:meta_schedule|task_scheduler|tvm|Flow run|Task run|prefect|mlflow|alembic|Running stage|dvc\.lock|"
-                           r"Traceback)|\b(INFO|DEBUG|WARNING)\b|Warning:")
-
-
-def _run_flow(workdir: Path, params_file: Path, summary: Path, tracking_uri: str, prefect_home: Path) -> tuple[dict, str, str]:
-    """Run the flow as `make run` does; returns its summary JSON and its terminal output (stdout, stderr)."""
-    env = {**_pipeline_env(tracking_uri), "PREFECT_HOME": str(prefect_home)}
-    result = subprocess.run([sys.executable, "-m", "flows.pipeline", "--workdir", str(workdir), "--params", str(params_file),
-                             "--summary", str(summary)], cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
-    logs = workdir / "logs"
-    flow_log = (logs / "flow.log").read_text()[-5000:] if (logs / "flow.log").is_file() else ""
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:] + flow_log
-    return json.loads(summary.read_text()), result.stdout, result.stderr
+__all__ = ["TINY_PARAMS", "STAGES"]  # the other end-to-end tests' imports
 
 
 def _check_terminal_output(stdout: str, stderr: str, workdir: Path, outcome: str) -> None:
@@ -67,7 +23,8 @@ def _check_terminal_output(stdout: str, stderr: str, workdir: Path, outcome: str
     noisy = [line for line in terminal.splitlines() if LIBRARY_LINES.search(line)]
     assert not noisy, noisy
     progress = [line.split() for line in stderr.splitlines() if line.startswith("[")]
-    assert [row[1:3] for row in progress] == [[stage, outcome] for stage in STAGES] + [[PROMOTION_STEP, "ran"]]
+    # nothing changed: no stage process, no new bundle to register (the promotion step is skipped too)
+    assert [row[1:3] for row in progress] == [[stage, outcome] for stage in STAGES] + [[PROMOTION_STEP, outcome]]
     assert f"library logs: {workdir / 'logs'}/" in stderr.splitlines()[0]
     lines = stdout.splitlines()
     assert any(line.split()[:5] == ["model", "method", "accuracy", "NLL", "ECE"] for line in lines)
@@ -75,19 +32,18 @@ def _check_terminal_output(stdout: str, stderr: str, workdir: Path, outcome: str
         for method in ("svi", "pfp", "det"):
             assert any(line.split()[:2] == [model, method] for line in lines), (model, method)
     assert any(line.split()[:2] == ["tune@lenet", outcome] for line in lines)
-    assert "promotion gate (registered models, champion alias)" in lines
-    assert any(line.startswith("  pfp-lenet v") for line in lines)
+    if outcome == "ran":
+        assert "promotion gate (registered models, champion alias)" in lines
+        assert any(line.startswith("  pfp-lenet v") for line in lines)
     assert lines[-1].startswith(f"results: {workdir}/metrics/")
     assert sum(str(workdir / "logs") in line for line in terminal.splitlines()) == 1  # the logs folder, named once
 
 
-def test_pipeline_end_to_end(tmp_path, mlflow_server):
+def test_pipeline_end_to_end(tmp_path, tiny_pipeline, mlflow_server):
     from mlflow.tracking import MlflowClient
 
-    params_file = tmp_path / "tiny.yaml"
-    params_file.write_text(yaml.safe_dump(TINY_PARAMS))
-    workdir = tmp_path / "workspace"
-    first, stdout, stderr = _run_flow(workdir, params_file, tmp_path / "first.json", mlflow_server, tmp_path / "prefect")
+    params_file, workdir = tiny_pipeline.params_file, tiny_pipeline.workdir
+    first, stdout, stderr = tiny_pipeline.summary, tiny_pipeline.stdout, tiny_pipeline.stderr
 
     # Every stage ran once, in order, and the metrics file has the promised shape.
     assert first["stages"] == {stage: "ran" for stage in STAGES}
@@ -183,14 +139,14 @@ def test_pipeline_end_to_end(tmp_path, mlflow_server):
     second, stdout, stderr = _run_flow(workdir, params_file, tmp_path / "second.json", mlflow_server, tmp_path / "prefect")
     assert second["stages"] == {stage: "skipped" for stage in STAGES}
     _check_terminal_output(stdout, stderr, workdir, "skipped")
-    assert "didn't change, skipping" in (workdir / "logs" / "train@mlp.log").read_text()
+    assert second["up_to_date"] is True and sum(second["seconds"].values()) == 0  # one `dvc status`, no stage process
 
     # One evaluate parameter changed: DVC finds only the evaluation stages out of date, and `dvc repro`
     # (without the flow: its runs were checked above) reruns them and the report that reads their metrics
     from flows.workspace import prepare_workspace
 
-    TINY = {**TINY_PARAMS, "evaluate": {**TINY_PARAMS["evaluate"], "logit_samples": 30}}
-    params_file.write_text(yaml.safe_dump(TINY))
+    tiny = yaml.safe_load(params_file.read_text())  # TINY_PARAMS on the run's copy of the data
+    params_file.write_text(yaml.safe_dump({**tiny, "evaluate": {**tiny["evaluate"], "logit_samples": 30}}))
     prepare_workspace(workdir, params_file)  # the flow's first step: its params.yaml, defaults filled in
     status = subprocess.run([str(BIN / "dvc"), "status", "--json"], cwd=workdir, env=env, capture_output=True, text=True)
     assert status.returncode == 0, status.stderr
