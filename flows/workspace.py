@@ -29,9 +29,11 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 WORKSPACE_CODE = ("src/pfp", "src/pfp_runtime", "tasks", "dvc.yaml")
 DATA_PATH_KEYS = ("mnist_dir", "ood_dir", "ambiguous_dir", "download_dir")
 
-# What a run writes in a separate workspace that is not a result: never committed. (DVC adds its
-# cached outputs to .gitignore files itself.)
-WORKSPACE_GITIGNORE = ("/logs/", "/mlflow.db", "/mlruns/", "/mlartifacts/", "__pycache__/", "*.tmp", "*.tmp.*")
+# What a run writes in a separate workspace that is not a result: never committed (the run's lock
+# and requested params: flows/guards.py, flows/pipeline.py). DVC adds its cached outputs to
+# .gitignore files itself.
+WORKSPACE_GITIGNORE = ("/logs/", "/mlflow.db", "/mlruns/", "/mlartifacts/", "/.pfp-pipeline.lock", "/.pfp/", "__pycache__/",
+                       "*.tmp", "*.tmp.*")
 # Who commits in a separate workspace when git has no identity configured (CI, a service account).
 PIPELINE_IDENTITY = {"user.name": "pfp pipeline", "user.email": "pfp-pipeline@localhost"}
 

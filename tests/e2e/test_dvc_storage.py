@@ -1,14 +1,15 @@
-"""Shared DVC storage and experiments, for real: one run of the flow on tiny data, pushed to a
-folder remote; a git clone of the workspace pulls every output, is up to date, and its pulled bundle predicts;
-`dvc exp run -S` in a clone makes experiments that `dvc exp show` lists.
+"""Shared DVC storage and experiments, for real, on the end-to-end tests' tiny flow run (tests/e2e/conftest.py):
+its workspace committed and pushed to its folder remote; a git clone of the workspace pulls every output, is up to
+date, and its pulled bundles predict; `dvc exp run -S` in a clone makes experiments that `dvc exp show` lists.
 
-Real processes: the Prefect flow (its stages through DVC), MLflow's default store in the workspace, git, DVC.
+Real processes: the Prefect flow (its stages through DVC), git, DVC. These tests run before test_pipeline.py
+(which changes the shared workspace's params) and only read the workspace, or work in clones of it.
 """
 
 from __future__ import annotations
 
+import csv
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,11 +20,8 @@ import yaml
 
 from flows import storage
 from flows.workspace import commit_run, stage_env
-from tests.e2e.test_pipeline import REPO, TINY_PARAMS
 
 DVC = str(Path(sys.executable).parent / "dvc")
-# One more whole flow run (about 4 min on a quiet 2-core host, 10 under load): opt in with -m slow.
-pytestmark = pytest.mark.slow
 
 
 def _dvc(workspace: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -37,25 +35,15 @@ def _git(workspace: Path, *args: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def pushed_run(tmp_path_factory):
-    """The flow on tiny data in a fresh workspace, with its own folder remote; committed and pushed.
-
-    (Both models: the benchmark stage's deps name both.)"""
-    root = tmp_path_factory.mktemp("dvc-storage")
-    params_file = root / "tiny.yaml"
-    params_file.write_text(yaml.safe_dump(TINY_PARAMS))
-    workspace, remote = root / "workspace", root / "remote"
-    env = {key: value for key, value in os.environ.items() if key != "MLFLOW_TRACKING_URI"}  # the store in the workspace
-    env.update({"DVC_NO_ANALYTICS": "1", "OMP_NUM_THREADS": "1", "PREFECT_HOME": str(root / "prefect"),
-                "PFP_MLFLOW_EXPERIMENT": "pfp-dvc-storage", storage.REMOTE_ENV: str(remote)})
-    result = subprocess.run([sys.executable, "-m", "flows.pipeline", "--workdir", str(workspace), "--params", str(params_file),
-                             "--summary", str(root / "summary.json")], cwd=REPO, env=env, capture_output=True, text=True,
-                            timeout=1500)
-    flow_log = workspace / "logs" / "flow.log"
-    assert result.returncode == 0, result.stderr[-4000:] + (flow_log.read_text()[-4000:] if flow_log.is_file() else "")
+def pushed_run(tiny_pipeline, tmp_path_factory):
+    """The shared tiny run's workspace, committed and pushed to its default remote (the folder beside it)."""
+    workspace = tiny_pipeline.workdir
+    status = json.loads(_dvc(workspace, "status", "--json").stdout or "{}")
+    assert status == {}, f"the shared tiny run's workspace changed before these tests: {status}"
     commit = commit_run(workspace, "tiny run")  # (the flow commits and pushes itself once it calls these)
     pushed = storage.push(workspace)
-    return {"workspace": workspace, "remote": remote, "commit": commit, "push": pushed, "root": root}
+    return {"workspace": workspace, "remote": Path(storage.sibling_url(workspace)), "commit": commit, "push": pushed,
+            "root": tmp_path_factory.mktemp("dvc-storage")}
 
 
 def _clone(pushed_run, name: str) -> Path:
@@ -67,9 +55,12 @@ def _clone(pushed_run, name: str) -> Path:
 def test_push_sent_every_cached_output(pushed_run):
     push = pushed_run["push"]
     assert push["remote"] == "storage" and push["url"] == str(pushed_run["remote"]) and push["missing"] == 0
-    # every cached output's objects are in the remote (the folder has DVC's content-addressed files)
-    stored = [path for path in (pushed_run["remote"] / "files" / "md5").rglob("*") if path.is_file()]
-    assert len(stored) >= 10, stored
+    # the remote holds every object of the workspace's cache (DVC's content-addressed files: the run's only)
+    def objects(folder: Path) -> set[str]:
+        return {str(path.relative_to(folder)) for path in folder.rglob("*") if path.is_file()}
+
+    cached = objects(pushed_run["workspace"] / ".dvc/cache/files/md5")
+    assert len(cached) >= 20 and objects(pushed_run["remote"] / "files/md5") == cached
     assert storage.push(pushed_run["workspace"])["pushed"] == 0  # nothing new
     # the workspace's history: the initial commit, then the run (params, lock, uncached metrics and plots)
     workspace = pushed_run["workspace"]
@@ -77,8 +68,8 @@ def test_push_sent_every_cached_output(pushed_run):
     committed = set(_git(workspace, "ls-files").split())
     assert {"dvc.lock", "params.yaml", "metrics/evaluate.json", "plots/mlp/series/roc.csv", "plots/mlp/series/loss.csv",
             "plots/mlp/series/reliability.csv", "plots/mlp/evaluate/roc.png"} <= committed
-    assert not any(path.startswith(("logs/", "data/prepared/", "models/mlp/bundle/", "mlruns/")) or path == "mlflow.db"
-                   for path in committed)
+    assert not any(path.startswith(("logs/", "data/prepared/", "models/mlp/bundle/", "mlruns/", ".pfp/"))
+                   or path in ("mlflow.db", ".pfp-pipeline.lock") for path in committed), committed
 
 
 def test_clone_pulls_every_output_and_is_up_to_date(pushed_run):
@@ -111,7 +102,6 @@ def test_dvc_plots_show_renders_the_series_of_the_run(pushed_run):
             (plot,) = shown["data"][plot_id]
             assert plot["anchor_definitions"]["<DVC_METRIC_DATA>"], plot_id
         # the ROC series holds the evaluate stage's AUROC (trapezoids on the 201-point grid)
-        import csv
         rows = list(csv.DictReader((pushed_run["workspace"] / f"plots/{model}/series/roc.csv").read_text().splitlines()))
         fpr = np.array([float(row["fpr"]) for row in rows])
         auroc = json.loads((pushed_run["workspace"] / f"metrics/evaluate/{model}.json").read_text())["pfp"]["auroc_mi"]

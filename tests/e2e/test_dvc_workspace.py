@@ -59,7 +59,7 @@ def test_new_workspace_is_a_git_repo_with_dvc_and_a_default_remote(tmp_path, par
             "data/.gitignore", "models/mlp/.gitignore"} <= tracked
     assert "/prepared" in (workspace / "data/.gitignore").read_text().split()
     assert {"/posterior.npz", "/bundle", "/tvm"} <= set((workspace / "models/lenet/.gitignore").read_text().split())
-    assert {"/logs/", "/mlflow.db", "/mlruns/"} <= set((workspace / ".gitignore").read_text().split())
+    assert {"/logs/", "/mlflow.db", "/mlruns/", "/.pfp-pipeline.lock", "/.pfp/"} <= set((workspace / ".gitignore").read_text().split())
     assert _git(workspace, "status", "--porcelain") == ""
     # the DVC remote: the folder beside the workspace, in the committed config
     assert storage.default_remote(workspace) == ("storage", str(tmp_path / "ws.dvc-storage"))
