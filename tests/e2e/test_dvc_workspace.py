@@ -21,7 +21,7 @@ import yaml
 from flows import storage
 from flows.workspace import REPO_ROOT, commit_run, prepare_workspace, stage_env
 from pfp import metrics, plots
-from tests.e2e.test_pipeline import TINY_PARAMS
+from tests.e2e.flow_run import TINY_PARAMS
 
 DVC = str(Path(sys.executable).parent / "dvc")
 
