@@ -71,6 +71,9 @@ def write_model_artifacts(workspace: Path, model: str, *, variance_scale: float 
     calibration = CalibrationResult(variance_scale=variance_scale, temperature=1.0, nll_before=1.0, nll_after=1.0,
                                     ece_before=0.1, ece_after=0.1)
     save_calibration(calibration, folder / "calibration.json", model=model, parent=folder / "pfp.npz")
+    metrics = Path(workspace) / "metrics"
+    metrics.mkdir(exist_ok=True)
+    (metrics / f"train_{model}.json").write_text(json.dumps({"elbo_loss": [2.0, 1.5, 1.25], "final_elbo_loss": 1.25, "epochs": 3}))
     return posterior
 
 

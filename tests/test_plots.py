@@ -125,3 +125,63 @@ def test_latency_vs_batch_writes_png(tmp_path):
                             tmp_path / "latency.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latency.png"]
+
+
+# --------------------------------------------------------------------------- series (CSV for dvc plots)
+def _read_csv(path: Path) -> tuple[list[str], list[list[str]]]:
+    import csv
+
+    rows = list(csv.reader(path.read_text().splitlines()))
+    return rows[0], rows[1:]
+
+
+def test_roc_series_resamples_each_curve_on_one_grid(tmp_path):
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(1)
+    s_in, s_out = rng.normal(0, 1, 300), rng.normal(1.5, 1, 200)
+    fpr, tpr = M.roc_curve_points(s_in, s_out)
+    perfect = (np.array([0.0, 0.0, 1.0]), np.array([0.0, 1.0, 1.0]), 1.0)
+    out = P.roc_series({"svi_mi": (fpr, tpr, 0.0), "oracle": perfect}, tmp_path / "roc.csv", points=101)
+    assert out == tmp_path / "roc.csv" and sorted(p.name for p in tmp_path.iterdir()) == ["roc.csv"]
+    header, rows = _read_csv(out)
+    assert header == ["fpr", "svi_mi", "oracle"] and len(rows) == 101
+    grid = np.array([float(r[0]) for r in rows])
+    curve = np.array([float(r[1]) for r in rows])
+    np.testing.assert_allclose(grid, np.linspace(0, 1, 101))
+    assert np.all(np.diff(curve) >= 0) and curve[-1] == 1.0
+    # the resampled step curve keeps the AUROC to within the grid's resolution
+    labels = np.r_[np.zeros(300), np.ones(200)]
+    assert abs(np.trapezoid(curve, grid) - roc_auc_score(labels, np.r_[s_in, s_out])) < 0.01
+    # a vertical step counts at its top: the perfect detector is at 1 from fpr = 0 on
+    assert all(float(r[2]) == 1.0 for r in rows)
+
+
+def test_reliability_series_gaps_for_empty_bins(tmp_path):
+    probs = np.array([[0.95, 0.05], [0.9, 0.1], [0.55, 0.45]])
+    labels = np.array([0, 1, 0])
+    bins = {"svi": M.reliability_bins(probs, labels, n_bins=5), "pfp": M.reliability_bins(probs[::-1], labels, n_bins=5)}
+    header, rows = _read_csv(P.reliability_series(bins, tmp_path / "rel.csv"))
+    assert header == ["confidence", "ideal", "svi_accuracy", "svi_confidence", "svi_count",
+                      "pfp_accuracy", "pfp_confidence", "pfp_count"]
+    assert [float(r[0]) for r in rows] == pytest.approx([0.1, 0.3, 0.5, 0.7, 0.9])
+    by_centre = {round(float(r[0]), 1): r for r in rows}
+    assert by_centre[0.1][2:5] == ["", "", "0"]  # empty bin: no point
+    assert float(by_centre[0.9][2]) == 0.5 and float(by_centre[0.9][3]) == pytest.approx(0.925) and by_centre[0.9][4] == "2"
+    assert float(by_centre[0.5][2]) == 1.0 and by_centre[0.5][4] == "1"
+    assert sum(int(r[4]) for r in rows) == 3 and sum(int(r[7]) for r in rows) == 3
+
+
+def test_reliability_series_refuses_different_bins(tmp_path):
+    probs, labels = np.array([[0.9, 0.1]]), np.array([0])
+    with pytest.raises(ValueError, match="'pfp'.*edges"):
+        P.reliability_series({"svi": M.reliability_bins(probs, labels, n_bins=5),
+                              "pfp": M.reliability_bins(probs, labels, n_bins=10)}, tmp_path / "rel.csv")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_loss_series(tmp_path):
+    header, rows = _read_csv(P.loss_series([2.5, float("nan"), 1.25], tmp_path / "loss.csv"))
+    assert header == ["epoch", "elbo_loss"] and rows == [["1", "2.5"], ["2", ""], ["3", "1.25"]]
+    with pytest.raises(ValueError, match="empty"):
+        P.loss_series([], tmp_path / "empty.csv")

@@ -134,8 +134,10 @@ def moment_errors(posterior: Posterior, pfp_model: PFPModel, x: torch.Tensor, *,
 
 def evaluate_model(posterior: Posterior, pfp_model: PFPModel, calibration: CalibrationResult,
                    arrays: dict[str, np.ndarray], config: EvaluateConfig, *, seed: int,
-                   plot_dir: str | Path | None = None, pfp_library: Predictor | None = None) -> dict[str, dict]:
-    """Metrics per method (see module docstring); writes plots to ``plot_dir`` when given.
+                   plot_dir: str | Path | None = None, pfp_library: Predictor | None = None,
+                   series_dir: str | Path | None = None) -> dict[str, dict]:
+    """Metrics per method (see module docstring); writes plots to ``plot_dir`` when given, and the
+    ROC and reliability series behind them as CSV to ``series_dir`` (``roc.csv``, ``reliability.csv``).
 
     ``pfp_library``: the PFP predictor the pfp metrics come from (else one of ``config.pfp_backend``).
     """
@@ -165,25 +167,31 @@ def evaluate_model(posterior: Posterior, pfp_model: PFPModel, calibration: Calib
                                variance_scale=calibration.variance_scale)
     results[Method.PFP.value].update({f"{k}_calibrated": v for k, v in calibrated.items()})
     if plot_dir is not None:
-        write_plots(Path(plot_dir), posterior.spec.name, predictions, labels, config.ece_bins)
+        write_plots(Path(plot_dir), posterior.spec.name, predictions, labels, config.ece_bins,
+                    series_dir=Path(series_dir) if series_dir is not None else None)
     return results
 
 
 def write_plots(plot_dir: Path, model_name: str, predictions: dict[Method, dict[EvalSet, Prediction]],
-                labels: dict[EvalSet, np.ndarray], ece_bins: int) -> list[Path]:
+                labels: dict[EvalSet, np.ndarray], ece_bins: int, series_dir: Path | None = None) -> list[Path]:
     mnist, fashion = EvalSet.MNIST, EvalSet.FASHION
     bins = {m.value: metrics.reliability_bins(p[mnist].probs, labels[mnist], n_bins=ece_bins) for m, p in predictions.items()}
-    curves = {}
+    curves, series = {}, {}
     for method, per_set in predictions.items():
-        for score in ("mutual_information", "softmax_entropy"):
+        for score, short in (("mutual_information", "mi"), ("softmax_entropy", "sme")):
             scores_in, scores_out = getattr(per_set[mnist], score), getattr(per_set[fashion], score)
             fpr, tpr = metrics.roc_curve_points(scores_in, scores_out)
-            curves[f"{method.value} {score.replace('_', ' ')}"] = (fpr, tpr, metrics.auroc(scores_in, scores_out))
+            curves[f"{method.value} {score.replace('_', ' ')}"] = series[f"{method.value}_{short}"] = (
+                fpr, tpr, metrics.auroc(scores_in, scores_out))
+    written = []
+    if series_dir is not None:  # the data of the figures, for `dvc plots diff` (dvc.yaml's top-level plots)
+        written += [plots.roc_series(series, series_dir / "roc.csv"),
+                    plots.reliability_series(bins, series_dir / "reliability.csv")]
 
     def per_set_values(field: str) -> dict[str, dict[str, np.ndarray]]:
         return {m.value: {s.value: getattr(p[s], field) for s in EvalSet} for m, p in predictions.items() if m is not Method.DET}
 
-    return [
+    return written + [
         plots.reliability_diagram(bins, plot_dir / "reliability.png", title=f"{model_name}: reliability (MNIST test)"),
         plots.roc_curves(curves, plot_dir / "roc.png", title=f"{model_name}: OOD ROC, MNIST vs Fashion-MNIST"),
         plots.uncertainty_histograms(per_set_values("mutual_information"), plot_dir / "mi_hist.png",

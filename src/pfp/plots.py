@@ -1,4 +1,8 @@
-"""Evaluation figures written as PNG files.
+"""Evaluation figures written as PNG files, and the series behind them as CSV.
+
+The CSV series (``*_series``) are what ``dvc plots diff`` overlays across revisions (the
+top-level ``plots:`` of dvc.yaml): one row per x value, one column per curve, so each
+revision's curves share their x values and DVC draws them as lines of one chart.
 
 matplotlib is imported lazily inside each function, and every figure is drawn on an
 explicit Agg canvas (``matplotlib.figure.Figure`` + ``FigureCanvasAgg``), so no
@@ -24,7 +28,11 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from pfp.metrics import ReliabilityBins
 
-__all__ = ["loss_curve", "reliability_diagram", "roc_curves", "uncertainty_histograms"]
+__all__ = ["loss_curve", "loss_series", "reliability_diagram", "reliability_series", "roc_curves", "roc_series",
+           "uncertainty_histograms"]
+
+# ROC curves are resampled on this false-positive-rate grid so all curves of all revisions share x values.
+ROC_GRID_POINTS = 201
 
 # Fixed colours per data set so figures are comparable across methods/runs.
 _DATASET_COLORS = {
@@ -335,3 +343,93 @@ def latency_vs_batch(
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize="small")
     return _save_atomic(fig, path)
+
+
+# --------------------------------------------------------------------------- series (CSV)
+def _write_csv(path: str | os.PathLike[str], header: Sequence[str], rows: Sequence[Sequence[Any]]) -> Path:
+    """Write ``rows`` under ``header`` atomically; ``None`` and non-finite numbers become empty cells (gaps)."""
+    import csv
+    import io
+    import math
+
+    def cell(value: Any) -> Any:
+        if value is None or (isinstance(value, float) and not math.isfinite(value)):
+            return ""
+        return repr(value) if isinstance(value, float) else value
+
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows([cell(value) for value in row] for row in rows)
+    with atomic_path(path, suffix=".csv") as tmp:
+        tmp.write_text(buffer.getvalue())
+    return Path(path)
+
+
+def roc_series(
+    curves: Mapping[str, tuple[np.ndarray, np.ndarray, float]],
+    path: str | os.PathLike[str],
+    points: int = ROC_GRID_POINTS,
+) -> Path:
+    """ROC curves as CSV: ``fpr`` on a fixed grid, one true-positive-rate column per curve.
+
+    Parameters
+    ----------
+    curves : mapping column name -> (fpr, tpr, auc), as for :func:`roc_curves`
+    path : output CSV path
+    points : grid points on [0, 1]; each curve's TPR is its step curve's upper envelope there
+    """
+    _require_nonempty(curves, "curves")
+    if points < 2:
+        raise ValueError(f"points must be at least 2; got {points}")
+    grid = np.linspace(0.0, 1.0, points)
+    columns = {}
+    for name, (fpr, tpr, _auc) in curves.items():
+        fpr = np.asarray(fpr, dtype=float)
+        tpr = np.asarray(tpr, dtype=float)
+        if fpr.shape != tpr.shape or fpr.ndim != 1 or fpr.size == 0:
+            raise ValueError(f"curves[{name!r}]: fpr {fpr.shape} and tpr {tpr.shape} must be equal non-empty 1-D shapes")
+        if np.any(np.diff(fpr) < 0):
+            raise ValueError(f"curves[{name!r}]: fpr must be non-decreasing")
+        # the highest TPR reached at each grid FPR (a vertical ROC step counts at its top)
+        last = np.searchsorted(fpr, grid, side="right") - 1
+        columns[name] = np.where(last >= 0, tpr[np.maximum(last, 0)], 0.0)
+    rows = [[float(x), *(float(columns[name][i]) for name in columns)] for i, x in enumerate(grid)]
+    return _write_csv(path, ["fpr", *columns], rows)
+
+
+def reliability_series(bins_by_method: Mapping[str, ReliabilityBins], path: str | os.PathLike[str]) -> Path:
+    """Reliability diagrams as CSV: per confidence bin (its centre), per method accuracy, mean confidence, count.
+
+    Empty bins have empty accuracy/confidence cells (no point drawn). ``ideal`` is the diagonal.
+    """
+    _require_nonempty(bins_by_method, "bins_by_method")
+    edges = None
+    for method, rb in bins_by_method.items():
+        these = np.asarray(rb.edges, dtype=float)
+        if edges is None:
+            edges = these
+        elif these.shape != edges.shape or not np.allclose(these, edges):
+            raise ValueError(f"bins_by_method[{method!r}]: bin edges differ from the other methods'")
+    assert edges is not None
+    centres = (edges[:-1] + edges[1:]) / 2
+    header = ["confidence", "ideal"]
+    for method in bins_by_method:
+        header += [f"{method}_accuracy", f"{method}_confidence", f"{method}_count"]
+    rows = []
+    for i, centre in enumerate(centres):
+        row: list[Any] = [float(centre), float(centre)]
+        for rb in bins_by_method.values():
+            count = int(np.asarray(rb.counts)[i])
+            row += [float(rb.accuracy[i]) if count else None, float(rb.confidence[i]) if count else None, count]
+        rows.append(row)
+    return _write_csv(path, header, rows)
+
+
+def loss_series(losses: Sequence[float] | np.ndarray, path: str | os.PathLike[str], x: str = "epoch",
+                y: str = "elbo_loss") -> Path:
+    """A loss curve as CSV: ``x`` (1, 2, ...) and ``y``; non-finite losses are empty cells."""
+    values = np.asarray(losses, dtype=float).ravel()
+    if values.size == 0:
+        raise ValueError("losses is empty: nothing to write")
+    return _write_csv(path, [x, y], [[i + 1, float(v)] for i, v in enumerate(values)])

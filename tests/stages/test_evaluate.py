@@ -52,6 +52,11 @@ def test_run_writes_metrics_and_plots(tuned_workspace, tune_params, monkeypatch,
         assert "library" not in outcome.results["pfp"] and "pfp.library" not in outcome.tags
     assert sorted(p.name for p in outcome.plot_dir.iterdir()) == ["mi_hist.png", "reliability.png", "roc.png",
                                                                   "sme_hist.png"]
+    # the figures' data for `dvc plots diff`: the training loss per epoch, ROC and reliability per method
+    series = evaluate.series_dir("mlp")
+    assert sorted(p.name for p in series.iterdir()) == ["loss.csv", "reliability.csv", "roc.csv"]
+    assert (series / "loss.csv").read_text() == "epoch,elbo_loss\n1,2.0\n2,1.5\n3,1.25\n"
+    assert (series / "roc.csv").read_text().splitlines()[0] == "fpr,svi_mi,svi_sme,pfp_mi,pfp_sme,det_mi,det_sme"
 
 
 def test_both_backends_give_the_same_pfp_metrics(tuned_workspace, tune_params, monkeypatch):
@@ -107,3 +112,13 @@ def test_deployed_metrics_are_the_host_bundles_flags_at_its_threshold(tuned_work
     assert deployed["tpr_mnist"] == pytest.approx(accepted["mnist"])
     assert deployed["fpr"] == pytest.approx({"fashion": accepted["fashion"], "ambiguous": accepted["ambiguous"]})
     assert deployed["flagged"]["fashion"] == pytest.approx(1 - accepted["fashion"])
+
+
+def test_loss_series_needs_the_train_stages_metrics(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match=r"metrics/train_mlp.json: not found; run the train@mlp stage first"):
+        evaluate.write_loss_series("mlp")
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics/train_mlp.json").write_text('{"final_elbo_loss": 1.0}')
+    with pytest.raises(DataError, match=r"metrics/train_mlp.json: no elbo_loss list .*re-run the train@mlp stage"):
+        evaluate.write_loss_series("mlp")

@@ -1,5 +1,8 @@
 """Stage `evaluate@MODEL`: svi / pfp / det metrics -> metrics/evaluate/MODEL.json + plots.
 
+The figures go to ``plots/MODEL/evaluate/``, their data (ROC, reliability and the training loss
+per epoch, from ``metrics/train_MODEL.json``) as CSV to ``plots/MODEL/series/`` for ``dvc plots diff``.
+
 ``deployed``: the host bundle of the bundle stage on the test sets at its OOD threshold
 (:func:`pfp.evaluation.deployed_metrics`).
 
@@ -10,9 +13,11 @@ compiled here with the hand schedules.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pfp import plots
 from pfp.artifacts.trained import load_trained, trained_digests
 from pfp.backends.base import Predictor
 from pfp.config import CompileTarget, EvaluateConfig, PFPBackend, TuneParams, Variant
@@ -24,7 +29,7 @@ from pfp.stage import METRICS_DIR, PLOTS_DIR, PREPARED_DIR, bundle_dir, tvm_dir
 from pfp.tuning import library_path, load_library
 from pfp_runtime import BundleError, load_bundle
 
-__all__ = ["EvaluateOutcome", "plot_dir", "results_path", "run", "tuned_pfp_library"]
+__all__ = ["EvaluateOutcome", "plot_dir", "results_path", "run", "series_dir", "tuned_pfp_library"]
 
 
 def results_path(model: str) -> Path:
@@ -33,6 +38,22 @@ def results_path(model: str) -> Path:
 
 def plot_dir(model: str) -> Path:
     return PLOTS_DIR / model / "evaluate"
+
+
+def series_dir(model: str) -> Path:
+    return PLOTS_DIR / model / "series"
+
+
+def write_loss_series(model: str) -> Path | None:
+    """The train stage's ELBO loss per epoch (``metrics/train_MODEL.json``) as ``series/loss.csv``; None if it has none."""
+    path = METRICS_DIR / f"train_{model}.json"
+    try:
+        losses = json.loads(path.read_text())["elbo_loss"]
+    except FileNotFoundError:
+        raise DataError(f"{path}: not found; run the train@{model} stage first") from None
+    except (ValueError, KeyError, TypeError) as error:
+        raise DataError(f"{path}: no elbo_loss list ({error}); re-run the train@{model} stage") from None
+    return plots.loss_series(losses, series_dir(model) / "loss.csv") if losses else None
 
 
 def tuned_pfp_library(model: str, tune: TuneParams, variance_scale: float) -> tuple[Predictor | None, str]:
@@ -65,9 +86,10 @@ def run(model: str, config: EvaluateConfig, tune: TuneParams, *, seed: int) -> E
     if config.pfp_backend is PFPBackend.TVM:
         library, source = tuned_pfp_library(model, tune, calibration.variance_scale)
     arrays = load_prepared(PREPARED_DIR)
+    write_loss_series(model)
     results = evaluate_model(trained.posterior, trained.pfp_model,
                              calibration, arrays, config, seed=seed, plot_dir=plot_dir(model),
-                             pfp_library=library)
+                             pfp_library=library, series_dir=series_dir(model))
     host_bundle = bundle_dir(model, CompileTarget.HOST.value)
     try:
         results["deployed"] = {"bundle": str(host_bundle),
