@@ -42,9 +42,9 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.tasks import exponential_backoff  # noqa: E402
 
-from flows import artifacts, console, guards  # noqa: E402
+from flows import artifacts, console, guards, storage  # noqa: E402
 from flows.promotion import publish_and_promote  # noqa: E402
-from flows.workspace import REPO_ROOT, prepare_workspace, stage_env  # noqa: E402
+from flows.workspace import REPO_ROOT, commit_run, prepare_workspace, stage_env  # noqa: E402
 from pfp import tracking  # noqa: E402
 from pfp.config import load_params  # noqa: E402
 from pfp.io import atomic_write_json, atomic_write_text  # noqa: E402
@@ -54,6 +54,8 @@ from pfp.stages.report import headline_metrics  # noqa: E402
 PER_MODEL_STAGES = ("train", "convert", "calibrate", "tune", "bundle", "evaluate")
 # The flow's last step after the DVC stages (flows/promotion.py), as the progress and the summary name it.
 PROMOTION_STEP = "publish+promote"
+# ... and the very last: commit the run in a separate workspace's git, push its outputs to the DVC remote
+STORAGE_STEP = "commit+push"
 
 
 def stage_order(models: list[str]) -> list[str]:
@@ -154,6 +156,21 @@ def run_dvc_stage(stage: str, workdir: str, log_file: str | None = None, timeout
     return outcome
 
 
+@task(name="commit+push", retries=2, retry_delay_seconds=[10, 30])
+def commit_and_push(workspace: str, message: str) -> dict:
+    """Commit the run (a separate workspace's git: params, dvc.lock, metrics) and push its outputs to the DVC remote.
+
+    Retried: a remote on a network may not answer for a moment. A push that still fails fails the
+    run (the outputs are safe in the workspace; ``dvc push`` there sends them later).
+    """
+    logger = get_run_logger()
+    commit = commit_run(Path(workspace), message)
+    pushed = storage.push(workspace)
+    logger.info("workspace commit %s; dvc push to %s (%s): %d objects sent", commit or "-", pushed["remote"], pushed["url"],
+                pushed["pushed"])
+    return {**pushed, "commit": commit}
+
+
 def pipeline_up_to_date(workspace: Path) -> bool:
     """True when DVC finds no stage whose inputs changed (one ``dvc status`` over the whole pipeline)."""
     status = subprocess.run(["dvc", "status", "--json"], cwd=workspace, env=stage_env(), capture_output=True, text=True)
@@ -199,11 +216,14 @@ def _flow_run_id() -> str | None:
 @flow(name="pfp-pipeline")
 def pfp_pipeline(workdir: str = str(REPO_ROOT), params: str | None = None, models: list[str] | None = None,
                  targets: list[str] | None = None, mnist_dir: str | None = None, ood_dir: str | None = None,
-                 retries: int = DEFAULT_RETRIES, stage_timeout_minutes: float = DEFAULT_STAGE_TIMEOUT_MINUTES) -> dict:
+                 remote: str | None = None, retries: int = DEFAULT_RETRIES,
+                 stage_timeout_minutes: float = DEFAULT_STAGE_TIMEOUT_MINUTES) -> dict:
     """Run every stage in order in ``workdir``, then publish and gate the bundles.
 
     ``params``: the params file (default: the repo's params.yaml); ``models``, ``targets`` (bundle
-    targets), ``mnist_dir`` and ``ood_dir`` override its keys. A stage whose error is transient
+    targets), ``mnist_dir`` and ``ood_dir`` override its keys. ``remote``: the DVC remote (URL or
+    folder) a successful run pushes its outputs to (default: ``$PFP_DVC_REMOTE``, else the workspace's
+    default remote, else ``WORKDIR.dvc-storage`` beside it; flows/storage.py). A stage whose error is transient
     (tracking server, RPC) is retried ``retries`` times with backoff; a stage running longer than
     ``stage_timeout_minutes`` is stopped. When nothing changed since the last run, every stage is
     skipped after one ``dvc status``, with no MLflow run and no promotion.
@@ -215,13 +235,14 @@ def pfp_pipeline(workdir: str = str(REPO_ROOT), params: str | None = None, model
     workdir_path = Path(workdir).resolve()
     with guards.workspace_lock(workdir_path, flow_run=_flow_run_id()):
         return _run_pipeline(workdir_path, params, {"models": models, "bundle.targets": targets, "data.mnist_dir": mnist_dir,
-                                                    "data.ood_dir": ood_dir}, retries, stage_timeout_minutes)
+                                                    "data.ood_dir": ood_dir}, remote, retries, stage_timeout_minutes)
 
 
-def _run_pipeline(workdir: Path, params: str | None, overrides: dict, retries: int, stage_timeout_minutes: float) -> dict:
+def _run_pipeline(workdir: Path, params: str | None, overrides: dict, remote: str | None, retries: int,
+                  stage_timeout_minutes: float) -> dict:
     logger = get_run_logger()
     params_file = requested_params(workdir, params, overrides)
-    workspace = prepare_workspace(workdir, params_file)
+    workspace = prepare_workspace(workdir, params_file, remote)
     resolved = load_params(workspace / "params.yaml")
     models = [m.value for m in resolved.models]
     board_key = resolved.tune.rpc.key if resolved.tune.rpc.tracker else None
@@ -232,11 +253,11 @@ def _run_pipeline(workdir: Path, params: str | None, overrides: dict, retries: i
     seconds: dict[str, float] = {}
     metrics_file = workspace / "metrics" / "evaluate.json"
     # the DVC stages, then the promotion step (in this process: its output goes to the flow's log)
-    progress = console.StageProgress([*stages, PROMOTION_STEP], _terminal.err if _terminal else sys.stderr)
+    progress = console.StageProgress([*stages, PROMOTION_STEP, STORAGE_STEP], _terminal.err if _terminal else sys.stderr)
     if metrics_file.is_file() and pipeline_up_to_date(workspace):
         # nothing to retrain, nothing new to register: no stage process, no MLflow run, no promotion
         logger.info("nothing changed since the last run (dvc status): every stage skipped")
-        for step in [*stages, PROMOTION_STEP]:
+        for step in [*stages, PROMOTION_STEP, STORAGE_STEP]:
             progress.start(step, log_dir / console.FLOW_LOG)
             progress.finish(step, "skipped", 0.0)
         progress.close()
@@ -244,7 +265,7 @@ def _run_pipeline(workdir: Path, params: str | None, overrides: dict, retries: i
         metrics = json.loads(metrics_file.read_text())
         artifacts.publish(metrics=headline_metrics(metrics), promotion=None, stages=outcomes, seconds={})
         return {"workspace": str(workspace), "stages": outcomes, "seconds": {}, "metrics": metrics, "promotion": {},
-                "logs": str(log_dir), "up_to_date": True}
+                "storage": {}, "logs": str(log_dir), "up_to_date": True}
     previous_cwd = Path.cwd()
     os.chdir(workspace)  # the default MLflow store lives in the workspace
     try:
@@ -278,11 +299,18 @@ def _run_pipeline(workdir: Path, params: str | None, overrides: dict, retries: i
             progress.finish(PROMOTION_STEP, "ran", seconds[PROMOTION_STEP])
             artifacts.publish(metrics=headline_metrics(metrics), promotion=promotion, stages=outcomes, seconds=seconds,
                               tracking_uri=tracking.tracking_uri(), run_id=run.run_id)
+            # shared storage: a fresh clone of the workspace + `dvc pull` gets every output of this run
+            progress.start(STORAGE_STEP, log_dir / console.FLOW_LOG)
+            start = time.perf_counter()
+            stored = commit_and_push(str(workspace), f"pfp pipeline run {run.run_id}")
+            run.set_tags({"dvc.remote": stored["url"], **({"workspace.commit": stored["commit"]} if stored["commit"] else {})})
+            seconds[STORAGE_STEP] = time.perf_counter() - start
+            progress.finish(STORAGE_STEP, "ran", seconds[STORAGE_STEP])
     finally:
         progress.close()
         os.chdir(previous_cwd)
     return {"workspace": str(workspace), "stages": outcomes, "seconds": seconds, "metrics": metrics, "promotion": promotion,
-            "logs": str(log_dir), "up_to_date": False}
+            "storage": stored, "logs": str(log_dir), "up_to_date": False}
 
 
 def _display(path: Path) -> str:
@@ -303,6 +331,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--targets", nargs="+", default=None, help="override bundle.targets (host, rasp4b, ...)")
     parser.add_argument("--mnist-dir", default=None, help="override data.mnist_dir")
     parser.add_argument("--ood-dir", default=None, help="override data.ood_dir")
+    parser.add_argument("--remote", default=None, help="DVC remote URL or folder to push the outputs to (default: "
+                        "$PFP_DVC_REMOTE, else the workspace's default remote, else WORKDIR.dvc-storage)")
     parser.add_argument("--retries", type=int, default=DEFAULT_RETRIES, help="retries of a stage with a transient error")
     parser.add_argument("--stage-timeout", type=float, default=DEFAULT_STAGE_TIMEOUT_MINUTES, metavar="MINUTES",
                         help="stop a stage that runs longer (default %(default)s)")
@@ -315,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     try:
         result = pfp_pipeline(workdir=args.workdir, params=args.params, models=args.models, targets=args.targets,
-                              mnist_dir=args.mnist_dir, ood_dir=args.ood_dir, retries=args.retries,
+                              mnist_dir=args.mnist_dir, ood_dir=args.ood_dir, remote=args.remote, retries=args.retries,
                               stage_timeout_minutes=args.stage_timeout)
     except console.StageFailed as error:
         terminal.err.write(f"\nerror: {error}\n")
@@ -333,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if args.summary:
         atomic_write_json(args.summary, result)
-    steps = {**result["stages"], PROMOTION_STEP: "skipped" if result["up_to_date"] else "ran"}
+    steps = {**result["stages"], **dict.fromkeys((PROMOTION_STEP, STORAGE_STEP), "skipped" if result["up_to_date"] else "ran")}
     terminal.out.write("\n" + console.summary_table(steps, result["seconds"], result["metrics"],
                                                   promotion=result["promotion"], workspace=_display(Path(result["workspace"])),
                                                   wall_seconds=time.perf_counter() - start))

@@ -18,6 +18,7 @@ BIN = Path(sys.executable).parent
 STAGES = (["prepare"] + [f"{s}@{m}" for s in ("train", "convert", "calibrate", "tune", "bundle", "evaluate") for m in ("mlp", "lenet")]
           + ["report", "benchmark"])
 PROMOTION_STEP = "publish+promote"  # the flow's step after the stages (in its own process)
+STORAGE_STEP = "commit+push"  # and its last: the workspace commit and the DVC push
 METRIC_KEYS = {"accuracy", "nll", "ece", "brier", "auroc_mi", "auroc_sme", "auroc_var", "mi_id", "mi_ood", "sme_id", "sme_ood"}
 
 TINY_PARAMS = {

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from .flow_run import BIN, LIBRARY_LINES, METRIC_KEYS, PROMOTION_STEP, STAGES, TINY_PARAMS, _pipeline_env, _run_flow
+from .flow_run import BIN, LIBRARY_LINES, METRIC_KEYS, PROMOTION_STEP, STAGES, STORAGE_STEP, TINY_PARAMS, _pipeline_env, _run_flow
 
 __all__ = ["TINY_PARAMS", "STAGES"]  # the other end-to-end tests' imports
 
@@ -24,7 +24,7 @@ def _check_terminal_output(stdout: str, stderr: str, workdir: Path, outcome: str
     assert not noisy, noisy
     progress = [line.split() for line in stderr.splitlines() if line.startswith("[")]
     # nothing changed: no stage process, no new bundle to register (the promotion step is skipped too)
-    assert [row[1:3] for row in progress] == [[stage, outcome] for stage in STAGES] + [[PROMOTION_STEP, outcome]]
+    assert [row[1:3] for row in progress] == [[stage, outcome] for stage in [*STAGES, PROMOTION_STEP, STORAGE_STEP]]
     assert f"library logs: {workdir / 'logs'}/" in stderr.splitlines()[0]
     lines = stdout.splitlines()
     assert any(line.split()[:5] == ["model", "method", "accuracy", "NLL", "ECE"] for line in lines)
@@ -47,7 +47,7 @@ def test_pipeline_end_to_end(tmp_path, tiny_pipeline, mlflow_server):
 
     # Every stage ran once, in order, and the metrics file has the promised shape.
     assert first["stages"] == {stage: "ran" for stage in STAGES}
-    assert set(first["seconds"]) == {*STAGES, PROMOTION_STEP} and all(value > 0 for value in first["seconds"].values())
+    assert set(first["seconds"]) == {*STAGES, PROMOTION_STEP, STORAGE_STEP} and all(value > 0 for value in first["seconds"].values())
     # The terminal got the progress and the summary; each stage's output (DVC, the stage, its libraries) is in its log,
     # the flow's own (Prefect, MLflow) in flow.log.
     _check_terminal_output(stdout, stderr, workdir, "ran")
