@@ -165,14 +165,16 @@ def measure(candidates: list[tuple[str, s_tir.Schedule]], target: tvm.target.Tar
 
 
 def measure_hand_schedules(tasks, target: tvm.target.Target, config: TuneConfig,
-                           database: ms.database.Database, recorder: BoardRecorder | None = None) -> dict[str, float]:
+                           database: ms.database.Database, recorder: BoardRecorder | None = None,
+                           runner: ms.runner.Runner | None = None) -> dict[str, float]:
     """Build and measure the hand schedule of every task with the tuning builder and runner.
 
     Each measurement is committed to ``database`` as a tuning record (the schedule's trace), so
     compiling from the database picks, per task, the faster of the hand schedule and the best
     Meta Scheduler candidate. Returns the median ms per task name (tasks that failed are left out).
     """
-    builder, runner = make_builder(target, config), make_runner(config, recorder)
+    builder = make_builder(target, config)
+    runner = runner if runner is not None else make_runner(config, recorder)
     candidates = []
     for task in tasks:
         sch = s_tir.Schedule(task.dispatched[0])

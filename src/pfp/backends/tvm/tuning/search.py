@@ -106,9 +106,17 @@ def _tune(mod: tvm.IRModule, target, config: TuneConfig, report: TuneReport,
     def hand_key(task) -> str:
         return f"{task_key(task, target)}:v{HAND_SCHEDULE_VERSION}"
 
+    runner = None  # one runner for every phase: its worker processes start once (seconds each)
+
+    def shared_runner() -> ms.runner.Runner:
+        nonlocal runner
+        if runner is None:
+            runner = make_runner(config, recorder)
+        return runner
+
     missing_hand = [task for task in tasks if hand_key(task) not in hand_done]
     if missing_hand:
-        measured = measure_hand_schedules(missing_hand, target, config, database, recorder)
+        measured = measure_hand_schedules(missing_hand, target, config, database, recorder, shared_runner())
         for task in missing_hand:
             if task.task_name in measured:
                 hand_done[hand_key(task)] = measured[task.task_name]
@@ -119,7 +127,7 @@ def _tune(mod: tvm.IRModule, target, config: TuneConfig, report: TuneReport,
     if not pending:
         logger.info("nothing to tune: every tunable task is finished")
     else:
-        runner = make_runner(config, recorder)  # first: a dead tracker fails before anything else starts
+        shared_runner()  # first: a dead tracker fails before anything else starts
         builder = make_builder(target, config)
         budget = min(config.max_trials_global, config.trials_per_task * len(pending))
         logger.info("tuning %d task(s) (%s) for %s: %d trials/task, %d in all, %s runner; work dir %s",
@@ -153,7 +161,7 @@ def _tune(mod: tvm.IRModule, target, config: TuneConfig, report: TuneReport,
         check_measured(database, [task for _, task in pending])
     report.records_after = count_records(database)
     if config.finalists:  # the run-off's side-by-side figures are the report's
-        selection = run_off(tasks, database, target, config, report, recorder)
+        selection = run_off(tasks, database, target, config, report, recorder, shared_runner())
     else:
         selection = database
         for task in tasks:
