@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import sys
 import tempfile
 from pathlib import Path
@@ -120,7 +121,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cooldown-ms", type=int, default=0, help="board rest between repeats (default: 0)")
     parser.add_argument("--work-dir", help="parent of the two fresh work dirs (default: a new temporary folder)")
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
+    parser.add_argument("--verbose", action="store_true", help="show the Meta Scheduler's progress tables")
     args = parser.parse_args(argv)
+    if not args.verbose:  # its console handler takes this level when tuning starts
+        logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
     from pfp.backends.tvm.tuning.measure import TrackerError, check_tracker
     from pfp.io import atomic_write_json
 
