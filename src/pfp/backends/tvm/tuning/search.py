@@ -144,11 +144,12 @@ def _tune(mod: tvm.IRModule, target, config: TuneConfig, report: TuneReport,
         callbacks = [*ms.measure_callback.MeasureCallback.create("default"),
                      recorder.callback([context.task_name for context in contexts])]
         search_start = time.perf_counter()
-        ms.tune.tune_tasks(tasks=contexts, task_weights=weights, work_dir=str(work_dir),
-                           max_trials_global=budget, max_trials_per_task=config.trials_per_task,
-                           num_trials_per_iter=min(config.num_trials_per_iter, config.trials_per_task),
-                           builder=builder, runner=runner, database=database, module_equality="structural",
-                           measure_callbacks=callbacks)
+        with unnamed_handlers_detached():
+            ms.tune.tune_tasks(tasks=contexts, task_weights=weights, work_dir=str(work_dir),
+                               max_trials_global=budget, max_trials_per_task=config.trials_per_task,
+                               num_trials_per_iter=min(config.num_trials_per_iter, config.trials_per_task),
+                               builder=builder, runner=runner, database=database, module_equality="structural",
+                               measure_callbacks=callbacks)
         report.search_seconds = time.perf_counter() - search_start
         full_budget = budget >= config.trials_per_task * len(pending)
         for key, task in pending:
