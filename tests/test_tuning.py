@@ -79,12 +79,29 @@ def test_libraries_are_predictors_that_describe_their_provenance(tuned):
     assert info["variance_scale"] == SCALE and info["svi_samples"] == 3 and info["seed"] == 3 and info["batch_size"] == 2
 
 
+def test_reports_say_which_board_measured_what(tuned):
+    """The local runner: one measurement at a time on board "local", every hand schedule once, no search."""
+    *_, libraries = tuned
+    for lib in libraries:
+        report = lib.report
+        measured = [row for row in report["tasks"] if row["hand_ms"] is not None]
+        assert report["rpc_workers"] == 1 and report["boards"] == {"local": len(measured)}
+        assert [(m["phase"], m["board"]) for m in report["measurements"]] == [("hand", "local")] * len(measured)
+        assert sorted(m["task"] for m in report["measurements"]) == sorted(row["task"] for row in measured)
+        assert {m["task"]: m["ms"] for m in report["measurements"]} == pytest.approx(
+            {row["task"]: row["hand_ms"] for row in measured})
+        assert report["search_trials"] == 0 and report["trials_per_second"] is None
+        assert report["most_at_once"] == 0 and report["measuring_seconds"] == 0  # the local runner has no sessions
+        json.dumps(report)  # it goes into the stage's summary as it is
+
+
 def test_second_run_resumes_from_the_recorded_measurements(tuned):
     posterior, pfp_model, params, out, first = tuned
     again = tune_model(posterior, pfp_model, params, out, variance_scale=SCALE, seed=3)
     for before, after in zip(first, again):
         assert after.report["records"] == before.report["records"]  # hand schedules not measured twice
         assert [row["hand_ms"] for row in after.report["tasks"]] == [row["hand_ms"] for row in before.report["tasks"]]
+        assert after.report["measurements"] == []  # nothing measured again
 
 
 def test_missing_library_names_the_stage(tmp_path):

@@ -93,8 +93,8 @@ def tune_model(posterior: Posterior, pfp_model: PFPModel, params: TuneParams, ou
     metadata, so a reader can tell a library made from other artifacts (:func:`check_made_from`).
     """
     from pfp.backends.tvm.predictor import build_variant_module
+    from pfp.backends.tvm.tuning import boards, search
     from pfp.backends.tvm.tuning import config as tuning_config
-    from pfp.backends.tvm.tuning import search
 
     out_dir = Path(out_dir)
     target_dir = out_dir / params.target.value
@@ -119,12 +119,24 @@ def tune_model(posterior: Posterior, pfp_model: PFPModel, params: TuneParams, ou
         path = library_path(out_dir, params.target, variant, batch)
         compiled.export(path)
         seconds = time.perf_counter() - start
+        # which board measured what: the runner's parallelism, measurements per board, sessions open at
+        # once, and each measurement (phase, task, board, median ms; None: failed)
         results.append(TunedLibrary(variant, batch, path, {
             "seconds": seconds, "tasks": report.table(), "untunable": report.untunable,
-            "records": report.records_after}))
+            "records": report.records_after, "rpc_workers": report.rpc_workers, "boards": report.boards(),
+            "most_at_once": boards.concurrency(report.measurements),
+            "measuring_seconds": boards.busy_seconds(report.measurements),
+            "search_trials": report.search_trials, "search_seconds": report.search_seconds,
+            "trials_per_second": report.trials_per_second,
+            "measurements": [{name: item[name] for name in ("phase", "task", "board", "ms")}
+                             for item in report.measurements]}))
         kept = report.kept()
         print(f"  {seconds:.0f} s; schedules kept: "
               + ", ".join(f"{name}={choice.value}" for name, choice in sorted(kept.items())), flush=True)
+        if report.trials_per_second:
+            print(f"  search: {report.search_trials} trials, {report.trials_per_second:.2f}/s, "
+                  f"{report.rpc_workers} at once on " + ", ".join(
+                      f"{board} ({count})" for board, count in report.boards("search").items()), flush=True)
     return results
 
 

@@ -20,6 +20,10 @@ def test_summary_and_libraries_are_written(tuned_workspace, tune_params, monkeyp
     for lib in summary["libraries"]:
         assert lib["library"] == f"models/mlp/tvm/host/{lib['variant']}_b2.so" and (workspace / lib["library"]).is_file()
     assert summary["seconds"] == sum(lib["seconds"] for lib in summary["libraries"])
+    # which board measured what (here the local runner): counts over the libraries; each library lists its measurements
+    measured = sum(len(lib["measurements"]) for lib in summary["libraries"])
+    assert summary["rpc_workers"] == 1 and summary["search_trials"] == 0 and measured > 0
+    assert summary["boards"] == [{"board": "local", "measurements": measured}]
     assert str(outcome.library_dir) == "models/mlp/tvm"
 
 
@@ -27,6 +31,7 @@ def test_metrics_count_the_kept_schedules(tuned_workspace):
     _, outcome = tuned_workspace
     metrics = outcome.metrics
     assert metrics["seconds"] == outcome.summary["seconds"]
+    assert metrics["boards"] == len(outcome.summary["boards"]) == 1
     for lib in outcome.summary["libraries"]:
         prefix = f"{lib['variant']}_b2.kept_"
         counts = {key[len(prefix):]: value for key, value in metrics.items() if key.startswith(prefix)}

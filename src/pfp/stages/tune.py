@@ -48,12 +48,29 @@ def run(model: str, params: TuneParams, *, seed: int) -> TuneOutcome:
     libraries = tune_model(trained.posterior, trained.pfp_model, params, tvm_dir(model),
                            variance_scale=calibration.variance_scale, seed=seed, made_from=trained_digests(model))
     # timings here were measured on the tuning runner: an emulated board's are emulated, never host figures
+    search_trials = sum(lib.report["search_trials"] for lib in libraries)
+    search_seconds = sum(lib.report["search_seconds"] for lib in libraries)
     summary = {"target": params.target.value, "runner": runner_name(params), "emulated": params.rpc.emulated,
                "trials_per_task": params.trials_per_task, "variance_scale": calibration.variance_scale,
                "seconds": sum(lib.report["seconds"] for lib in libraries),
+               # the boards that measured (per library, each measurement: libraries[*].measurements); a list,
+               # as DVC's metrics view would split the addresses' dots into keys
+               "rpc_workers": max((lib.report["rpc_workers"] for lib in libraries), default=1),
+               "boards": [{"board": board, "measurements": count} for board, count in _board_counts(libraries)],
+               "search_trials": search_trials,
+               "search_trials_per_second": search_trials / search_seconds if search_trials and search_seconds else 0.0,
                "libraries": [lib.as_dict() for lib in libraries]}
     atomic_write_json(summary_path(model), summary)
-    metrics = {"seconds": summary["seconds"], **{
+    metrics = {"seconds": summary["seconds"], "boards": len(summary["boards"]),
+               "search_trials_per_second": summary["search_trials_per_second"], **{
         f"{lib.variant.value}_b{lib.batch_size}.kept_{source}": count
         for lib in libraries for source, count in lib.kept_counts().items()}}
     return TuneOutcome(summary, summary_path(model), tvm_dir(model), metrics)
+
+
+def _board_counts(libraries) -> list[tuple[str, int]]:
+    counts: dict[str, int] = {}
+    for lib in libraries:
+        for board, count in lib.report["boards"].items():
+            counts[board] = counts.get(board, 0) + count
+    return sorted(counts.items())

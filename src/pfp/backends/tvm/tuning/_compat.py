@@ -2,7 +2,8 @@
 
 * :func:`import_tensor_intrinsics`: TVMScript's parser calls ``inspect.stack()`` per function,
   which is slow with torch loaded; the import runs with a light stack (:func:`light_stack`);
-* :func:`unnamed_handlers_detached`: the Meta Scheduler's logger setup fails on unnamed handlers;
+* :func:`unnamed_handlers_detached`: the Meta Scheduler's logger setup fails on unnamed handlers
+  (and leaves its logger at DEBUG);
 * :func:`untunable`: the task scheduler's FLOP estimate has no rule for ``tirx.Let``.
 """
 
@@ -62,6 +63,7 @@ def unnamed_handlers_detached():
     """
     ms_logger = logging.getLogger("tvm.s_tir.meta_schedule")
     unnamed = [handler for handler in ms_logger.handlers if handler.get_name() is None]
+    level = ms_logger.level
     for handler in unnamed:
         ms_logger.removeHandler(handler)
     try:
@@ -69,6 +71,9 @@ def unnamed_handlers_detached():
     finally:
         for handler in unnamed:
             ms_logger.addHandler(handler)
+        # create_loggers also sets the logger to DEBUG, and the next run's console handler takes the
+        # logger's level: a caller's quieter level would hold for the first run only
+        ms_logger.setLevel(level)
 
 
 def untunable(task) -> str | None:

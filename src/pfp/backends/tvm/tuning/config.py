@@ -34,7 +34,9 @@ class TuneConfig:
     """Settings of one tuning run.
 
     ``rpc_tracker`` ("host:port") and ``rpc_key`` together select the RPC runner; with both
-    unset the candidates run on this machine. ``builder_timeout_sec`` must cover a builder
+    unset the candidates run on this machine. The RPC runner measures on every server the
+    tracker reports under the key at once (``rpc_workers=None``), or on at most ``rpc_workers``
+    at a time. ``cooldown_ms`` (RPC only) rests the board between repeats of a measurement. ``builder_timeout_sec`` must cover a builder
     worker's start: the default build function imports ``tvm.s_tir.tensor_intrin`` (~60 s on
     2 cores); ``lean_builder=True`` (default) uses :func:`lean_build`, which does not.
     """
@@ -51,6 +53,8 @@ class TuneConfig:
     rpc_tracker: str | None = None
     rpc_key: str | None = None
     session_timeout_sec: float = 60.0
+    rpc_workers: int | None = None  # measurements at once; None: one per server under the key
+    cooldown_ms: int = 0  # RPC: the board sleeps this long between repeats (time_evaluator's cooldown)
     number: int = 3  # measurements of each candidate: number x repeat, at least min_repeat_ms each
     repeat: int = 1
     min_repeat_ms: int = 100
@@ -81,6 +85,12 @@ class TuneConfig:
                              f"(got rpc_tracker={self.rpc_tracker!r}, rpc_key={self.rpc_key!r})")
         if self.rpc_tracker is not None:
             parse_tracker(self.rpc_tracker)
+        if self.rpc_workers is not None and (not isinstance(self.rpc_workers, int) or self.rpc_workers < 1):
+            raise ValueError(f"TuneConfig.rpc_workers must be a positive int or None, got {self.rpc_workers!r}")
+        if not isinstance(self.cooldown_ms, int) or self.cooldown_ms < 0:
+            raise ValueError(f"TuneConfig.cooldown_ms must be an int >= 0, got {self.cooldown_ms!r}")
+        if self.cooldown_ms and self.rpc_tracker is None:
+            raise ValueError("TuneConfig.cooldown_ms rests an RPC board between repeats: set rpc_tracker and rpc_key")
 
     @property
     def uses_rpc(self) -> bool:
@@ -110,6 +120,32 @@ class TuneReport:
     side_by_side: list[str] = field(default_factory=list)
     #: the run-off's :attr:`TuneConfig.switch_margin` (0 without a run-off)
     switch_margin: float = 0.0
+    #: measurements the runner made at once (RPC: the servers under the key; 1 for the local runner)
+    rpc_workers: int = 1
+    #: every measurement: ``{"phase": "hand" | "search" | "run_off", "task", "board" ("host:port" the
+    #: tracker handed out, or "local"), "ms" (median; None: failed), "start", "end" (the board's
+    #: session, epoch seconds; None for the local runner)}`` (:class:`~.boards.BoardRecorder`)
+    measurements: list[dict] = field(default_factory=list)
+    #: wall-clock seconds of the Meta Scheduler's search (search, build and measure of every trial)
+    search_seconds: float = 0.0
+
+    def boards(self, phase: str | None = None) -> dict[str, int]:
+        """Successful measurements per board (of ``phase``, or all)."""
+        counts: dict[str, int] = {}
+        for item in self.measurements:
+            if item["ms"] is not None and phase in (None, item["phase"]):
+                counts[item["board"]] = counts.get(item["board"], 0) + 1
+        return dict(sorted(counts.items()))
+
+    @property
+    def search_trials(self) -> int:
+        """Search candidates measured (successfully or not)."""
+        return sum(item["phase"] == "search" for item in self.measurements)
+
+    @property
+    def trials_per_second(self) -> float | None:
+        """Search trials per wall-clock second of the search (None without a search)."""
+        return self.search_trials / self.search_seconds if self.search_trials and self.search_seconds else None
 
     def kept(self) -> dict[str, ScheduleSource]:
         """Per task, the source of the schedule the compiled module uses: the other record when it

@@ -22,6 +22,7 @@ from tvm.s_tir import meta_schedule as ms
 from pfp.backends.tvm.passes import register_pipeline
 from pfp.backends.tvm.schedules import apply_hand_schedule
 from pfp.backends.tvm.targets import ARM_CROSS_COMPILER, cross_compiler, runs_on_host, target_arch
+from pfp.backends.tvm.tuning.boards import BoardRecorder, rpc_workers, runner_hooks
 from pfp.backends.tvm.tuning.config import TuneConfig, parse_tracker
 
 __all__ = ["TrackerError", "check_tracker", "export_aarch64_so", "lean_build", "make_builder", "make_runner",
@@ -107,7 +108,12 @@ def check_tracker(address: str, key: str, timeout_sec: float = 5.0) -> dict:
     return summary
 
 
-def make_runner(config: TuneConfig) -> ms.runner.Runner:
+def make_runner(config: TuneConfig, recorder: BoardRecorder | None = None) -> ms.runner.Runner:
+    """The local runner, or the RPC runner measuring on every server under the key at once.
+
+    With a ``recorder``, the RPC runner's sessions log which board measured each candidate
+    (:mod:`~.boards`), and ``recorder.workers`` is set to the runner's parallelism.
+    """
     evaluator = ms.runner.EvaluatorConfig(number=config.number, repeat=config.repeat,
                                           min_repeat_ms=config.min_repeat_ms, enable_cpu_cache_flush=False)
     if not config.uses_rpc:
@@ -116,16 +122,24 @@ def make_runner(config: TuneConfig) -> ms.runner.Runner:
     host, port = parse_tracker(config.rpc_tracker)
     rpc_config = ms.runner.RPCConfig(tracker_host=host, tracker_port=port, tracker_key=config.rpc_key,
                                      session_timeout_sec=int(config.session_timeout_sec))
-    return ms.runner.RPCRunner(rpc_config=rpc_config, evaluator_config=evaluator, max_workers=1)
+    workers = rpc_workers(rpc_config, config.rpc_workers)
+    if recorder is not None:
+        recorder.workers = workers
+    hooks = runner_hooks(recorder.log_path if recorder is not None else None, config.cooldown_ms)
+    logger.info("RPC runner: %d measurement(s) at once on the servers under key %r at %s",
+                workers, config.rpc_key, config.rpc_tracker)
+    return ms.runner.RPCRunner(rpc_config=rpc_config, evaluator_config=evaluator, max_workers=workers, **hooks)
 
 
 def measure(candidates: list[tuple[str, s_tir.Schedule]], target: tvm.target.Target, builder, runner,
-             rounds: int = 1) -> list[tuple[list, list[float]]]:
+             rounds: int = 1, *, recorder: BoardRecorder | None = None, phase: str = "measure",
+             tasks: list[str] | None = None) -> list[tuple[list, list[float]]]:
     """Build every ``(label, schedule)`` once, then run them all ``rounds`` times.
 
     Every other round runs in reverse order, so a drift of the host does not favour one end.
     Returns, per candidate, its argument info and the seconds measured: empty when it failed to
-    build or every run failed (each failure is logged under its label).
+    build or every run failed (each failure is logged under its label). A ``recorder`` gets every
+    run under ``phase`` and the candidate's task name (``tasks``, default: the labels).
     """
     built = builder.build([ms.builder.BuilderInput(sch.mod, target) for _, sch in candidates])
     args_infos = [ms.arg_info.ArgInfo.from_prim_func(sch.mod["main"]) for _, sch in candidates]
@@ -140,6 +154,9 @@ def measure(candidates: list[tuple[str, s_tir.Schedule]], target: tvm.target.Tar
         order = runnable[::-1] if round_index % 2 else runnable
         for (index, _), future in zip(order, runner.run([runner_input for _, runner_input in order])):
             result = future.result()
+            if recorder is not None:
+                recorder.record(phase, (tasks or [label for label, _ in candidates])[index],
+                                built[index].artifact_path, result.run_secs, result.error_msg)
             if result.error_msg:
                 logger.warning("%s failed to run: %s", candidates[index][0], result.error_msg[-500:])
                 continue
@@ -148,14 +165,16 @@ def measure(candidates: list[tuple[str, s_tir.Schedule]], target: tvm.target.Tar
 
 
 def measure_hand_schedules(tasks, target: tvm.target.Target, config: TuneConfig,
-                           database: ms.database.Database) -> dict[str, float]:
+                           database: ms.database.Database, recorder: BoardRecorder | None = None,
+                           runner: ms.runner.Runner | None = None) -> dict[str, float]:
     """Build and measure the hand schedule of every task with the tuning builder and runner.
 
     Each measurement is committed to ``database`` as a tuning record (the schedule's trace), so
     compiling from the database picks, per task, the faster of the hand schedule and the best
     Meta Scheduler candidate. Returns the median ms per task name (tasks that failed are left out).
     """
-    builder, runner = make_builder(target, config), make_runner(config)
+    builder = make_builder(target, config)
+    runner = runner if runner is not None else make_runner(config, recorder)
     candidates = []
     for task in tasks:
         sch = s_tir.Schedule(task.dispatched[0])
@@ -169,7 +188,8 @@ def measure_hand_schedules(tasks, target: tvm.target.Target, config: TuneConfig,
         return {}
     measured: dict[str, float] = {}
     results = measure([(f"task {task.task_name}: hand schedule", sch) for task, sch in candidates], target,
-                       builder, runner)
+                       builder, runner, recorder=recorder, phase="hand",
+                       tasks=[task.task_name for task, _ in candidates])
     for (task, sch), (args_info, run_secs) in zip(candidates, results):
         if not run_secs:
             continue

@@ -18,6 +18,7 @@ from tvm.s_tir import meta_schedule as ms
 
 from pfp.backends.tvm.pipeline import SELECTION_DIR, compiling_database
 from pfp.backends.tvm.schedules import apply_hand_schedule
+from pfp.backends.tvm.tuning.boards import BoardRecorder
 from pfp.backends.tvm.tuning.config import ScheduleSource, TuneConfig, TuneReport, switches
 from pfp.backends.tvm.tuning.measure import make_builder, make_runner, measure
 from pfp.backends.tvm.tuning.records import record_source
@@ -56,7 +57,8 @@ def _finalists(task, database: ms.database.Database, target: tvm.target.Target,
 
 
 def run_off(tasks, database: ms.database.Database, target: tvm.target.Target, config: TuneConfig,
-            report: TuneReport | None = None) -> ms.database.JSONDatabase:
+            report: TuneReport | None = None, recorder: BoardRecorder | None = None,
+            runner: ms.runner.Runner | None = None) -> ms.database.JSONDatabase:
     """Measure each task's finalists side by side; their medians make the database modules compile with.
 
     Finalists: the hand schedule and the ``config.finalists`` best other records of ``database``
@@ -81,7 +83,9 @@ def run_off(tasks, database: ms.database.Database, target: tvm.target.Target, co
     if entries:
         results = measure([(f"task {task.task_name}: a {source.value} finalist", sch)
                             for task, source, sch in entries], target,
-                           make_builder(target, config), make_runner(config), config.selection_rounds)
+                           make_builder(target, config), runner if runner is not None else make_runner(config, recorder),
+                           config.selection_rounds,
+                           recorder=recorder, phase="run_off", tasks=[task.task_name for task, _, _ in entries])
         measured = [(task, source, sch.trace, args_info, float(np.median(seconds)))
                     for (task, source, sch), (args_info, seconds) in zip(entries, results) if seconds]
     path = Path(config.work_dir) / SELECTION_DIR

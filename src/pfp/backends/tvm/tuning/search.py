@@ -17,6 +17,7 @@ from pfp.backends.tvm.pipeline import fuse_operators
 from pfp.backends.tvm.schedules import HAND_SCHEDULE_VERSION
 from pfp.backends.tvm.targets import make_target
 from pfp.backends.tvm.tuning._compat import import_tensor_intrinsics, unnamed_handlers_detached, untunable
+from pfp.backends.tvm.tuning.boards import BoardRecorder
 from pfp.backends.tvm.tuning.config import TuneConfig, TuneReport
 from pfp.backends.tvm.tuning.measure import make_builder, make_runner, measure_hand_schedules
 from pfp.backends.tvm.tuning.records import (
@@ -55,6 +56,18 @@ def tune_module(mod: tvm.IRModule, target=None, config: TuneConfig | None = None
     config = config or TuneConfig()
     target = make_target(config.target if target is None else target)
     report = report if report is not None else TuneReport()
+    with BoardRecorder(report.measurements) as recorder:
+        selection = _tune(mod, target, config, report, recorder)
+    report.rpc_workers = recorder.workers
+    logger.info("tuning done in %.1f s: %d task(s) tuned, %d skipped, %d new record(s), %d in %s%s",
+                report.seconds, len(report.tuned), len(report.skipped), report.new_records,
+                report.records_after, config.work_path,
+                f"; measured on {report.boards()}" if config.uses_rpc else "")
+    return selection
+
+
+def _tune(mod: tvm.IRModule, target, config: TuneConfig, report: TuneReport,
+          recorder: BoardRecorder) -> ms.database.JSONDatabase:
     start = time.perf_counter()
     work_dir = config.work_path
     measured_with = measurement_setting(config)
@@ -93,9 +106,17 @@ def tune_module(mod: tvm.IRModule, target=None, config: TuneConfig | None = None
     def hand_key(task) -> str:
         return f"{task_key(task, target)}:v{HAND_SCHEDULE_VERSION}"
 
+    runner = None  # one runner for every phase: its worker processes start once (seconds each)
+
+    def shared_runner() -> ms.runner.Runner:
+        nonlocal runner
+        if runner is None:
+            runner = make_runner(config, recorder)
+        return runner
+
     missing_hand = [task for task in tasks if hand_key(task) not in hand_done]
     if missing_hand:
-        measured = measure_hand_schedules(missing_hand, target, config, database)
+        measured = measure_hand_schedules(missing_hand, target, config, database, recorder, shared_runner())
         for task in missing_hand:
             if task.task_name in measured:
                 hand_done[hand_key(task)] = measured[task.task_name]
@@ -106,13 +127,13 @@ def tune_module(mod: tvm.IRModule, target=None, config: TuneConfig | None = None
     if not pending:
         logger.info("nothing to tune: every tunable task is finished")
     else:
-        runner = make_runner(config)  # first: a dead tracker fails before anything else starts
+        shared_runner()  # first: a dead tracker fails before anything else starts
         builder = make_builder(target, config)
         budget = min(config.max_trials_global, config.trials_per_task * len(pending))
         logger.info("tuning %d task(s) (%s) for %s: %d trials/task, %d in all, %s runner; work dir %s",
                     len(pending), ", ".join(t.task_name for _, t in pending), target, config.trials_per_task,
-                    budget, f"RPC {config.rpc_tracker} key {config.rpc_key}" if config.uses_rpc else "local",
-                    work_dir)
+                    budget, f"RPC {config.rpc_tracker} key {config.rpc_key} ({recorder.workers} at once)"
+                    if config.uses_rpc else "local", work_dir)
         import_tensor_intrinsics()
         with unnamed_handlers_detached():
             contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
@@ -120,10 +141,16 @@ def tune_module(mod: tvm.IRModule, target=None, config: TuneConfig | None = None
                 seed=config.seed, strategy=ms.search_strategy.EvolutionarySearch(
                     population_size=config.population_size, genetic_num_iters=config.genetic_num_iters,
                     init_min_unmeasured=config.init_min_unmeasured))
-        ms.tune.tune_tasks(tasks=contexts, task_weights=weights, work_dir=str(work_dir),
-                           max_trials_global=budget, max_trials_per_task=config.trials_per_task,
-                           num_trials_per_iter=min(config.num_trials_per_iter, config.trials_per_task),
-                           builder=builder, runner=runner, database=database, module_equality="structural")
+        callbacks = [*ms.measure_callback.MeasureCallback.create("default"),
+                     recorder.callback([context.task_name for context in contexts])]
+        search_start = time.perf_counter()
+        with unnamed_handlers_detached():
+            ms.tune.tune_tasks(tasks=contexts, task_weights=weights, work_dir=str(work_dir),
+                               max_trials_global=budget, max_trials_per_task=config.trials_per_task,
+                               num_trials_per_iter=min(config.num_trials_per_iter, config.trials_per_task),
+                               builder=builder, runner=runner, database=database, module_equality="structural",
+                               measure_callbacks=callbacks)
+        report.search_seconds = time.perf_counter() - search_start
         full_budget = budget >= config.trials_per_task * len(pending)
         for key, task in pending:
             # a task may end early (search space exhausted): it is finished when the budget covered
@@ -135,7 +162,7 @@ def tune_module(mod: tvm.IRModule, target=None, config: TuneConfig | None = None
         check_measured(database, [task for _, task in pending])
     report.records_after = count_records(database)
     if config.finalists:  # the run-off's side-by-side figures are the report's
-        selection = run_off(tasks, database, target, config, report)
+        selection = run_off(tasks, database, target, config, report, recorder, shared_runner())
     else:
         selection = database
         for task in tasks:
@@ -144,7 +171,4 @@ def tune_module(mod: tvm.IRModule, target=None, config: TuneConfig | None = None
                 if best is not None:
                     report.other_ms[task.task_name], report.other_source[task.task_name] = best
     report.seconds = time.perf_counter() - start
-    logger.info("tuning done in %.1f s: %d task(s) tuned, %d skipped, %d new record(s), %d in %s",
-                report.seconds, len(report.tuned), len(report.skipped), report.new_records,
-                report.records_after, work_dir)
     return selection
