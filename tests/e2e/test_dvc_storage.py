@@ -36,13 +36,11 @@ def _git(workspace: Path, *args: str) -> str:
 
 @pytest.fixture(scope="module")
 def pushed_run(tiny_pipeline, tmp_path_factory):
-    """The shared tiny run's workspace, committed and pushed to its default remote (the folder beside it)."""
+    """The shared tiny run's workspace, which the flow committed and pushed to its default remote (the folder beside it)."""
     workspace = tiny_pipeline.workdir
     status = json.loads(_dvc(workspace, "status", "--json").stdout or "{}")
     assert status == {}, f"the shared tiny run's workspace changed before these tests: {status}"
-    commit = commit_run(workspace, "tiny run")  # (the flow commits and pushes itself once it calls these)
-    pushed = storage.push(workspace)
-    return {"workspace": workspace, "remote": Path(storage.sibling_url(workspace)), "commit": commit, "push": pushed,
+    return {"workspace": workspace, "remote": Path(storage.sibling_url(workspace)), "storage": tiny_pipeline.summary["storage"],
             "root": tmp_path_factory.mktemp("dvc-storage")}
 
 
@@ -52,18 +50,23 @@ def _clone(pushed_run, name: str) -> Path:
     return clone
 
 
-def test_push_sent_every_cached_output(pushed_run):
-    push = pushed_run["push"]
-    assert push["remote"] == "storage" and push["url"] == str(pushed_run["remote"]) and push["missing"] == 0
-    # the remote holds every object of the workspace's cache (DVC's content-addressed files: the run's only)
+def test_the_flow_committed_and_pushed_the_run(pushed_run):
+    stored, workspace = pushed_run["storage"], pushed_run["workspace"]
+    assert stored["remote"] == "storage" and stored["url"] == str(pushed_run["remote"]) and stored["missing"] == 0
+    assert stored["pushed"] >= 20  # the run's cached outputs (prepared data, posteriors, libraries, bundles)
+    assert stored["commit"] == _git(workspace, "rev-parse", "HEAD").strip()
+    assert _git(workspace, "log", "--format=%s").splitlines()[0].startswith("pfp pipeline run ")
+    assert storage.push(workspace)["pushed"] == 0  # nothing new
+    assert commit_run(workspace, "again") == stored["commit"]  # nothing changed since the flow's commit
+    # the remote holds the objects of the run's outputs (DVC's content-addressed files; the local cache may
+    # hold more, e.g. earlier states of a persisted output), and DVC finds nothing of the lock missing there
     def objects(folder: Path) -> set[str]:
         return {str(path.relative_to(folder)) for path in folder.rglob("*") if path.is_file()}
 
-    cached = objects(pushed_run["workspace"] / ".dvc/cache/files/md5")
-    assert len(cached) >= 20 and objects(pushed_run["remote"] / "files/md5") == cached
-    assert storage.push(pushed_run["workspace"])["pushed"] == 0  # nothing new
+    in_remote = objects(pushed_run["remote"] / "files/md5")
+    assert len(in_remote) >= 20 and in_remote <= objects(workspace / ".dvc/cache/files/md5")
+    assert json.loads(_dvc(workspace, "status", "--cloud", "--json").stdout or "{}") == {}
     # the workspace's history: the initial commit, then the run (params, lock, uncached metrics and plots)
-    workspace = pushed_run["workspace"]
     assert _git(workspace, "status", "--porcelain") == ""
     committed = set(_git(workspace, "ls-files").split())
     assert {"dvc.lock", "params.yaml", "metrics/evaluate.json", "plots/mlp/series/roc.csv", "plots/mlp/series/loss.csv",
@@ -113,7 +116,7 @@ def test_exp_run_set_param_lists_two_experiments(pushed_run):
     for val_size in (150, 180):  # the prepare stage only: the cheapest stage a param changes
         _dvc(clone, "exp", "run", "-S", f"data.val_size={val_size}", "prepare")
     shown = json.loads(_dvc(clone, "exp", "show", "--json").stdout)
-    (baseline,) = [entry for entry in shown if entry["rev"] == pushed_run["commit"]]
+    (baseline,) = [entry for entry in shown if entry["rev"] == pushed_run["storage"]["commit"]]
     experiments = baseline["experiments"] or []
     values = sorted(exp["revs"][0]["data"]["params"]["params.yaml"]["data"]["data"]["val_size"] for exp in experiments)
     assert values == [150, 180], json.dumps(shown)[:3000]
@@ -122,4 +125,4 @@ def test_exp_run_set_param_lists_two_experiments(pushed_run):
         rev = exp["revs"][0]
         lock = yaml.safe_load(_git(clone, "show", f"{rev['rev']}:dvc.lock"))
         assert lock["stages"]["prepare"]["params"]["params.yaml"]["data"]["val_size"] == rev["data"]["params"]["params.yaml"]["data"]["data"]["val_size"]
-    assert _git(clone, "rev-parse", "HEAD").strip() == pushed_run["commit"]  # experiments are refs, not commits on the branch
+    assert _git(clone, "rev-parse", "HEAD").strip() == pushed_run["storage"]["commit"]  # experiments are refs, not commits on the branch
