@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: setup system-deps emulated-pi run run-full repro predict test test-slow lint stack-up stack-down stack-status deploy ui-check
+.PHONY: setup system-deps emulated-pi run run-full repro predict test test-slow lint stack-up stack-down stack-status deploy ui-check exp
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -52,6 +52,12 @@ WORKDIR ?= runs/scheduled
 deploy: setup
 	@test -n "$$PREFECT_API_URL" || { echo "PREFECT_API_URL is not set: make stack-up, then source .stack/env" >&2; exit 1; }
 	$(BIN)/python -m flows.deployment --cron "$(CRON)" --workdir $(WORKDIR)
+
+# A DVC experiment in the main job's workspace (after make run): make exp ARGS="-S train.mlp.epochs=5";
+# then: cd runs/embedded && dvc exp show, dvc plots diff
+exp: setup
+	@test -d runs/embedded/.git || { echo "no workspace at runs/embedded: run 'make run' first" >&2; exit 1; }
+	cd runs/embedded && PATH="$(CURDIR)/$(BIN):$$PATH" $(CURDIR)/$(BIN)/dvc exp run $(ARGS)
 
 # The MLflow UI check (docs/mlflow-ui.md): Debian's Chromium driven by Playwright, a screenshot of the runs table
 ui-check: setup

@@ -33,7 +33,7 @@ DATA_PATH_KEYS = ("mnist_dir", "ood_dir", "ambiguous_dir", "download_dir")
 # and requested params: flows/guards.py, flows/pipeline.py). DVC adds its cached outputs to
 # .gitignore files itself.
 WORKSPACE_GITIGNORE = ("/logs/", "/mlflow.db", "/mlruns/", "/mlartifacts/", "/.pfp-pipeline.lock", "/.pfp/", "__pycache__/",
-                       "*.tmp", "*.tmp.*")
+                       "*.tmp", "*.tmp.*", "/dvc_plots/")  # dvc_plots: `dvc plots show/diff`'s rendering, not a result
 # Who commits in a separate workspace when git has no identity configured (CI, a service account).
 PIPELINE_IDENTITY = {"user.name": "pfp pipeline", "user.email": "pfp-pipeline@localhost"}
 
