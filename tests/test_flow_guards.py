@@ -136,3 +136,23 @@ def test_artifact_contents():
     assert artifacts.mlflow_run_link("http://h:5000/", "7", "abc") == \
         "http://h:5000/#/experiments/7/runs/abc?workflowType=machine_learning"  # the model-training view
     assert artifacts.mlflow_run_link("sqlite:///x/mlflow.db", "7", "abc").startswith("mlflow ui --backend-store-uri sqlite")
+
+
+def test_a_stage_past_its_time_out_is_stopped_with_its_children(tmp_path):
+    from flows.pipeline import _run_logged
+
+    log = tmp_path / "stage.log"
+    pid_file = tmp_path / "child.pid"
+    # the stage's own child (as dvc's python is) must go too: the whole process group is stopped
+    command = ["bash", "-c", f"sleep 300 & echo $! > {pid_file}; echo started; wait"]
+    start = time.monotonic()
+    assert _run_logged(command, str(tmp_path), dict(os.environ), str(log), timeout=2) is None
+    assert time.monotonic() - start < 30 and "started" in log.read_text()
+    child = int(pid_file.read_text())
+    for _ in range(50):
+        if not Path(f"/proc/{child}").exists() or "Z" in Path(f"/proc/{child}/stat").read_text().split()[2]:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"the stage's child {child} outlived the time-out")
+    assert _run_logged(["true"], str(tmp_path), dict(os.environ), None, timeout=10) == 0
