@@ -14,13 +14,14 @@ from pfp.config import EvaluateConfig
 from pfp.convert import convert_posterior, predict_pfp
 from pfp.data.dirty_mnist import normalise
 from pfp.data.idx import load_split
-from pfp.evaluation import EvalSet, Method, evaluate_model, moment_errors, predict
+from pfp.evaluation import SET_ARRAYS, EvalSet, Method, evaluate_model, moment_errors, objective_metrics, predict
 from pfp.spec import build_spec
 
 KEYS = {"accuracy", "nll", "ece", "brier", "auroc_mi", "auroc_sme", "auroc_var",
         "mi_id", "mi_ood", "sme_id", "sme_ood"}
 LOG10 = math.log(10)
-CONFIG = EvaluateConfig(svi_samples=3, logit_samples=4, moment_samples=3, moment_images=8, ece_bins=5, batch_size=7)
+CONFIG = EvaluateConfig(svi_samples=3, logit_samples=4, moment_samples=3, moment_images=8, ece_bins=5, batch_size=7,
+                        fidelity_samples=30, fidelity_images=8)
 
 
 def posterior(scale: float, seed: int = 0) -> Posterior:
@@ -65,8 +66,8 @@ def evaluated(arrays, tmp_path_factory):
 
 def test_output_keys_and_ranges(evaluated):
     _, results, _ = evaluated
-    assert set(results) == {"svi", "pfp", "det"}
-    for method, values in results.items():
+    assert set(results) == {"svi", "pfp", "det", "fidelity", "objectives"}
+    for method, values in ((m.value, results[m.value]) for m in Method):
         assert KEYS <= set(values), method
         assert 0.0 <= values["accuracy"] <= 1.0
         assert values["nll"] > 0
@@ -115,10 +116,47 @@ def test_det_metrics_recomputed_independently(evaluated, arrays):
 def test_plots_written(evaluated):
     _, _, plot_dir = evaluated
     files = sorted(p.name for p in plot_dir.iterdir())
-    assert files == ["mi_hist.png", "reliability.png", "roc.png", "sme_hist.png"]
+    assert files == ["fidelity.png", "mi_hist.png", "reliability.png", "roc.png", "sme_hist.png"]
     for name in files:
         data = (plot_dir / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
+
+
+def test_fidelity_section(evaluated):
+    _, results, _ = evaluated
+    table = results["fidelity"]
+    assert list(table) == ["pfp", "pfp_calibrated"]  # the calibration's scale is 0.7
+    for per_set in table.values():
+        assert list(per_set) == ["mnist", "ambiguous", "fashion"]
+        for row in per_set.values():
+            assert row["images"] == 8 and row["samples"] == 30
+            assert 0 < row["var_ratio_p10"] <= row["var_ratio_median"] <= row["var_ratio_p90"]
+            assert row["mi_mc"] > 0 and row["mi_ratio"] == pytest.approx(row["mi_pfp"] / row["mi_mc"])
+    for name in ("mnist", "fashion"):  # less variance at scale 0.7
+        assert table["pfp_calibrated"][name]["var_ratio_median"] < table["pfp"][name]["var_ratio_median"]
+
+
+def test_objectives_side_by_side(evaluated, arrays):
+    _, results, _ = evaluated
+    # a calibration file without fits: its one fit, the pfp metrics themselves (TVM there, the torch reference here)
+    nll = results["objectives"]["nll"]
+    assert list(results["objectives"]) == ["nll"] and nll["chosen"] is True
+    assert (nll["variance_scale"], nll["temperature"]) == (0.7, 1.2)
+    for key, pfp_key in (("accuracy", "accuracy"), ("nll", "nll"), ("ece", "ece"), ("mi_mnist", "mi_id"),
+                         ("mi_fashion", "mi_ood"), ("mi_ambiguous", "mi_ambiguous"), ("auroc_mi", "auroc_mi")):
+        assert nll[key] == pytest.approx(results["pfp"][pfp_key], rel=1e-3, abs=1e-6), key
+    # both fits recorded: each objective at its own scale and temperature
+    post = posterior(0.5)
+    fits = {"nll": {"variance_scale": 0.7, "temperature": 1.2}, "mc_variance": {"variance_scale": 2.0, "temperature": 1.0}}
+    both = CalibrationResult(variance_scale=2.0, temperature=1.0, nll_before=1.0, nll_after=1.0, ece_before=0.1,
+                             ece_after=0.1, objective="mc_variance", fits=fits)
+    inputs = {s: normalise(arrays[f"{SET_ARRAYS[s]}_x"]) for s in EvalSet}
+    labels = {s: arrays[f"{SET_ARRAYS[s]}_y"] for s in EvalSet}
+    side = objective_metrics(post, convert_posterior(post), both, inputs, labels, CONFIG, seed=0)
+    assert list(side) == ["nll", "mc_variance"] and side["mc_variance"]["chosen"] and not side["nll"]["chosen"]
+    assert side["nll"]["nll"] == pytest.approx(nll["nll"], rel=1e-9)
+    for name in ("mi_mnist", "mi_ambiguous", "mi_fashion"):  # more variance, less temperature: more MI
+        assert side["mc_variance"][name] > side["nll"][name]
 
 
 def test_tiny_variance_pfp_equals_det(arrays):

@@ -108,10 +108,22 @@ class ConvertConfig(_Section):
     pool_before_relu: bool = True
 
 
+class CalibrationObjective(str, Enum):
+    """What fits the PFP variance scale (``calibrate.objective``)."""
+
+    NLL = "nll"  # validation NLL over the scale grid (rewards over-confidence in distribution)
+    # label-free: PFP's logit variance matches the whole-weight Monte-Carlo variance of the unscaled
+    # posterior on validation images (median log-ratio 0); keeps the epistemic signal
+    MC_VARIANCE = "mc_variance"
+
+
 class CalibrateConfig(_Section):
+    objective: CalibrationObjective = CalibrationObjective.NLL
     variance_scales: list[float] = Field(default_factory=lambda: [0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.5, 2.0, 3.0])
-    fit_temperature: bool = True
+    fit_temperature: bool = True  # by validation NLL, for either objective
     logit_samples: int = Field(100, ge=1)
+    fidelity_samples: int = Field(1000, ge=2)  # whole-weight draws of the Monte-Carlo reference (mc_variance)
+    fidelity_images: int = Field(300, ge=1)  # validation images it runs on
 
     @field_validator("variance_scales")
     @classmethod
@@ -134,6 +146,8 @@ class EvaluateConfig(_Section):
     ece_bins: int = Field(15, ge=1)
     batch_size: int = Field(1000, ge=1)
     pfp_backend: PFPBackend = PFPBackend.TVM
+    fidelity_samples: int = Field(1000, ge=2)  # whole-weight draws of the fidelity report's Monte-Carlo reference
+    fidelity_images: int = Field(300, ge=1)  # images per set of the fidelity report
 
 
 def _positive_batch_sizes(sizes: list[int]) -> list[int]:

@@ -6,23 +6,27 @@
 
 For every method and set: accuracy, NLL, ECE, Brier, mean MI and SME; OOD AUROC
 (MNIST test vs Fashion-MNIST) for MI, SME and mean logit variance.
+
+Also ``fidelity`` (:mod:`pfp.fidelity`: PFP against whole-weight Monte-Carlo of the same
+posterior, per option and set) and ``objectives`` (the PFP metrics at each calibration
+objective's fit, side by side; the PyTorch reference, so no extra compilation).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from pfp import metrics, plots
+from pfp import fidelity, metrics, plots
 from pfp.backends import base
 from pfp.backends.base import Backend, Predictor
 from pfp.bnn import Posterior, predict_deterministic, predict_svi
 from pfp.calibrate import CalibrationResult
-from pfp.config import EvaluateConfig, Variant
+from pfp.config import EvaluateConfig, PFPBackend, Variant
 from pfp.convert import PFPModel
 from pfp.data.dirty_mnist import normalise
 from pfp.predictive import gaussian_logit_softmax_samples, softmax_samples
@@ -132,6 +136,45 @@ def moment_errors(posterior: Posterior, pfp_model: PFPModel, x: torch.Tensor, *,
     }
 
 
+def calibration_fits(calibration: CalibrationResult) -> dict[str, dict[str, float]]:
+    """Each objective's fit in the calibration; a file from before objectives: its one (NLL) fit."""
+    return calibration.fits or {calibration.objective: {"variance_scale": calibration.variance_scale,
+                                                        "temperature": calibration.temperature}}
+
+
+def objective_metrics(posterior: Posterior, pfp_model: PFPModel, calibration: CalibrationResult,
+                      inputs: dict[EvalSet, torch.Tensor], labels: dict[EvalSet, np.ndarray], config: EvaluateConfig, *,
+                      seed: int) -> dict[str, dict[str, float]]:
+    """PFP (the PyTorch reference) at every calibration objective's scale and temperature, on the test
+    and OOD sets: accuracy, NLL, ECE (MNIST test), mean MI per set, OOD AUROC of MI."""
+    reference = config.model_copy(update={"pfp_backend": PFPBackend.TORCH})
+    results = {}
+    for objective, fit in calibration_fits(calibration).items():
+        fitted = replace(calibration, variance_scale=fit["variance_scale"], temperature=fit["temperature"])
+        prediction = {s: predict(Method.PFP, posterior, pfp_model, fitted, inputs[s], reference, seed=seed) for s in EvalSet}
+        mnist = _set_metrics(prediction[EvalSet.MNIST], labels[EvalSet.MNIST], config.ece_bins)
+        results[objective] = {
+            "chosen": objective == calibration.objective,
+            "variance_scale": fit["variance_scale"], "temperature": fit["temperature"],
+            **{k: mnist[k] for k in ("accuracy", "nll", "ece")},
+            **{f"mi_{s.value}": float(prediction[s].mutual_information.mean()) for s in EvalSet},
+            "auroc_mi": metrics.auroc(prediction[EvalSet.MNIST].mutual_information,
+                                      prediction[EvalSet.FASHION].mutual_information),
+        }
+    return results
+
+
+def fidelity_metrics(posterior: Posterior, pfp_model: PFPModel, calibration: CalibrationResult,
+                     inputs: dict[EvalSet, torch.Tensor], config: EvaluateConfig, *,
+                     seed: int) -> fidelity.FidelityReport:
+    """The fidelity report on the first ``config.fidelity_images`` images of every set, against
+    ``config.fidelity_samples`` whole-weight draws (options: :func:`pfp.fidelity.pfp_options`)."""
+    return fidelity.fidelity_report(
+        posterior, pfp_model.spec, {s.value: x[: config.fidelity_images] for s, x in inputs.items()},
+        fidelity.pfp_options(pfp_model, calibrated_scale=calibration.variance_scale),
+        samples=config.fidelity_samples, seed=seed, logit_samples=config.logit_samples)
+
+
 def evaluate_model(posterior: Posterior, pfp_model: PFPModel, calibration: CalibrationResult,
                    arrays: dict[str, np.ndarray], config: EvaluateConfig, *, seed: int,
                    plot_dir: str | Path | None = None, pfp_library: Predictor | None = None,
@@ -166,9 +209,16 @@ def evaluate_model(posterior: Posterior, pfp_model: PFPModel, calibration: Calib
     calibrated = moment_errors(posterior, pfp_model, moment_x, num_samples=config.moment_samples, seed=seed + 1,
                                variance_scale=calibration.variance_scale)
     results[Method.PFP.value].update({f"{k}_calibrated": v for k, v in calibrated.items()})
+    report = fidelity_metrics(posterior, pfp_model, calibration, inputs, config, seed=seed + 2)
+    results["fidelity"] = report.table
+    results["objectives"] = objective_metrics(posterior, pfp_model, calibration, inputs, labels, config, seed=seed)
     if plot_dir is not None:
         write_plots(Path(plot_dir), posterior.spec.name, predictions, labels, config.ece_bins,
                     series_dir=Path(series_dir) if series_dir is not None else None)
+        plots.uncertainty_histograms({option: {s: np.log2(r) for s, r in per_set.items()}
+                                      for option, per_set in report.ratios.items()}, Path(plot_dir) / "fidelity.png",
+                                     title=f"{posterior.spec.name}: PFP / Monte-Carlo logit variance",
+                                     xlabel="log2(var PFP / var MC) per logit (0: faithful)")
     return results
 
 

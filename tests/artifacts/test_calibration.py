@@ -91,3 +91,40 @@ def test_calibration_made_from_another_pfp_file_is_stale(tmp_path):
     refusal(CalibrationError, lambda: load_calibration(path, "mlp", parent=current), str(path), "stale",
             "made from another pfp.npz", "re-run the calibrate@mlp stage")
     assert load_calibration(path, "mlp", parent=fitted_on) == calibration_result()
+
+
+FITS = {"nll": {"variance_scale": 0.5, "temperature": 1.2, "nll": 0.7, "ece": 0.05, "var_ratio_median": 0.3},
+        "mc_variance": {"variance_scale": 1.8, "temperature": 1.1, "nll": 0.75, "ece": 0.06, "var_ratio_median": 1.0,
+                        "images": 300, "samples": 1000, "bracketed": True}}
+
+
+def test_both_fits_round_trip_and_a_file_from_before_objectives_loads_as_nll(tmp_path):
+    path = tmp_path / "calibration.json"
+    chosen = calibration_result(variance_scale=1.8, temperature=1.1, objective="mc_variance", fits=FITS)
+    save_calibration(chosen, path, model="mlp", parent=None)
+    assert load_calibration(path, "mlp") == chosen
+    # written before calibrate.objective existed: no objective, no fits -> an NLL calibration (the only objective then)
+    payload = json.loads(path.read_text())
+    for key in ("objective", "fits"):
+        payload.pop(key)
+    path.write_text(json.dumps(payload))
+    old = load_calibration(path, "mlp")
+    assert old.objective == "nll" and old.fits == {} and (old.variance_scale, old.temperature) == (1.8, 1.1)
+
+
+@pytest.mark.parametrize(("edit", "problem"), [
+    (lambda p: p.update(objective="labels"), "objective is 'labels'; expected one of nll, mc_variance"),
+    (lambda p: p["fits"].pop("mc_variance"), "objective mc_variance has no fit in fits"),
+    (lambda p: p.update(variance_scale=0.5), "variance_scale/temperature are not those of fits.mc_variance"),
+    (lambda p: p["fits"]["nll"].update(variance_scale=-1), "fits.nll.variance_scale is -1"),
+    (lambda p: p["fits"].update(bayes={"variance_scale": 1.0, "temperature": 1.0}), "fits has unknown objective(s) bayes"),
+    (lambda p: p.update(fits=[1]), "fits must be an object of objects"),
+], ids=["objective", "no-chosen-fit", "not-the-chosen-fit", "bad-fit-scale", "unknown-fit", "not-an-object"])
+def test_objective_and_fits_are_checked(tmp_path, edit, problem):
+    path = tmp_path / "calibration.json"
+    save_calibration(calibration_result(variance_scale=1.8, temperature=1.1, objective="mc_variance", fits=FITS), path,
+                     model="mlp", parent=None)
+    payload = json.loads(path.read_text())
+    edit(payload)
+    path.write_text(json.dumps(payload))
+    refusal(CalibrationError, lambda: load_calibration(path, "mlp"), str(path), problem)

@@ -17,7 +17,7 @@ from pfp.stages.calibrate import calibrate
 
 from ..common import random_posterior, write_prepared
 
-CONFIG = CalibrateConfig(variance_scales=[0.5], fit_temperature=False, logit_samples=4)
+CONFIG = CalibrateConfig(variance_scales=[0.5], fit_temperature=False, logit_samples=4, fidelity_samples=20, fidelity_images=10)
 
 
 def converted_slot(root, model="mlp", seed=0):
@@ -38,6 +38,18 @@ def test_calibrate_writes_the_calibration_and_its_summary(tmp_path):
     assert [row["variance_scale"] for row in result.calibration.grid] == [0.5, 1.0]
     assert json.loads(result.summary_path.read_text()) == result.summary
     assert result.summary_path == tmp_path / "metrics" / "calibrate_mlp.json" and "grid" not in result.summary
+    # both objectives' fits, the default (nll) chosen
+    assert result.summary["objective"] == "nll" and set(result.summary["fits"]) == {"nll", "mc_variance"}
+    assert result.calibration.variance_scale == result.calibration.fits["nll"]["variance_scale"]
+    assert result.calibration.fits["mc_variance"]["images"] == 10
+
+
+def test_calibrate_needs_the_posterior(tmp_path):
+    write_prepared(tmp_path)
+    source, _ = converted_slot(tmp_path)
+    source.unlink()
+    with pytest.raises(PosteriorError, match="posterior.npz"):
+        calibrate("mlp", CONFIG, seed=0, ece_bins=5, root=tmp_path)
 
 
 def test_mlp_calibration_on_lenets_pfp_file_is_refused(tmp_path):

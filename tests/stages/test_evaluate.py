@@ -12,7 +12,8 @@ from pfp.data.idx import DataError
 from pfp.stages import evaluate
 
 SCALE = 0.5  # the workspace's calibration (tests/stages/conftest.py)
-CONFIG = EvaluateConfig(svi_samples=3, logit_samples=4, moment_samples=3, moment_images=4, ece_bins=5, batch_size=7)
+CONFIG = EvaluateConfig(svi_samples=3, logit_samples=4, moment_samples=3, moment_images=4, ece_bins=5, batch_size=7,
+                        fidelity_samples=10, fidelity_images=4)
 
 
 def test_evaluate_takes_the_tuned_library_and_refuses_a_stale_one(tuned_workspace, tune_params, monkeypatch):
@@ -44,14 +45,15 @@ def test_run_writes_metrics_and_plots(tuned_workspace, tune_params, monkeypatch,
     outcome = evaluate.run("mlp", config, tune_params, seed=0)
     assert str(outcome.results_path) == "metrics/evaluate/mlp.json"
     assert json.loads(outcome.results_path.read_text()) == json.loads(json.dumps(outcome.results))
-    assert set(outcome.results) == {"svi", "pfp", "det", "deployed"} and outcome.results["pfp"]["backend"] == backend.value
+    assert set(outcome.results) == {"svi", "pfp", "det", "deployed", "fidelity", "objectives"} and outcome.results["pfp"]["backend"] == backend.value
     assert outcome.tags["pfp.backend"] == backend.value
     if backend is PFPBackend.TVM:
         assert outcome.results["pfp"]["library"] == outcome.tags["pfp.library"] == "models/mlp/tvm/host/pfp_b2.so"
     else:
         assert "library" not in outcome.results["pfp"] and "pfp.library" not in outcome.tags
-    assert sorted(p.name for p in outcome.plot_dir.iterdir()) == ["mi_hist.png", "reliability.png", "roc.png",
-                                                                  "sme_hist.png"]
+    assert sorted(p.name for p in outcome.plot_dir.iterdir()) == ["fidelity.png", "mi_hist.png", "reliability.png",
+                                                                  "roc.png", "sme_hist.png"]
+    assert list(outcome.results["fidelity"]) == ["pfp", "pfp_calibrated"]  # the workspace's scale is 0.5
     # the figures' data for `dvc plots diff`: the training loss per epoch, ROC and reliability per method
     series = evaluate.series_dir("mlp")
     assert sorted(p.name for p in series.iterdir()) == ["loss.csv", "reliability.csv", "roc.csv"]

@@ -12,6 +12,7 @@ from typing import Optional
 
 from pfp.artifacts.header import HEADER_KEY, ArtifactError, ArtifactHeader, ArtifactKind, PathLike, accept, describe, model_name
 from pfp.calibrate import CalibrationResult
+from pfp.config import CalibrationObjective
 from pfp.io import atomic_write_json
 
 
@@ -20,7 +21,9 @@ class CalibrationError(ArtifactError):
 
 
 _CALIBRATION_FIELDS = {f.name for f in fields(CalibrationResult)}
-_CALIBRATION_REQUIRED = _CALIBRATION_FIELDS - {"grid"}
+# objective and fits came later: a file without them is an NLL calibration (the only objective then)
+_CALIBRATION_REQUIRED = _CALIBRATION_FIELDS - {"grid", "objective", "fits"}
+_OBJECTIVES = [o.value for o in CalibrationObjective]
 
 
 def save_calibration(result: CalibrationResult, path: PathLike, *, model: str,
@@ -95,3 +98,23 @@ def _check_calibration_values(values: dict, path: Path, owner: str, expected: Op
     grid = values.get("grid", [])
     if not isinstance(grid, list) or not all(isinstance(row, dict) for row in grid):
         raise error(f"{where}: grid must be a list of objects")
+    objective = values.get("objective", CalibrationObjective.NLL.value)
+    if objective not in _OBJECTIVES:
+        raise error(f"{where}: objective is {objective!r}; expected one of {', '.join(_OBJECTIVES)}")
+    fits = values.get("fits", {})
+    if not isinstance(fits, dict) or not all(isinstance(fit, dict) for fit in fits.values()):
+        raise error(f"{where}: fits must be an object of objects (objective -> fit)")
+    if unknown := sorted(set(fits) - set(_OBJECTIVES)):
+        raise error(f"{where}: fits has unknown objective(s) {', '.join(unknown)}")
+    for name, fit in fits.items():
+        for key in ("variance_scale", "temperature"):
+            value = fit.get(key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+                raise error(f"{where}: fits.{name}.{key} is {value!r}; it must be a finite number > 0")
+    if fits:
+        chosen = fits.get(objective)
+        if chosen is None:
+            raise error(f"{where}: objective {objective} has no fit in fits (re-run the calibrate@{owner} stage)")
+        if (chosen["variance_scale"], chosen["temperature"]) != (number("variance_scale"), number("temperature")):
+            raise error(f"{where}: variance_scale/temperature are not those of fits.{objective} "
+                        f"(re-run the calibrate@{owner} stage)")

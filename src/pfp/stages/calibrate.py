@@ -10,6 +10,7 @@ import numpy as np
 
 from pfp.artifacts.calibration import save_calibration
 from pfp.artifacts.pfp_params import load_pfp_params
+from pfp.artifacts.posterior import load_posterior
 from pfp.calibrate import CalibrationResult, ValidationSet, fit_calibration
 from pfp.config import CalibrateConfig
 from pfp.data.dirty_mnist import load_prepared, normalise
@@ -40,6 +41,8 @@ def calibrate(model: str, config: CalibrateConfig, *, seed: int, ece_bins: int, 
 
     ``models/MODEL/pfp.npz`` is refused if it belongs to another model, is invalid, or (when the
     posterior is at hand) was converted from another posterior than ``models/MODEL/posterior.npz``.
+    The posterior is needed too: both objectives' fits are recorded, and the mc_variance one
+    matches the whole-weight Monte-Carlo variance of the posterior.
 
     Parameters
     ----------
@@ -57,11 +60,12 @@ def calibrate(model: str, config: CalibrateConfig, *, seed: int, ece_bins: int, 
     root = Path(root)
     source, posterior = root / pfp_params_path(model), root / posterior_path(model)
     pfp_model = load_pfp_params(source, model, parent=posterior if posterior.is_file() else None)
+    posterior_model = load_posterior(posterior, model)
     sets = validation_sets(load_prepared(root / PREPARED_DIR))
-    result = fit_calibration(pfp_model, sets, config, seed=seed, ece_bins=ece_bins)
+    result = fit_calibration(pfp_model, sets, config, seed=seed, ece_bins=ece_bins, posterior=posterior_model)
     path = root / calibration_path(model)
     save_calibration(result, path, model=model, parent=source)
-    summary = {k: v for k, v in result.to_dict().items() if k != "grid"}
+    summary = {k: v for k, v in result.to_dict().items() if k != "grid"}  # fits: both objectives, nested
     summary_path = root / METRICS_DIR / f"calibrate_{model}.json"
     atomic_write_json(summary_path, summary)
     return CalibrateResult(calibration=result, path=path, summary=summary, summary_path=summary_path)
