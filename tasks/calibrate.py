@@ -7,10 +7,11 @@ from pfp.stages.calibrate import calibrate
 
 def main(params, argv):
     model = model_argument(params, argv)
-    with tracking.stage_run(f"calibrate@{model}", params={"model": model, **params.calibrate.model_dump()},
+    with tracking.stage_run(f"calibrate@{model}", params={"model": model, **params.calibrate.model_dump(mode="json")},
                             datasets=["validation"]) as run:
         result = calibrate(model, params.calibrate, seed=params.seed, ece_bins=params.evaluate.ece_bins)
-        run.log_metrics(result.summary)
+        run.log_metrics(result.summary)  # numbers only: fits.OBJECTIVE.{variance_scale,nll,ece,var_ratio_median,...}
+        run.set_tags({"calibrate.objective": result.calibration.objective})
         run.log_artifact(result.path)
 
 

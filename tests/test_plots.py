@@ -185,3 +185,14 @@ def test_loss_series(tmp_path):
     assert header == ["epoch", "elbo_loss"] and rows == [["1", "2.5"], ["2", ""], ["3", "1.25"]]
     with pytest.raises(ValueError, match="empty"):
         P.loss_series([], tmp_path / "empty.csv")
+
+
+def test_fidelity_series_quantiles_per_option_and_set(tmp_path):
+    ratios = {"pfp": {"mnist": np.arange(1, 102) / 100, "fashion": np.full(7, 0.5)}, "pfp_cov": {"mnist": np.ones(3)}}
+    header, rows = _read_csv(P.fidelity_series(ratios, tmp_path / "fidelity.csv", points=11))
+    assert header == ["quantile", "pfp_mnist", "pfp_fashion", "pfp_cov_mnist"] and len(rows) == 11
+    assert [float(r[0]) for r in rows] == pytest.approx(np.linspace(0, 1, 11))
+    assert [float(r[1]) for r in rows] == pytest.approx(np.linspace(0.01, 1.01, 11))  # linear interpolation
+    assert {r[2] for r in rows} == {"0.5"} and {r[3] for r in rows} == {"1.0"}
+    with pytest.raises(ValueError, match="empty"):
+        P.fidelity_series({}, tmp_path / "empty.csv")

@@ -180,7 +180,8 @@ def evaluate_model(posterior: Posterior, pfp_model: PFPModel, calibration: Calib
                    plot_dir: str | Path | None = None, pfp_library: Predictor | None = None,
                    series_dir: str | Path | None = None) -> dict[str, dict]:
     """Metrics per method (see module docstring); writes plots to ``plot_dir`` when given, and the
-    ROC and reliability series behind them as CSV to ``series_dir`` (``roc.csv``, ``reliability.csv``).
+    ROC, reliability and variance-ratio series behind them as CSV to ``series_dir`` (``roc.csv``,
+    ``reliability.csv``, ``fidelity.csv``).
 
     ``pfp_library``: the PFP predictor the pfp metrics come from (else one of ``config.pfp_backend``).
     """
@@ -215,6 +216,8 @@ def evaluate_model(posterior: Posterior, pfp_model: PFPModel, calibration: Calib
     if plot_dir is not None:
         write_plots(Path(plot_dir), posterior.spec.name, predictions, labels, config.ece_bins,
                     series_dir=Path(series_dir) if series_dir is not None else None)
+        if series_dir is not None:
+            plots.fidelity_series(report.ratios, Path(series_dir) / "fidelity.csv")
         plots.uncertainty_histograms({option: {s: np.log2(r) for s, r in per_set.items()}
                                       for option, per_set in report.ratios.items()}, Path(plot_dir) / "fidelity.png",
                                      title=f"{posterior.spec.name}: PFP / Monte-Carlo logit variance",

@@ -28,7 +28,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from pfp.metrics import ReliabilityBins
 
-__all__ = ["loss_curve", "loss_series", "reliability_diagram", "reliability_series", "roc_curves", "roc_series",
+__all__ = ["fidelity_series", "loss_curve", "loss_series", "reliability_diagram", "reliability_series", "roc_curves", "roc_series",
            "uncertainty_histograms"]
 
 # ROC curves are resampled on this false-positive-rate grid so all curves of all revisions share x values.
@@ -364,6 +364,18 @@ def _write_csv(path: str | os.PathLike[str], header: Sequence[str], rows: Sequen
     with atomic_path(path, suffix=".csv") as tmp:
         tmp.write_text(buffer.getvalue())
     return Path(path)
+
+
+def fidelity_series(ratios: Mapping[str, Mapping[str, np.ndarray]], path: str | os.PathLike[str],
+                    points: int = 101) -> Path:
+    """Quantile functions of the per-logit variance ratio PFP / Monte-Carlo as CSV: ``quantile`` on a
+    fixed grid over [0, 1], one column ``OPTION_SET`` per option and set (from the fidelity report)."""
+    _require_nonempty(ratios, "ratios")
+    grid = np.linspace(0.0, 1.0, points)
+    columns = {f"{option}_{name}": np.quantile(np.asarray(values, dtype=float), grid)
+               for option, per_set in ratios.items() for name, values in per_set.items()}
+    rows = [[float(q), *(float(columns[c][i]) for c in columns)] for i, q in enumerate(grid)]
+    return _write_csv(path, ["quantile", *columns], rows)
 
 
 def roc_series(

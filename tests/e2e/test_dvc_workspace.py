@@ -131,7 +131,7 @@ def test_push_names_the_remote_when_it_fails(tmp_path, params_file):
 
 
 def _write_series(workspace: Path, model: str, seed: int, shift: float) -> dict[str, Path]:
-    """The three series of the evaluate stage for ``model``, from predictions that depend on ``shift``."""
+    """The four series of the evaluate stage for ``model``, from predictions that depend on ``shift``."""
     rng = np.random.default_rng(seed)
     series = workspace / "plots" / model / "series"
     probs = rng.dirichlet(np.full(10, 0.3), 300)
@@ -145,7 +145,10 @@ def _write_series(workspace: Path, model: str, seed: int, shift: float) -> dict[
         curves[name] = (fpr, tpr, metrics.auroc(s_in, s_out))
     return {"roc": plots.roc_series(curves, series / "roc.csv"),
             "reliability": plots.reliability_series(bins, series / "reliability.csv"),
-            "loss": plots.loss_series(np.linspace(3, 1, 5) + shift, series / "loss.csv")}
+            "loss": plots.loss_series(np.linspace(3, 1, 5) + shift, series / "loss.csv"),
+            "fidelity": plots.fidelity_series({"pfp": {name: rng.lognormal(-0.4 + shift / 10, 0.2, 50)
+                                                       for name in ("mnist", "ambiguous", "fashion")}},
+                                              series / "fidelity.csv")}
 
 
 def test_plots_diff_overlays_two_revisions(tmp_path, params_file):
@@ -162,7 +165,9 @@ def test_plots_diff_overlays_two_revisions(tmp_path, params_file):
     data = rendered["data"]
     expected = {"mlp ELBO loss per example": ("loss", "epoch", {"elbo_loss"}),
                 "mlp OOD ROC, MNIST test vs Fashion-MNIST": ("roc", "fpr", {"svi_mi", "pfp_mi", "det_mi", "svi_sme", "pfp_sme", "det_sme"}),
-                "mlp reliability, MNIST test": ("reliability", "confidence", {"ideal", "svi_accuracy", "pfp_accuracy", "det_accuracy"})}
+                "mlp reliability, MNIST test": ("reliability", "confidence", {"ideal", "svi_accuracy", "pfp_accuracy", "det_accuracy"}),
+                "mlp PFP / Monte-Carlo logit variance (quantiles over logits, variance scale 1)": (
+                    "fidelity", "quantile", {"pfp_mnist", "pfp_ambiguous", "pfp_fashion"})}
     # (the stage plots, PNG figures, are not in this workspace: only the series' plots must render)
     assert not [error for error in rendered.get("errors", []) if error["name"] in expected or "series" in error["source"]]
     for plot_id, (name, x, fields) in expected.items():

@@ -56,7 +56,9 @@ def test_run_writes_metrics_and_plots(tuned_workspace, tune_params, monkeypatch,
     assert list(outcome.results["fidelity"]) == ["pfp", "pfp_calibrated"]  # the workspace's scale is 0.5
     # the figures' data for `dvc plots diff`: the training loss per epoch, ROC and reliability per method
     series = evaluate.series_dir("mlp")
-    assert sorted(p.name for p in series.iterdir()) == ["loss.csv", "reliability.csv", "roc.csv"]
+    assert sorted(p.name for p in series.iterdir()) == ["fidelity.csv", "loss.csv", "reliability.csv", "roc.csv"]
+    assert (series / "fidelity.csv").read_text().splitlines()[0] == (
+        "quantile,pfp_mnist,pfp_ambiguous,pfp_fashion,pfp_calibrated_mnist,pfp_calibrated_ambiguous,pfp_calibrated_fashion")
     assert (series / "loss.csv").read_text() == "epoch,elbo_loss\n1,2.0\n2,1.5\n3,1.25\n"
     assert (series / "roc.csv").read_text().splitlines()[0] == "fpr,svi_mi,svi_sme,pfp_mi,pfp_sme,det_mi,det_sme"
 
