@@ -46,7 +46,7 @@ def test_run_writes_metrics_and_plots(tuned_workspace, tune_params, monkeypatch,
     assert str(outcome.results_path) == "metrics/evaluate/mlp.json"
     assert json.loads(outcome.results_path.read_text()) == json.loads(json.dumps(outcome.results))
     assert set(outcome.results) == {"svi", "pfp", "det", "deployed", "fidelity", "objectives"} and outcome.results["pfp"]["backend"] == backend.value
-    assert outcome.tags["pfp.backend"] == backend.value
+    assert outcome.tags["pfp.backend"] == backend.value and outcome.tags["calibrate.objective"] == "nll"
     if backend is PFPBackend.TVM:
         assert outcome.results["pfp"]["library"] == outcome.tags["pfp.library"] == "models/mlp/tvm/host/pfp_b2.so"
     else:

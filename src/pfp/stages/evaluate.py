@@ -1,5 +1,9 @@
 """Stage `evaluate@MODEL`: svi / pfp / det metrics -> metrics/evaluate/MODEL.json + plots.
 
+Also the fidelity report (``fidelity``: PFP against whole-weight Monte-Carlo of the same
+posterior, per option and set; ``plots/MODEL/evaluate/fidelity.png``) and the PFP metrics at each
+calibration objective's fit side by side (``objectives``); see :mod:`pfp.evaluation`.
+
 The figures go to ``plots/MODEL/evaluate/``, their data (ROC, reliability and the training loss
 per epoch, from ``metrics/train_MODEL.json``) as CSV to ``plots/MODEL/series/`` for ``dvc plots diff``.
 
@@ -97,7 +101,7 @@ def run(model: str, config: EvaluateConfig, tune: TuneParams, *, seed: int) -> E
     except BundleError as error:
         raise DataError(f"{error}; run the bundle@{model} stage first") from None
     results["pfp"]["backend"] = config.pfp_backend.value
-    tags = {"pfp.backend": config.pfp_backend.value}
+    tags = {"pfp.backend": config.pfp_backend.value, "calibrate.objective": calibration.objective}
     if source is not None:
         results["pfp"]["library"] = source
         tags["pfp.library"] = source
