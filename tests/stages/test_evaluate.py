@@ -45,7 +45,7 @@ def test_run_writes_metrics_and_plots(tuned_workspace, tune_params, monkeypatch,
     outcome = evaluate.run("mlp", config, tune_params, seed=0)
     assert str(outcome.results_path) == "metrics/evaluate/mlp.json"
     assert json.loads(outcome.results_path.read_text()) == json.loads(json.dumps(outcome.results))
-    assert set(outcome.results) == {"svi", "pfp", "det", "deployed", "fidelity", "objectives"} and outcome.results["pfp"]["backend"] == backend.value
+    assert set(outcome.results) == {"svi", "pfp", "det", "deployed"} and outcome.results["pfp"]["backend"] == backend.value
     assert outcome.tags["pfp.backend"] == backend.value and outcome.tags["calibrate.objective"] == "nll"
     if backend is PFPBackend.TVM:
         assert outcome.results["pfp"]["library"] == outcome.tags["pfp.library"] == "models/mlp/tvm/host/pfp_b2.so"
@@ -53,7 +53,7 @@ def test_run_writes_metrics_and_plots(tuned_workspace, tune_params, monkeypatch,
         assert "library" not in outcome.results["pfp"] and "pfp.library" not in outcome.tags
     assert sorted(p.name for p in outcome.plot_dir.iterdir()) == ["fidelity.png", "mi_hist.png", "reliability.png",
                                                                   "roc.png", "sme_hist.png"]
-    assert list(outcome.results["fidelity"]) == ["pfp", "pfp_calibrated"]  # the workspace's scale is 0.5
+    assert list(outcome.results["pfp"]["fidelity"]) == ["pfp", "pfp_calibrated"]  # the workspace's scale is 0.5
     # the figures' data for `dvc plots diff`: the training loss per epoch, ROC and reliability per method
     series = evaluate.series_dir("mlp")
     assert sorted(p.name for p in series.iterdir()) == ["fidelity.csv", "loss.csv", "reliability.csv", "roc.csv"]

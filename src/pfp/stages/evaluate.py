@@ -1,8 +1,8 @@
 """Stage `evaluate@MODEL`: svi / pfp / det metrics -> metrics/evaluate/MODEL.json + plots.
 
-Also the fidelity report (``fidelity``: PFP against whole-weight Monte-Carlo of the same
-posterior, per option and set; ``plots/MODEL/evaluate/fidelity.png``) and the PFP metrics at each
-calibration objective's fit side by side (``objectives``); see :mod:`pfp.evaluation`.
+``pfp.fidelity``: the fidelity report (PFP against whole-weight Monte-Carlo of the same posterior,
+per option and set; ``plots/MODEL/evaluate/fidelity.png``), ``pfp.objectives``: the PFP metrics at
+each calibration objective's fit side by side; see :mod:`pfp.evaluation`.
 
 The figures go to ``plots/MODEL/evaluate/``, their data (ROC, reliability and the training loss
 per epoch, from ``metrics/train_MODEL.json``) as CSV to ``plots/MODEL/series/`` for ``dvc plots diff``.
