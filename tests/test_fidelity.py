@@ -131,13 +131,14 @@ def test_chunking_does_not_change_the_draws():
         assert reports[1]["pfp"]["set"][key] == pytest.approx(value, rel=1e-4), key
 
 
-def test_options_cover_the_calibrated_scale():
+def test_options_cover_the_calibrated_scales():
     model = convert_posterior(one_hidden_layer(0.1))
     x = images(model.spec, 4)
-    assert list(pfp_options(model)) == list(pfp_options(model, calibrated_scale=1.0)) == ["pfp"]
-    options = pfp_options(model, calibrated_scale=2.0)
-    assert list(options) == ["pfp", "pfp_calibrated"]
-    torch.testing.assert_close(options["pfp_calibrated"](x)[1], pfp_moments(model, variance_scale=2.0)(x)[1])
+    assert list(pfp_options(model)) == ["pfp"]
+    options = pfp_options(model, scales={"nll": 1.0, "mc_variance": 2.0})
+    assert list(options) == ["pfp", "pfp_nll", "pfp_mc_variance"]
+    torch.testing.assert_close(options["pfp_nll"](x)[1], options["pfp"](x)[1])
+    torch.testing.assert_close(options["pfp_mc_variance"](x)[1], pfp_moments(model, variance_scale=2.0)(x)[1])
     # the logit variance grows with the scale, close to linearly (the ReLU moments are not linear in it)
-    ratio = options["pfp_calibrated"](x)[1] / options["pfp"](x)[1]
+    ratio = options["pfp_mc_variance"](x)[1] / options["pfp"](x)[1]
     assert 1.5 < float(ratio.min()) and float(ratio.max()) < 2.5

@@ -168,10 +168,11 @@ def fidelity_metrics(posterior: Posterior, pfp_model: PFPModel, calibration: Cal
                      inputs: dict[EvalSet, torch.Tensor], config: EvaluateConfig, *,
                      seed: int) -> fidelity.FidelityReport:
     """The fidelity report on the first ``config.fidelity_images`` images of every set, against
-    ``config.fidelity_samples`` whole-weight draws (options: :func:`pfp.fidelity.pfp_options`)."""
+    ``config.fidelity_samples`` whole-weight draws (options: :func:`pfp.fidelity.pfp_options`, at scale 1
+    and at each calibration objective's scale)."""
     return fidelity.fidelity_report(
         posterior, pfp_model.spec, {s.value: x[: config.fidelity_images] for s, x in inputs.items()},
-        fidelity.pfp_options(pfp_model, calibrated_scale=calibration.variance_scale),
+        fidelity.pfp_options(pfp_model, scales={name: fit["variance_scale"] for name, fit in calibration_fits(calibration).items()}),
         samples=config.fidelity_samples, seed=seed, logit_samples=config.logit_samples)
 
 

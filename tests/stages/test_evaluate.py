@@ -53,12 +53,12 @@ def test_run_writes_metrics_and_plots(tuned_workspace, tune_params, monkeypatch,
         assert "library" not in outcome.results["pfp"] and "pfp.library" not in outcome.tags
     assert sorted(p.name for p in outcome.plot_dir.iterdir()) == ["fidelity.png", "mi_hist.png", "reliability.png",
                                                                   "roc.png", "sme_hist.png"]
-    assert list(outcome.results["pfp"]["fidelity"]) == ["pfp", "pfp_calibrated"]  # the workspace's scale is 0.5
+    assert list(outcome.results["pfp"]["fidelity"]) == ["pfp", "pfp_nll"]  # the workspace's calibration: 0.5, no fits
     # the figures' data for `dvc plots diff`: the training loss per epoch, ROC and reliability per method
     series = evaluate.series_dir("mlp")
     assert sorted(p.name for p in series.iterdir()) == ["fidelity.csv", "loss.csv", "reliability.csv", "roc.csv"]
     assert (series / "fidelity.csv").read_text().splitlines()[0] == (
-        "quantile,pfp_mnist,pfp_ambiguous,pfp_fashion,pfp_calibrated_mnist,pfp_calibrated_ambiguous,pfp_calibrated_fashion")
+        "quantile,pfp_mnist,pfp_ambiguous,pfp_fashion,pfp_nll_mnist,pfp_nll_ambiguous,pfp_nll_fashion")
     assert (series / "loss.csv").read_text() == "epoch,elbo_loss\n1,2.0\n2,1.5\n3,1.25\n"
     assert (series / "roc.csv").read_text().splitlines()[0] == "fpr,svi_mi,svi_sme,pfp_mi,pfp_sme,det_mi,det_sme"
 

@@ -176,10 +176,11 @@ def pfp_moments(pfp_model: PFPModel, *, variance_scale: float = 1.0, covariance_
     return lambda x: predict_pfp(pfp_model, x, variance_scale=variance_scale, **extra)
 
 
-def pfp_options(pfp_model: PFPModel, *, calibrated_scale: float | None = None) -> dict[str, Moments]:
-    """The options the evaluate stage reports: plain PFP (``pfp``), the covariance-aware PFP at the
-    model's own setting when it has one (``pfp_cov``), each also at the calibrated variance scale
-    (``*_calibrated``) when that differs from 1."""
+def pfp_options(pfp_model: PFPModel, *, scales: Mapping[str, float] | None = None) -> dict[str, Moments]:
+    """The options the evaluate stage reports: plain PFP (``pfp``) and the covariance-aware PFP at the
+    model's own setting when it has one (``pfp_cov``), at variance scale 1 (the BNN itself), and each
+    also at every scale of ``scales`` (label -> scale, e.g. each calibration objective's fit) as
+    ``NAME_LABEL`` (``pfp_nll``, ``pfp_mc_variance``)."""
     variants = {"pfp": 0}
     covariance = getattr(pfp_model, "covariance_layers", 0)
     if covariance:
@@ -187,9 +188,8 @@ def pfp_options(pfp_model: PFPModel, *, calibrated_scale: float | None = None) -
     options = {}
     for name, layers in variants.items():
         options[name] = pfp_moments(pfp_model, covariance_layers=layers)
-        if calibrated_scale is not None and calibrated_scale != 1.0:
-            options[f"{name}_calibrated"] = pfp_moments(pfp_model, variance_scale=calibrated_scale,
-                                                        covariance_layers=layers)
+        for label, scale in (scales or {}).items():
+            options[f"{name}_{label}"] = pfp_moments(pfp_model, variance_scale=scale, covariance_layers=layers)
     return options
 
 

@@ -1,5 +1,5 @@
 """``python -m pfp.fidelity --model M --workspace DIR``: the fidelity table of a DVC workspace's trained model
-(read only), PFP at variance scale 1 and at the calibrated scale against whole-weight Monte-Carlo."""
+(read only): PFP at variance scale 1 and at each calibration objective's scale against whole-weight Monte-Carlo."""
 
 from __future__ import annotations
 
@@ -28,11 +28,13 @@ def main(argv: list[str] | None = None) -> int:
     arrays = load_prepared(args.workspace / PREPARED_DIR)
     inputs = {name: normalise(arrays[f"{key}_x"][: args.images])
               for name, key in SETS}
-    options = pfp_options(trained.pfp_model, calibrated_scale=trained.calibration.variance_scale)
+    fits = trained.calibration.fits or {trained.calibration.objective: {"variance_scale": trained.calibration.variance_scale}}
+    options = pfp_options(trained.pfp_model, scales={name: fit["variance_scale"] for name, fit in fits.items()})
     report = fidelity_report(trained.posterior, trained.pfp_model.spec, inputs, options, samples=args.samples,
                              seed=args.seed, logit_samples=args.logit_samples)
-    print(f"{args.model}: PFP vs {args.samples} whole-weight draws, {args.images} images per set, "
-          f"calibrated scale {trained.calibration.variance_scale:g}")
+    scales = ", ".join(f"{name} {fit['variance_scale']:.4g}" for name, fit in fits.items())
+    print(f"{args.model}: PFP vs {args.samples} whole-weight draws, {args.images} images per set; "
+          f"calibrated scales: {scales} (chosen: {trained.calibration.objective})")
     print(format_table(report.table))
     return 0
 
