@@ -22,13 +22,18 @@ import torch
 import torch.nn.functional as F
 from torch.func import jacrev, vmap
 
+from pfp import metrics
 from pfp.backends.covariance import covariance_block, max_covariance_layers
 from pfp.backends.torch_ref import deterministic_forward, ensemble_forward, pfp_forward
 from pfp.backends.weights import sample_stacked_weights
 from pfp.io import atomic_write_json
+from pfp.predictive import gaussian_logit_noise, gaussian_logit_softmax_samples
 from pfp.spec import LayerTable, ModelSpec
 
-__all__ = ["correction_macs", "curve", "linearised_correction", "main"]
+__all__ = ["MI_DRAWS", "correction_macs", "curve", "linearised_correction", "main"]
+
+#: draws of PFP's Gaussian logits per image for its MI (as the evaluate stage's logit_samples)
+MI_DRAWS = 1000
 
 
 def _linear_var(layer, h: torch.Tensor, r: torch.Tensor | None, weights) -> torch.Tensor:
@@ -137,9 +142,12 @@ def curve(spec: ModelSpec, posterior, params, x: torch.Tensor, *, samples: int, 
         for start in range(0, samples, draws_per_pass):
             stacked = sample_stacked_weights(posterior, min(draws_per_pass, samples - start), generator)
             draws.append(ensemble_forward(spec, stacked, x))
-    mc_var = torch.cat(draws).var(0)
+    draws = torch.cat(draws)
+    mc_var = draws.var(0)
+    mc_mi = metrics.mutual_information(torch.softmax(draws, -1).numpy())
+    noise = gaussian_logit_noise(MI_DRAWS, (x.shape[0], spec.num_outputs), seed)
     with torch.no_grad():
-        plain = pfp_forward(spec, params, x)[1]
+        logit_mean, plain = pfp_forward(spec, params, x)
     linearised = linearised_correction(spec, posterior, x).detach()
     options = {"plain": (plain, 0)}
     for k in range(2, max_covariance_layers(spec) + 1):
@@ -147,15 +155,17 @@ def curve(spec: ModelSpec, posterior, params, x: torch.Tensor, *, samples: int, 
             options[f"dense_last_{k}"] = (pfp_forward(spec, params, x, covariance_layers=k)[1], correction_macs(spec, k))
     det_macs = pfp_macs(spec) // 2
     options["linearised_all_layers"] = ((plain + linearised).clamp_min(0), 2 * spec.num_outputs * det_macs)
-    rows = {}
+    rows, mi = {}, {"monte_carlo": mc_mi}
     for name, (var, macs) in options.items():
         ratio = (var / mc_var).flatten()
+        mi[name] = metrics.mutual_information(gaussian_logit_softmax_samples(logit_mean, var, noise=noise))
         rows[name] = {"median_ratio": float(ratio.median()), "p10_ratio": float(ratio.quantile(0.1)),
                       "p90_ratio": float(ratio.quantile(0.9)), "extra_macs": int(macs),
                       "extra_macs_over_pfp": macs / pfp_macs(spec),
-                      "share_of_dropped_covariance": float((var - plain).sum() / linearised.sum())}
-    return {"images": int(x.shape[0]), "samples": samples,
-            "single_variance_rel_se": math.sqrt(2.0 / (samples - 1)), "options": rows}
+                      "share_of_dropped_covariance": float((var - plain).sum() / linearised.sum()),
+                      "mean_mi": float(mi[name].mean()), "mi_ratio": float(mi[name].mean() / mc_mi.mean())}
+    return {"images": int(x.shape[0]), "samples": samples, "mean_mi_monte_carlo": float(mc_mi.mean()),
+            "single_variance_rel_se": math.sqrt(2.0 / (samples - 1)), "options": rows, "mi": mi}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -179,7 +189,12 @@ def main(argv: list[str] | None = None) -> None:
         for name, row in report[split]["options"].items():
             print(f"{args.model} {split:15s} {name:22s} median {row['median_ratio']:.3f} "
                   f"p10-p90 {row['p10_ratio']:.3f}-{row['p90_ratio']:.3f}  +MACs {row['extra_macs_over_pfp']:.2f}x PFP  "
-                  f"share {row['share_of_dropped_covariance']:.2f}", flush=True)
+                  f"share {row['share_of_dropped_covariance']:.2f}  MI ratio {row['mi_ratio']:.3f}", flush=True)
+    mi_in, mi_out = report["mnist_test"].pop("mi"), report["ood_test"].pop("mi")
+    report["ambiguous_test"].pop("mi")
+    report["ood_auroc_mi"] = {name: metrics.auroc(mi_in[name], mi_out[name]) for name in mi_in}
+    print(f"{args.model} OOD AUROC (MI, MNIST vs Fashion): "
+          + ", ".join(f"{name} {value:.4f}" for name, value in report["ood_auroc_mi"].items()), flush=True)
     if args.output:
         atomic_write_json(args.output, report)
 

@@ -311,8 +311,7 @@ def _covariance_epilogue(var: relax.Expr, ctx: _Build) -> relax.Expr:
                                      noise.get(name), slope, primfunc_name_hint=f"{name}_covariance_forward")
     # exact: the logits' Jacobian rows backwards, every covariance kept
     last = records[dense[-1]][1]
-    jacobian = bb.emit_te(cov_ops.covariance_seed, weights[f"{last}_weight_mean"], slopes.get(dense[-1] - 1), batch,
-                          primfunc_name_hint=f"{last}_covariance_seed")
+    jacobian = (weights[f"{last}_weight_mean"], slopes.get(dense[-1] - 1))  # formed inside the first backward step
     exact = []
     for i in reversed(dense[:-1]):
         name, boundary = records[i][1], i == dense[0]
@@ -322,7 +321,7 @@ def _covariance_epilogue(var: relax.Expr, ctx: _Build) -> relax.Expr:
         if boundary and records[i][3] is None:
             break  # deterministic block input: no boundary variance to carry
         jacobian = bb.emit_te(cov_ops.covariance_backprop, jacobian, weights[f"{name}_weight_mean_t"], slopes.get(i - 1),
-                              classes, primfunc_name_hint=f"{name}_covariance_backprop")
+                              classes, batch, primfunc_name_hint=f"{name}_covariance_backprop")
         if boundary:
             exact.append(bb.emit_te(cov_ops.covariance_exact, jacobian, records[i][3], classes,
                                     primfunc_name_hint=f"{name}_covariance_boundary"))

@@ -13,7 +13,7 @@ from pfp.backends.tvm.ops.common import _check, _f, _ints
 from pfp.backends.tvm.ops.gaussian import RELU_VAR_EPS, _clamp_std_arg, _Lets, _normal_stats
 
 __all__ = ["covariance_backprop", "covariance_combine", "covariance_exact", "covariance_forward",
-           "covariance_noise", "covariance_seed", "relu_slope"]
+           "covariance_noise", "relu_slope"]
 
 
 def relu_slope(mean: te.Tensor, var: te.Tensor) -> te.Tensor:
@@ -32,29 +32,41 @@ def relu_slope(mean: te.Tensor, var: te.Tensor) -> te.Tensor:
     return te.compute(mean.shape, fcompute, name="relu_slope")
 
 
-def covariance_seed(weight_mean: te.Tensor, slope: te.Tensor | None, batch: int) -> te.Tensor:
-    """``G[b*C + c, k] = W[c, k] * slope[b, k]``: the logits' Jacobian at the last dense layer's
-    input, through the ReLU before it when there is one (``slope``)."""
-    classes, units = _ints(weight_mean.shape)
-    if slope is None:
-        return te.compute((batch * classes, units), lambda r, k: weight_mean[r % classes, k], name="covariance_seed")
-    _check(_ints(slope.shape) == (batch, units), f"covariance_seed: slope {_ints(slope.shape)}, expected {(batch, units)}")
-    return te.compute((batch * classes, units),
-                      lambda r, k: weight_mean[r % classes, k] * slope[r // classes, k], name="covariance_seed")
-
-
-def covariance_backprop(jacobian: te.Tensor, weight_mean_t: te.Tensor, slope: te.Tensor | None,
-                        classes: int) -> te.Tensor:
+def covariance_backprop(jacobian: te.Tensor | tuple[te.Tensor, te.Tensor | None], weight_mean_t: te.Tensor,
+                        slope: te.Tensor | None, classes: int, batch: int) -> te.Tensor:
     """``G W`` (one dense layer backwards; ``weight_mean_t`` is W transposed, (in, out)), times the
-    slope of the ReLU before it when there is one: (B * C, in)."""
-    rows, out_units = _ints(jacobian.shape)
+    slope of the ReLU before it when there is one: (B * C, in).
+
+    ``jacobian`` is ``G`` (B * C, out), or the pair ``(W_last, slope_last)`` for the first step: then
+    ``G[b*C + c, k] = W_last[c, k] * slope_last[b, k]`` is formed inside the reduction, never stored (a
+    separate broadcasting kernel would be vectorised across rows into gathers).
+    """
+    if isinstance(jacobian, tuple):
+        weight_last, seed_slope = jacobian
+        classes_last, out_units = _ints(weight_last.shape)
+        _check(classes_last == classes, f"covariance_backprop: last weight has {classes_last} rows, expected {classes}")
+        if seed_slope is None:
+            def g(r, k):
+                return weight_last[r % classes, k]
+        else:
+            _check(_ints(seed_slope.shape) == (batch, out_units),
+                   f"covariance_backprop: slope {_ints(seed_slope.shape)}, expected {(batch, out_units)}")
+
+            def g(r, k):
+                return weight_last[r % classes, k] * seed_slope[r // classes, k]
+        rows = batch * classes
+    else:
+        rows, out_units = _ints(jacobian.shape)
+
+        def g(r, k):
+            return jacobian[r, k]
     in_units, weight_out = _ints(weight_mean_t.shape)
     _check(out_units == weight_out, f"covariance_backprop: jacobian has {out_units} units, weight {weight_out}")
     k = te.reduce_axis((0, out_units), name="k")
-    acc = te.compute((rows, in_units), lambda r, j: te.sum(jacobian[r, k] * weight_mean_t[j, k], axis=k),
+    acc = te.compute((rows, in_units), lambda r, j: te.sum(g(r, k) * weight_mean_t[j, k], axis=k),
                      name="covariance_backprop_acc")
     if slope is None:
-        return te.compute((rows, in_units), lambda r, j: acc[r, j], name="covariance_backprop")
+        return acc
     return te.compute((rows, in_units), lambda r, j: acc[r, j] * slope[r // classes, j], name="covariance_backprop")
 
 
