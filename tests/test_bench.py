@@ -96,13 +96,15 @@ def test_time_side_by_side_interleaves_rounds():
 
 def test_benchmark_model_reports_every_predictor():
     posterior = random_posterior("mlp")
-    results = benchmark_model(posterior, convert_posterior(posterior), batch_size=2, svi_samples=3, repeat=1, tvm_number=1, tvm_repeat=1)
+    results = benchmark_model(posterior, convert_posterior(posterior, covariance_layers=2), batch_size=2, svi_samples=3,
+                              repeat=1, tvm_number=1, tvm_repeat=1)
     expected = {"svi_pyro_ms", "svi_torch_ms", "svi_tvm_ms", "pfp_torch_ms", "pfp_tvm_untuned_ms", "pfp_tvm_separate_untuned_ms",
-                "det_tvm_untuned_ms", "pfp_tvm_hand_ms", "pfp_tvm_ms", "pfp_tvm_separate_ms", "det_tvm_ms"}
+                "det_tvm_untuned_ms", "pfp_tvm_hand_ms", "pfp_tvm_ms", "pfp_tvm_separate_ms", "det_tvm_ms", "pfp_cov_tvm_ms"}
     assert expected <= set(results)
     assert all(results[key] > 0 for key in expected)
     assert results["svi_pyro_over_pfp_tvm"] == pytest.approx(results["svi_pyro_ms"] / results["pfp_tvm_ms"])
     assert results["pfp_over_det_tvm"] == pytest.approx(results["pfp_tvm_ms"] / results["det_tvm_ms"])
+    assert results["pfp_cov_over_pfp_tvm"] == pytest.approx(results["pfp_cov_tvm_ms"] / results["pfp_tvm_ms"])
     # no tuned libraries given: every compiled variant was built here with the hand schedules
     assert results["schedules"] == {variant.value: "hand" for variant in TUNED_KEYS}
     # the thread counts the figures ran with: TVM's pool on every physical core (unless the environment says)

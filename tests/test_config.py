@@ -167,7 +167,7 @@ TRAIN = {"mlp": {}, "lenet": {}}
 def test_tune_defaults_measure_locally_on_the_host():
     tune = parse_params({"train": TRAIN}).tune
     assert tune.target.value == "host" and tune.rpc.tracker is None and not tune.rpc.emulated
-    assert [v.value for v in tune.variants] == ["pfp", "pfp_separate", "det", "svi"]
+    assert [v.value for v in tune.variants] == ["pfp", "pfp_separate", "pfp_cov", "det", "svi"]
 
 
 @pytest.mark.parametrize("tune, message", [

@@ -142,3 +142,18 @@ def test_options_cover_the_calibrated_scales():
     # the logit variance grows with the scale, close to linearly (the ReLU moments are not linear in it)
     ratio = options["pfp_mc_variance"](x)[1] / options["pfp"](x)[1]
     assert 1.5 < float(ratio.min()) and float(ratio.max()) < 2.5
+
+
+@pytest.mark.parametrize("units", [2, 4])
+def test_covariance_aware_option_restores_the_shared_input_variance(units):
+    """The covariance-aware PFP (last 2 dense layers) adds the dropped covariance back: ratio ~1, not 1/K."""
+    posterior = shared_input_net(units)
+    model = convert_posterior(posterior, covariance_layers=2)
+    options = pfp_options(model, scales={"mc_variance": 1.5})
+    assert list(options) == ["pfp", "pfp_mc_variance", "pfp_cov", "pfp_cov_mc_variance"]
+    x = 0.5 + torch.rand((6, 1, 1, 1), generator=torch.Generator().manual_seed(0))
+    report = fidelity_report(posterior, model.spec, {"set": x}, {k: options[k] for k in ("pfp", "pfp_cov")},
+                             samples=3000, seed=3)
+    plain, covariance = report.table["pfp"]["set"], report.table["pfp_cov"]["set"]
+    assert plain["var_ratio_median"] == pytest.approx(1 / units, rel=4 * plain["var_rel_se_single"])
+    assert covariance["var_ratio_median"] == pytest.approx(1.0, rel=4 * covariance["var_rel_se_single"])

@@ -67,7 +67,7 @@ def guide_from_posterior(posterior: Posterior, model: Callable, x: torch.Tensor)
 
 #: latency.json keys of the compiled predictors, per variant
 TUNED_KEYS = {Variant.PFP: "pfp_tvm_ms", Variant.PFP_SEPARATE: "pfp_tvm_separate_ms", Variant.DET: "det_tvm_ms",
-              Variant.SVI: "svi_tvm_ms"}
+              Variant.SVI: "svi_tvm_ms", Variant.PFP_COV: "pfp_cov_tvm_ms"}
 
 
 def benchmark_model(posterior: Posterior, pfp_model: PFPModel, batch_size: int, *, svi_samples: int = 30,
@@ -109,6 +109,8 @@ def benchmark_model(posterior: Posterior, pfp_model: PFPModel, batch_size: int, 
     models["pfp_tvm_hand_ms"] = compiled(Variant.PFP, Schedule.HAND)
     schedules = {}
     for variant, name in TUNED_KEYS.items():
+        if variant is Variant.PFP_COV and pfp_model.covariance_layers < 2:
+            continue  # a plain model has no covariance-aware variant
         library = libraries.get(variant)
         schedules[variant.value] = "tuned" if library is not None else "hand"
         models[name] = library if library is not None else compiled(variant, Schedule.HAND)
@@ -118,6 +120,9 @@ def benchmark_model(posterior: Posterior, pfp_model: PFPModel, batch_size: int, 
     results["pfp_over_det_tvm"] = results["pfp_tvm_ms"] / results["det_tvm_ms"]
     results["separate_over_joint_tvm"] = results["pfp_tvm_separate_ms"] / results["pfp_tvm_ms"]
     results["untuned_over_tuned_pfp_tvm"] = results["pfp_tvm_untuned_ms"] / results["pfp_tvm_ms"]
+    if "pfp_cov_tvm_ms" in results:
+        results["pfp_cov_over_pfp_tvm"] = results["pfp_cov_tvm_ms"] / results["pfp_tvm_ms"]
+        results["svi_tvm_over_pfp_cov_tvm"] = results["svi_tvm_ms"] / results["pfp_cov_tvm_ms"]
     results["schedules"] = schedules
     # what the figures ran on: TVM's pool is sized by pfp.backends.tvm (physical cores), torch's by torch
     results["threads"] = {"tvm": models["pfp_tvm_ms"].describe()["threads"], "torch": pfp_torch.describe()["threads"]}

@@ -103,7 +103,8 @@ def build_bundle(pfp_model: PFPModel, folder: str | Path, *, target: str, batch_
     try:
         libraries, schedules = {}, {}
         for batch in sorted(set(int(b) for b in batch_sizes)):
-            mod = build_pfp_module(spec, pfp_model.params, batch_size=batch, variance_scale=variance_scale, head=head)
+            mod = build_pfp_module(spec, pfp_model.params, batch_size=batch, variance_scale=variance_scale, head=head,
+                                   covariance_layers=pfp_model.covariance_layers)
             database = (databases or {}).get(batch)
             schedule = Schedule.TUNED if database is not None else Schedule.HAND
             export_library(compile_module(mod, tvm_target, schedule, database), work / library_name(batch), tvm_target)
@@ -121,6 +122,7 @@ def build_bundle(pfp_model: PFPModel, folder: str | Path, *, target: str, batch_
             "input": {"shape": list(spec.input_shape), "mean": MNIST_MEAN, "std": MNIST_STD,
                       "accepts": "uint8 0-255 or float 0-1, (N, 28, 28) or (N, 1, 28, 28)"},
             "calibration": {"temperature": float(temperature), "variance_scale": float(variance_scale)},
+            "covariance_layers": pfp_model.covariance_layers,
             "head": {"draws": head_draw_count, "sequence": "scrambled Sobol, normal quantile", "seed": seed,
                      "packed_output": [[name, width] for name, width in HEAD_OUTPUTS]},
             "ood": {"score": ood_score, "threshold": float("inf"), "target_tpr": ood_target_tpr},

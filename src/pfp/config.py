@@ -106,6 +106,10 @@ class ConvertConfig(_Section):
     # Run each 2x2 max-pool before the ReLU it follows (exact for deterministic networks; see
     # pfp.convert.pool_before_relu). False keeps the trained model's order, e.g. for an ablation.
     pool_before_relu: bool = True
+    # The model's PFP adds back the covariance of units that share inputs in its last k dense layers
+    # (pfp.backends.covariance); 0: plain PFP. 2 brings both models' logit variance to the sampled
+    # network's (median ratio ~1.0 vs ~0.5-0.75 plain) at a small cost (README, "Covariance-aware PFP").
+    covariance_layers: int = Field(2, ge=0, le=16)
 
 
 class CalibrationObjective(str, Enum):
@@ -177,6 +181,7 @@ class Variant(str, Enum):
 
     PFP = "pfp"  # probabilistic forward pass, joint mean/variance operators
     PFP_SEPARATE = "pfp_separate"  # the same with separate mean and variance operators (ablation)
+    PFP_COV = "pfp_cov"  # covariance-aware PFP: the last convert.covariance_layers dense layers' covariance added back
     DET = "det"  # deterministic twin (mean weights): the cost floor
     SVI = "svi"  # SVI with pre-drawn weight samples, all members in one batched pass
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pfp.backends.covariance import covariance_block
 from pfp.backends.torch_ref import GaussianLayerParams, pfp_forward
 from pfp.bnn import Posterior, site_names
 from pfp.spec import MaxPool2d, ModelSpec, ReLU
@@ -25,6 +26,14 @@ class PFPModel:
 
     spec: ModelSpec
     params: dict[str, GaussianLayerParams]
+    #: trailing dense layers whose shared-input covariance the model's PFP adds back
+    #: (:mod:`pfp.backends.covariance`); 0: plain PFP (independent units)
+    covariance_layers: int = 0
+
+    @property
+    def pfp_variant(self) -> str:
+        """The compiled variant that is this model's PFP: ``pfp_cov`` when it carries covariance, else ``pfp``."""
+        return "pfp_cov" if self.covariance_layers >= 2 else "pfp"
 
 
 def pool_before_relu(spec: ModelSpec) -> ModelSpec:
@@ -50,8 +59,10 @@ def pool_before_relu(spec: ModelSpec) -> ModelSpec:
     return ModelSpec(name=spec.name, input_shape=spec.input_shape, layers=tuple(reordered))
 
 
-def convert_posterior(posterior: Posterior, *, pool_first: bool = True) -> PFPModel:
-    """Gaussian parameters per layer; ``pool_first`` runs max-pools before the ReLUs they follow (see :func:`pool_before_relu`)."""
+def convert_posterior(posterior: Posterior, *, pool_first: bool = True, covariance_layers: int = 0) -> PFPModel:
+    """Gaussian parameters per layer; ``pool_first`` runs max-pools before the ReLUs they follow (see
+    :func:`pool_before_relu`); ``covariance_layers`` is the model's PFP option (checked against the spec)."""
+    covariance_block(posterior.spec, covariance_layers)  # refuses a block the model does not have
     params = {}
     for layer in posterior.spec.parametric_layers():
         weight_site, bias_site = site_names(layer.name)
@@ -64,17 +75,24 @@ def convert_posterior(posterior: Posterior, *, pool_first: bool = True) -> PFPMo
             bias_mean=posterior.loc[bias_site].float(),
             bias_var=(posterior.scale[bias_site].double() ** 2).float(),
         )
-    return PFPModel(spec=pool_before_relu(posterior.spec) if pool_first else posterior.spec, params=params)
+    return PFPModel(spec=pool_before_relu(posterior.spec) if pool_first else posterior.spec, params=params,
+                    covariance_layers=covariance_layers)
 
 
 def predict_pfp(
-    model: PFPModel, x: torch.Tensor, *, variance_scale: float = 1.0, batch_size: int = 1000
+    model: PFPModel, x: torch.Tensor, *, variance_scale: float = 1.0, covariance_layers: int | None = None,
+    batch_size: int = 1000,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gaussian logits (mean, variance), each (N, C), from one probabilistic forward pass."""
+    """Gaussian logits (mean, variance), each (N, C), from one probabilistic forward pass.
+
+    ``covariance_layers``: None runs the model's own PFP option, 0 plain PFP, k the last k dense layers' covariance.
+    """
+    layers = model.covariance_layers if covariance_layers is None else covariance_layers
     means, variances = [], []
     with torch.no_grad():
         for start in range(0, x.shape[0], batch_size):
-            mean, var = pfp_forward(model.spec, model.params, x[start : start + batch_size], variance_scale=variance_scale)
+            mean, var = pfp_forward(model.spec, model.params, x[start : start + batch_size], variance_scale=variance_scale,
+                                    covariance_layers=layers)
             means.append(mean)
             variances.append(var)
     return torch.cat(means), torch.cat(variances)

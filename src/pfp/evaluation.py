@@ -26,7 +26,7 @@ from pfp.backends import base
 from pfp.backends.base import Backend, Predictor
 from pfp.bnn import Posterior, predict_deterministic, predict_svi
 from pfp.calibrate import CalibrationResult
-from pfp.config import EvaluateConfig, PFPBackend, Variant
+from pfp.config import EvaluateConfig, PFPBackend
 from pfp.convert import PFPModel
 from pfp.data.dirty_mnist import normalise
 from pfp.predictive import gaussian_logit_softmax_samples, softmax_samples
@@ -67,7 +67,7 @@ def pfp_predictor(pfp_model: PFPModel, *, variance_scale: float, config: Evaluat
     cache = pfp_model.__dict__.setdefault("_predictors", {})
     key = (config.pfp_backend.value, variance_scale, batch_size)
     if key not in cache:  # a compiling backend (TVM) compiles here: only when asked for
-        cache[key] = base.create(config.pfp_backend, Variant.PFP, pfp_model, batch_size=batch_size,
+        cache[key] = base.create(config.pfp_backend, pfp_model.pfp_variant, pfp_model, batch_size=batch_size,
                                  variance_scale=variance_scale)
     return cache[key]
 
@@ -128,7 +128,7 @@ def moment_errors(posterior: Posterior, pfp_model: PFPModel, x: torch.Tensor, *,
                   variance_scale: float = 1.0) -> dict[str, float]:
     """Relative error of PFP's logit mean/variance (the PyTorch reference) against SVI's sampled moments."""
     logits = predict_svi(posterior, x, num_samples=num_samples, seed=seed)
-    reference = base.create(Backend.TORCH, Variant.PFP, pfp_model, batch_size=1000, variance_scale=variance_scale)
+    reference = base.create(Backend.TORCH, pfp_model.pfp_variant, pfp_model, batch_size=1000, variance_scale=variance_scale)
     logit_mean, logit_var = reference.predict(x.numpy())
     return {
         "logit_mean_rel_error": metrics.relative_error(logit_mean, logits.mean(0).numpy()),

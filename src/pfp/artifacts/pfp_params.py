@@ -11,10 +11,14 @@ import torch
 
 from pfp.artifacts.header import HEADER_KEY, ArtifactHeader, ArtifactKind, PathLike, header_entry, model_name
 from pfp.artifacts.posterior import SPEC_KEY, ParameterFileError, checked_array, read_parameter_archive
+from pfp.backends.covariance import covariance_block
 from pfp.backends.torch_ref import GaussianLayerParams
 from pfp.convert import PFPModel
 from pfp.io import atomic_savez
+from pfp.spec import SpecError
 
+#: the model's PFP option (pfp.convert.PFPModel.covariance_layers); files written before it have none: plain PFP
+COVARIANCE_KEY = "covariance_layers"
 FIELDS = ("weight_mean", "weight_var", "weight_m2", "bias_mean", "bias_var")
 _NON_NEGATIVE = ("weight_var", "weight_m2", "bias_var")
 
@@ -37,7 +41,8 @@ def save_pfp_params(pfp_model: PFPModel, path: PathLike, *, parent: Optional[Pat
         The header written.
     """
     header = ArtifactHeader.for_kind(ArtifactKind.PFP_PARAMS, pfp_model.spec.name, parent)
-    arrays = {HEADER_KEY: header_entry(header), SPEC_KEY: np.array(pfp_model.spec.to_json())}
+    arrays = {HEADER_KEY: header_entry(header), SPEC_KEY: np.array(pfp_model.spec.to_json()),
+              COVARIANCE_KEY: np.array(pfp_model.covariance_layers, dtype=np.int64)}
     for name, layer in pfp_model.params.items():
         for field in FIELDS:
             arrays[f"{name}.{field}"] = getattr(layer, field).numpy().astype(np.float32)
@@ -64,4 +69,9 @@ def load_pfp_params(path: PathLike, model: Optional[str], *, parent: Optional[Pa
                 raise ParameterFileError(f"{where}: {key} has negative values; variances must be >= 0")
             values[field] = torch.from_numpy(value)
         params[layer.name] = GaussianLayerParams(**values)
-    return PFPModel(spec=spec, params=params)
+    layers = arrays.pop(COVARIANCE_KEY, np.array(0))
+    try:
+        covariance_block(spec, int(layers))
+    except (SpecError, TypeError, ValueError) as error:
+        raise ParameterFileError(f"{where}: {COVARIANCE_KEY}: {error}") from None
+    return PFPModel(spec=spec, params=params, covariance_layers=int(layers))

@@ -74,7 +74,8 @@ class Schedule(str, Enum):
 
 
 #: What each variant of :class:`pfp.config.Variant` returns.
-VARIANT_KIND = {"pfp": PredictorKind.PFP, "pfp_separate": PredictorKind.PFP, "det": PredictorKind.DETERMINISTIC,
+VARIANT_KIND = {"pfp": PredictorKind.PFP, "pfp_separate": PredictorKind.PFP, "pfp_cov": PredictorKind.PFP,
+                "det": PredictorKind.DETERMINISTIC,
                 "svi": PredictorKind.ENSEMBLE}
 
 

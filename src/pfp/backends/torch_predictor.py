@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from pfp.backends.base import VARIANT_KIND, Backend, PredictorKind, Schedule
+from pfp.backends.covariance import variant_covariance_layers
 from pfp.backends.torch_ref import GaussianLayerParams, deterministic_forward, ensemble_forward, pfp_forward
 from pfp.backends.weights import ensemble_weights
 from pfp.spec import ModelSpec
@@ -39,8 +40,10 @@ class TorchPredictor:
     backend = Backend.TORCH
 
     def __init__(self, kind: PredictorKind | str, spec: ModelSpec, weights: Mapping[str, Any], *,
-                 variance_scale: float = 1.0, batch_size: int = 1000, info: Mapping[str, Any] | None = None) -> None:
+                 variance_scale: float = 1.0, batch_size: int = 1000, info: Mapping[str, Any] | None = None,
+                 covariance_layers: int = 0) -> None:
         self.kind = PredictorKind(kind)
+        self.covariance_layers = int(covariance_layers)
         self.spec = spec
         self.weights = dict(weights)
         self.variance_scale = float(variance_scale)
@@ -49,7 +52,8 @@ class TorchPredictor:
         self.batch_size = batch_size
         self.info = dict(info or {})
         self._forward: Callable[[torch.Tensor], tuple[torch.Tensor, ...]] = {
-            PredictorKind.PFP: lambda x: pfp_forward(spec, self.weights, x, variance_scale=self.variance_scale),
+            PredictorKind.PFP: lambda x: pfp_forward(spec, self.weights, x, variance_scale=self.variance_scale,
+                                                     covariance_layers=self.covariance_layers),
             PredictorKind.DETERMINISTIC: lambda x: (deterministic_forward(spec, self.weights, x),),
             PredictorKind.ENSEMBLE: lambda x: (ensemble_forward(spec, self.weights, x),),
         }[self.kind]
@@ -97,7 +101,8 @@ class TorchPredictor:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         meta = {"format": _FORMAT, "backend": self.backend.value, "kind": self.kind.value, "spec": self.spec.to_json(),
-                "variance_scale": self.variance_scale, "batch_size": self.batch_size, "info": self.info}
+                "variance_scale": self.variance_scale, "covariance_layers": self.covariance_layers,
+                "batch_size": self.batch_size, "info": self.info}
         arrays = {"meta": np.array(json.dumps(meta))}
         for name, entry in self.weights.items():
             if isinstance(entry, GaussianLayerParams):
@@ -111,7 +116,7 @@ class TorchPredictor:
     def describe(self) -> dict[str, Any]:
         return {"backend": self.backend.value, "kind": self.kind.value, "model": self.spec.name,
                 "batch_size": self.batch_size, "variance_scale": self.variance_scale,
-                "threads": torch.get_num_threads(), **self.info}
+                "covariance_layers": self.covariance_layers, "threads": torch.get_num_threads(), **self.info}
 
 
 class TorchBackend:
@@ -127,8 +132,9 @@ class TorchBackend:
         spec = pfp_model.spec  # every variant runs the converted layer order (see pfp.convert.pool_before_relu)
         info = {"variant": str(getattr(variant, "value", variant)), **(info or {})}
         if kind is PredictorKind.PFP:
+            layers = variant_covariance_layers(variant, getattr(pfp_model, "covariance_layers", 0))
             return TorchPredictor(kind, spec, pfp_model.params, variance_scale=variance_scale, batch_size=batch_size,
-                                  info=info)
+                                  info=info, covariance_layers=layers)
         if posterior is None:
             raise ValueError(f"the {info['variant']} predictor is built from the posterior: pass posterior=")
         if spec.parametric_layers() != posterior.spec.parametric_layers():
@@ -161,7 +167,8 @@ class TorchBackend:
         else:
             weights = {n: (arrays[f"{n}.weight"], arrays[f"{n}.bias"]) for n in names}
         return TorchPredictor(kind, spec, weights, variance_scale=meta["variance_scale"],
-                              batch_size=meta["batch_size"], info=meta["info"])
+                              batch_size=meta["batch_size"], info=meta["info"],
+                              covariance_layers=meta.get("covariance_layers", 0))
 
     def memory(self, variant: str, pfp_model, posterior=None, *, batch_size: int, variance_scale: float = 1.0,
                svi_samples: int = 30, seed: int = 0) -> dict[str, int] | None:

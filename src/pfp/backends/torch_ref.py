@@ -15,12 +15,13 @@ Example::
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from pfp.backends.covariance import CovarianceBlock, covariance_block
 from pfp.spec import Conv2d, Dense, LayerTable, ModelSpec, layer_entry
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "GaussianLayerParams",
     "conv2d",
     "conv2d_first",
+    "covariance_correction",
     "dense",
     "dense_first",
     "deterministic_forward",
@@ -226,17 +228,24 @@ def _check_input(spec: ModelSpec, x: Tensor) -> Tensor:
 class _PFPContext:
     params: dict[str, GaussianLayerParams]
     variance_scale: float
+    block: CovarianceBlock | None = None  # the covariance-aware PFP's corrected block
+    records: list = field(default_factory=list)  # (kind, name, mean, var) of the block's layer inputs
+
+    def record(self, index: int, kind: str, name: str | None, state) -> None:
+        if self.block is not None and index >= self.block.start:
+            self.records.append((kind, name, *state))
 
 
 def _flat(tensor: Tensor | None, start: int = 1) -> Tensor | None:
     return None if tensor is None else tensor.flatten(start)
 
 
-def _pfp_dense(layer: Dense, _index, state, ctx: _PFPContext):
+def _pfp_dense(layer: Dense, index, state, ctx: _PFPContext):
     h, var = state
     p = scale_variance(layer_entry(ctx.params, layer.name), ctx.variance_scale)
     if h.dim() > 2:  # tolerate a spec that omits Flatten before a dense layer
         h, var = h.flatten(1), _flat(var)
+    ctx.record(index, "dense", layer.name, (h, var))
     return dense_first(h, p) if var is None else dense(h, var, p)
 
 
@@ -247,27 +256,83 @@ def _pfp_conv2d(layer: Conv2d, _index, state, ctx: _PFPContext):
             else conv2d(h, var, p, layer.stride, layer.padding))
 
 
+def _pfp_relu(_layer, index, state, ctx: _PFPContext):
+    ctx.record(index, "relu", None, state)
+    return (torch.relu(state[0]), None) if state[1] is None else relu(*state)
+
+
+def _relu_slope(mean: Tensor, var: Tensor | None) -> Tensor:
+    """E[ReLU'(X)] = Phi(mean / std): the first-order covariance transfer of a Gaussian ReLU."""
+    if var is None:
+        return (mean > 0).to(mean.dtype)
+    std = torch.sqrt(var.clamp_min(RELU_VAR_EPS))
+    return torch.where(var <= RELU_VAR_EPS, (mean > 0).to(mean.dtype),
+                       _cdf((mean / std).clamp(-_MAX_STD_ARG, _MAX_STD_ARG)))
+
+
+def covariance_correction(ctx: _PFPContext) -> Tensor:
+    """``exact - independent`` of :mod:`pfp.backends.covariance` from the block's recorded inputs, (B, C)."""
+    block, records = ctx.block, ctx.records
+    params = {name: scale_variance(layer_entry(ctx.params, name), ctx.variance_scale) for name in block.dense_names}
+    noisy = set(block.noisy_dense)
+    slopes = {i: _relu_slope(mean, var) for i, (kind, _, mean, var) in enumerate(records) if kind == "relu"}
+    noise = {name: F.linear(mean.square() + (0 if var is None else var), params[name].weight_var, params[name].bias_var)
+             for kind, name, mean, var in records if kind == "dense" and name in noisy}
+    # independent: one vector forward through squared mean weights and squared slopes
+    boundary = records[0][3]
+    independent = None if boundary is None else boundary
+    for i, (kind, name, _mean, _var) in enumerate(records):
+        if kind == "dense":
+            w2 = params[name].weight_mean.square()
+            independent = None if independent is None else F.linear(independent, w2)
+            if name in noise:
+                independent = noise[name] if independent is None else independent + noise[name]
+        elif kind == "relu" and independent is not None:
+            independent = independent * slopes[i].square()
+    # exact: C Jacobian rows backward through the mean weights and slopes, (B, C, units)
+    jacobian, exact = None, 0.0
+    for i in range(len(records) - 1, -1, -1):
+        kind, name = records[i][:2]
+        if kind == "dense":
+            if name in noise:
+                exact = exact + (jacobian.square() * noise[name].unsqueeze(1)).sum(-1)
+            if i == 0 and boundary is None:
+                break  # deterministic block input: no boundary variance to carry
+            weight = params[name].weight_mean
+            jacobian = weight.expand(1, *weight.shape) if jacobian is None else jacobian @ weight
+        elif kind == "relu":
+            jacobian = jacobian * slopes[i].unsqueeze(1)
+    if boundary is not None:
+        exact = exact + (jacobian.square() * boundary.unsqueeze(1)).sum(-1)
+    return exact - (0.0 if independent is None else independent)
+
+
 #: (mean, var) through the network; var is None while the activation is still deterministic
 PFP_LAYERS = LayerTable("torch.pfp", {
     "flatten": lambda _layer, _index, state, _ctx: (state[0].flatten(1), _flat(state[1])),
     "dense": _pfp_dense,
     "conv2d": _pfp_conv2d,
-    "relu": lambda _layer, _index, state, _ctx: (torch.relu(state[0]), None) if state[1] is None else relu(*state),
+    "relu": _pfp_relu,
     "maxpool2d": lambda _layer, _index, state, _ctx: ((F.max_pool2d(state[0], 2), None) if state[1] is None
                                                       else maxpool2x2(*state)),
 })
 
 
 def pfp_forward(spec: ModelSpec, params: dict[str, GaussianLayerParams], x: Tensor, *,
-                variance_scale: float = 1.0) -> tuple[Tensor, Tensor]:
+                variance_scale: float = 1.0, covariance_layers: int = 0) -> tuple[Tensor, Tensor]:
     """One probabilistic forward pass: logit mean and variance, each (B, num_classes).
 
     ``x`` is the deterministic input (B, *spec.input_shape). ``variance_scale`` multiplies
     every weight and bias variance (calibration); 0 gives the network of the means.
+    ``covariance_layers`` > 1 adds back the covariance the last that many dense layers' shared
+    inputs induce (:mod:`pfp.backends.covariance`); 0 is plain PFP.
     """
-    h, var = PFP_LAYERS.walk(spec, (_check_input(spec, x), None), _PFPContext(params, variance_scale))
+    ctx = _PFPContext(params, variance_scale, covariance_block(spec, covariance_layers))
+    h, var = PFP_LAYERS.walk(spec, (_check_input(spec, x), None), ctx)
     if var is None:  # a spec without parametric layers: deterministic output
         var = torch.zeros_like(h)
+    elif ctx.block is not None:
+        var = (var + covariance_correction(ctx)).clamp_min(0.0)
     return h, var
 
 

@@ -27,13 +27,15 @@ def summary_path(model: str) -> Path:
     return METRICS_DIR / f"bundle_{model}.json"
 
 
-def tuning_databases(model: str, target: CompileTarget, batch_sizes: list[int], tune: TuneParams) -> dict[int, Path]:
-    """Batch size -> the tune stage's database folder of the PFP module, where it tuned that size for ``target``."""
-    if target is not tune.target or Variant.PFP not in tune.variants:
+def tuning_databases(model: str, target: CompileTarget, batch_sizes: list[int], tune: TuneParams,
+                     variant: Variant = Variant.PFP) -> dict[int, Path]:
+    """Batch size -> the tune stage's database folder of the model's PFP ``variant`` (``pfp`` or
+    ``pfp_cov``), where it tuned that size for ``target``."""
+    if target is not tune.target or variant not in tune.variants:
         return {}
     found = {}
     for batch in batch_sizes:
-        folder = tvm_dir(model) / target.value / f"{Variant.PFP.value}_b{batch}"
+        folder = tvm_dir(model) / target.value / f"{variant.value}_b{batch}"
         if batch in tune.batch_sizes and folder.is_dir():
             found[batch] = folder
     return found
@@ -63,7 +65,8 @@ def run(model: str, config: BundleConfig, tune: TuneParams, *, seed: int) -> Bun
             head_draw_count=config.head_draws, seed=seed, ood_score=config.ood_score.value,
             ood_target_tpr=config.ood_target_tpr, validation_images=validation if threshold is None else None,
             validation_name=THRESHOLD_SPLIT,
-            threshold=threshold, databases=tuning_databases(model, target, config.batch_sizes, tune),
+            threshold=threshold, databases=tuning_databases(model, target, config.batch_sizes, tune,
+                                                                 Variant(trained.pfp_model.pfp_variant)),
             made_from=trained_digests(model))
         threshold = built.metadata["ood"]["threshold"]
         bundles[target.value] = built

@@ -60,18 +60,23 @@ def write_loss_series(model: str) -> Path | None:
     return plots.loss_series(losses, series_dir(model) / "loss.csv") if losses else None
 
 
-def tuned_pfp_library(model: str, tune: TuneParams, variance_scale: float) -> tuple[Predictor | None, str]:
-    """The tune stage's host PFP library (largest batch) and its path; (None, note) for a board target."""
+def tuned_pfp_library(model: str, tune: TuneParams, variance_scale: float,
+                      variant: Variant = Variant.PFP) -> tuple[Predictor | None, str]:
+    """The tune stage's host library of the model's PFP ``variant`` (largest batch) and its path;
+    (None, note) for a board target or when the variant was not tuned."""
     if tune.target is not CompileTarget.HOST:
         return None, f"compiled here with hand schedules (tune.target {tune.target.value} is a board)"
+    if variant not in tune.variants:
+        return None, f"compiled here with hand schedules (tune.variants has no {variant.value})"
     batch = max(tune.batch_sizes)
-    library = load_library(tvm_dir(model), tune.target, Variant.PFP, batch, model=model,
+    path = library_path(tvm_dir(model), tune.target, variant, batch)
+    library = load_library(tvm_dir(model), tune.target, variant, batch, model=model,
                            made_from=trained_digests(model))
     compiled_scale = library.describe().get("variance_scale")
     if compiled_scale is None or abs(compiled_scale - variance_scale) > 1e-12:
-        raise DataError(f"{library_path(tvm_dir(model), tune.target, Variant.PFP, batch)}: compiled with variance "
-                        f"scale {compiled_scale}, calibration says {variance_scale}; re-run tune")
-    return library, str(library_path(tvm_dir(model), tune.target, Variant.PFP, batch))
+        raise DataError(f"{path}: compiled with variance scale {compiled_scale}, calibration says {variance_scale}; "
+                        "re-run tune")
+    return library, str(path)
 
 
 @dataclass
@@ -88,7 +93,8 @@ def run(model: str, config: EvaluateConfig, tune: TuneParams, *, seed: int) -> E
     calibration = trained.calibration
     library, source = None, None
     if config.pfp_backend is PFPBackend.TVM:
-        library, source = tuned_pfp_library(model, tune, calibration.variance_scale)
+        library, source = tuned_pfp_library(model, tune, calibration.variance_scale,
+                                            Variant(trained.pfp_model.pfp_variant))
     arrays = load_prepared(PREPARED_DIR)
     write_loss_series(model)
     results = evaluate_model(trained.posterior, trained.pfp_model,

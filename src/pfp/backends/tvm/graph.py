@@ -24,13 +24,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import tvm
 from tvm import relax
 
+from pfp.backends.covariance import CovarianceBlock, covariance_block
 from pfp.backends.tvm import ops
+from pfp.backends.tvm.ops import covariance as cov_ops
 from pfp.spec import Conv2d, LayerTable, ModelSpec, layer_entry
 
 __all__ = [
@@ -67,13 +69,15 @@ def _first_parametric_index(spec: ModelSpec) -> int:
     return next((index for index, layer in enumerate(spec.layers) if layer.parametric), len(spec.layers))
 
 
-def pfp_weight_arrays(spec: ModelSpec, params: Mapping, *, variance_scale: float = 1.0) -> dict[str, np.ndarray]:
+def pfp_weight_arrays(spec: ModelSpec, params: Mapping, *, variance_scale: float = 1.0,
+                      covariance_layers: int = 0) -> dict[str, np.ndarray]:
     """The weight arrays the PFP module uses, in its parameter order (float32, C-contiguous).
 
     Keys are ``<layer>_<field>``. The first parametric layer (deterministic input) needs
     ``weight_mean, weight_var, bias_mean, bias_var``; later ones also ``weight_m2`` (E[w^2]).
     ``variance_scale`` multiplies every weight/bias variance (E[w^2] recomputed, as in
-    :func:`pfp.backends.torch_ref.scale_variance`).
+    :func:`pfp.backends.torch_ref.scale_variance`). With ``covariance_layers`` the corrected
+    block's dense layers add ``weight_mean_sq`` (W^2) and, all but the last, ``weight_mean_t`` (W^T).
     """
     if variance_scale < 0:
         raise ValueError(f"variance scale must be >= 0, got {variance_scale}")
@@ -100,6 +104,12 @@ def pfp_weight_arrays(spec: ModelSpec, params: Mapping, *, variance_scale: float
         arrays[f"{layer.name}_weight_var"] = wv
         arrays[f"{layer.name}_bias_mean"] = bm
         arrays[f"{layer.name}_bias_var"] = bv
+    block = covariance_block(spec, covariance_layers)
+    for name in () if block is None else block.dense_names:
+        wm = arrays[f"{name}_weight_mean"]
+        arrays[f"{name}_weight_mean_sq"] = np.ascontiguousarray(wm * wm)
+        if name != block.dense_names[-1]:
+            arrays[f"{name}_weight_mean_t"] = np.ascontiguousarray(wm.T)
     return arrays
 
 
@@ -192,6 +202,12 @@ class _Build:
     batch_size: int
     joint: bool = True  # PFP: one-reduction mean+variance operators (False: the separate-path ablation)
     members: int = 1  # ensemble: weight draws
+    block: CovarianceBlock | None = None  # covariance-aware PFP: the corrected trailing block
+    records: list = field(default_factory=list)  # (kind, name, mean, var) of the block's layer inputs
+
+    def record(self, index: int, kind: str, name: str | None, mean, var) -> None:
+        if self.block is not None and index >= self.block.start:
+            self.records.append((kind, name, mean, var))
 
 
 def _build(spec: ModelSpec, table: LayerTable, state_of_input, output, context: _Build) -> tvm.IRModule:
@@ -228,6 +244,7 @@ def _pfp_linear(layer, index: int, state, ctx: _Build):
     if not conv:
         mean = _flatten(bb, mean, batch_size)
         var = None if var is None else _flatten(bb, var, batch_size)
+        ctx.record(index, "dense", name, mean, var)
     kind = layer.kind
     if var is None:
         if joint:
@@ -250,6 +267,7 @@ def _pfp_linear(layer, index: int, state, ctx: _Build):
 
 def _pfp_relu(layer, index: int, state, ctx: _Build):
     mean, var = state
+    ctx.record(index, "relu", None, mean, var)
     if var is None:
         return ctx.bb.emit_te(ops.relu, mean, primfunc_name_hint=f"relu{index}"), None
     return _pair(ctx.bb, ctx.bb.emit_te(ops.relu_gaussian, mean, var, primfunc_name_hint=f"relu_gaussian{index}"))
@@ -268,11 +286,55 @@ PFP_TABLE = LayerTable("tvm.pfp", {"dense": _pfp_linear, "conv2d": _pfp_linear, 
                                    "maxpool2d": _pfp_maxpool, "flatten": _pfp_flatten})
 
 
+def _covariance_epilogue(var: relax.Expr, ctx: _Build) -> relax.Expr:
+    """PFP's logit variance plus the block's dropped covariance (:mod:`pfp.backends.covariance`)."""
+    bb, weights, records, batch = ctx.bb, ctx.weights, ctx.records, ctx.batch_size
+    classes = int(var.ty.shape[1])
+    slopes = {i: bb.emit_te(cov_ops.relu_slope, mean, v, primfunc_name_hint=f"covariance_slope{i}")
+              for i, (kind, _, mean, v) in enumerate(records) if kind == "relu"}
+    noise = {}
+    for kind, name, mean, v in records:
+        if kind == "dense" and name in ctx.block.noisy_dense:
+            wv, bv = weights[f"{name}_weight_var"], weights[f"{name}_bias_var"]
+            noise[name] = (bb.emit_te(ops.dense_var_first, mean, wv, bv, primfunc_name_hint=f"{name}_covariance_noise")
+                           if v is None else
+                           bb.emit_te(ops.dense_var, mean, v, wv, wv, bv, primfunc_name_hint=f"{name}_covariance_noise"))
+    dense = [i for i, record in enumerate(records) if record[0] == "dense"]
+    # independent: the linearised block as PFP propagates it (one vector per example)
+    independent = records[0][3]
+    for i in dense:
+        name, slope = records[i][1], slopes.get(i + 1)
+        if independent is None and name in noise:
+            independent = bb.emit_te(cov_ops.covariance_noise, noise[name], slope, primfunc_name_hint=f"{name}_covariance_noise_out")
+        elif independent is not None:
+            independent = bb.emit_te(cov_ops.covariance_forward, independent, weights[f"{name}_weight_mean_sq"],
+                                     noise.get(name), slope, primfunc_name_hint=f"{name}_covariance_forward")
+    # exact: the logits' Jacobian rows backwards, every covariance kept
+    last = records[dense[-1]][1]
+    jacobian = (weights[f"{last}_weight_mean"], slopes.get(dense[-1] - 1))  # formed inside the first backward step
+    exact = []
+    for i in reversed(dense[:-1]):
+        name, boundary = records[i][1], i == dense[0]
+        if name in noise:
+            exact.append(bb.emit_te(cov_ops.covariance_exact, jacobian, noise[name], classes,
+                                    primfunc_name_hint=f"{name}_covariance_exact"))
+        if boundary and records[i][3] is None:
+            break  # deterministic block input: no boundary variance to carry
+        jacobian = bb.emit_te(cov_ops.covariance_backprop, jacobian, weights[f"{name}_weight_mean_t"], slopes.get(i - 1),
+                              classes, batch, primfunc_name_hint=f"{name}_covariance_backprop")
+        if boundary:
+            exact.append(bb.emit_te(cov_ops.covariance_exact, jacobian, records[i][3], classes,
+                                    primfunc_name_hint=f"{name}_covariance_boundary"))
+    return bb.emit_te(cov_ops.covariance_combine, var, independent, *exact, primfunc_name_hint="covariance_combine")
+
+
 def _pfp_output(state, ctx: _Build) -> relax.Expr:
     mean, var = state
     if var is None:  # no parametric layer at all: deterministic output
         var = ctx.bb.emit_te(lambda t: tvm.te.compute(t.shape, lambda *i: tvm.tirx.const(0.0, DTYPE), name="zeros"),
                              mean, primfunc_name_hint="zeros")
+    elif ctx.block is not None:
+        var = _covariance_epilogue(var, ctx)
     return relax.Tuple([mean, var])
 
 
@@ -299,7 +361,8 @@ def _pfp_head_output(head: Head):
 
 
 def build_pfp_module(spec: ModelSpec, params: Mapping, *, batch_size: int = 1, joint: bool = True,
-                     weights_as_params: bool = False, variance_scale: float = 1.0, head: Head | None = None) -> tvm.IRModule:
+                     weights_as_params: bool = False, variance_scale: float = 1.0, head: Head | None = None,
+                     covariance_layers: int = 0) -> tvm.IRModule:
     """Relax IRModule of the probabilistic forward pass of ``spec``.
 
     ``main(x[, weights...]) -> (logit_mean, logit_var)``, each (batch_size, num_classes); with
@@ -309,10 +372,13 @@ def build_pfp_module(spec: ModelSpec, params: Mapping, *, batch_size: int = 1, j
     ``PFPModel.params``). ``joint`` selects the one-reduction mean+variance operators; False
     gives the separate-path ablation (two reductions per layer). With ``weights_as_params``
     the weights are function parameters in the order of :func:`pfp_weight_arrays` (Relax
-    parameter names = its keys) instead of bound constants.
+    parameter names = its keys) instead of bound constants. ``covariance_layers`` > 1 builds the
+    covariance-aware PFP (:mod:`pfp.backends.covariance`): the same walk, then the correction.
     """
-    weights = _Weights(pfp_weight_arrays(spec, params, variance_scale=variance_scale), weights_as_params)
-    context = _Build(relax.BlockBuilder(), weights, batch_size, joint=joint)
+    weights = _Weights(pfp_weight_arrays(spec, params, variance_scale=variance_scale,
+                                         covariance_layers=covariance_layers), weights_as_params)
+    context = _Build(relax.BlockBuilder(), weights, batch_size, joint=joint,
+                     block=covariance_block(spec, covariance_layers))
     output = _pfp_output if head is None else _pfp_head_output(head)
     return _build(spec, PFP_TABLE, lambda x: (x, None), output, context)
 

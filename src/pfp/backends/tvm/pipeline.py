@@ -186,11 +186,12 @@ def _compile(cls, spec: ModelSpec, mod: tvm.IRModule, batch_size: int, target, s
 def compile_pfp(spec: ModelSpec, params: Mapping, *, batch_size: int = 1,
                 target: TargetName | str | Mapping | tvm.target.Target = TargetName.HOST, joint: bool = True,
                 weights_as_params: bool = False, variance_scale: float = 1.0,
-                schedule: Schedule | str = Schedule.HAND, database=None) -> CompiledPFP:
+                schedule: Schedule | str = Schedule.HAND, database=None, covariance_layers: int = 0) -> CompiledPFP:
     """Build and compile the PFP module; see :func:`build_pfp_module` and :func:`compile_module`."""
-    mod = build_pfp_module(spec, params, batch_size=batch_size, joint=joint,
-                           weights_as_params=weights_as_params, variance_scale=variance_scale)
-    weights = pfp_weight_arrays(spec, params, variance_scale=variance_scale) if weights_as_params else None
+    mod = build_pfp_module(spec, params, batch_size=batch_size, joint=joint, weights_as_params=weights_as_params,
+                           variance_scale=variance_scale, covariance_layers=covariance_layers)
+    weights = (pfp_weight_arrays(spec, params, variance_scale=variance_scale, covariance_layers=covariance_layers)
+               if weights_as_params else None)
     return _compile(CompiledPFP, spec, mod, batch_size, target, schedule, database, weights)
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from pfp.backends.base import VARIANT_KIND, Backend, PredictorKind, Schedule
+from pfp.backends.covariance import variant_covariance_layers
 from pfp.backends.tvm import graph, pipeline, runtime
 from pfp.backends.weights import ensemble_weights
 
@@ -20,6 +21,10 @@ __all__ = ["FACTORY", "TVMBackend", "build_variant_module"]
 
 def _variant(variant) -> str:
     return str(getattr(variant, "value", variant))
+
+
+def _covariance_layers(variant: str, pfp_model) -> int:
+    return variant_covariance_layers(variant, getattr(pfp_model, "covariance_layers", 0))
 
 
 def _checked(posterior, spec, variant: str):
@@ -40,8 +45,8 @@ def build_variant_module(variant: str, pfp_model, posterior=None, *, batch_size:
     # the same function in it (see pfp.convert.pool_before_relu), so the baselines get it too
     spec = pfp_model.spec
     if kind is PredictorKind.PFP:
-        return graph.build_pfp_module(spec, pfp_model.params, batch_size=batch_size, joint=variant == "pfp",
-                                      variance_scale=variance_scale)
+        return graph.build_pfp_module(spec, pfp_model.params, batch_size=batch_size, joint=variant != "pfp_separate",
+                                      variance_scale=variance_scale, covariance_layers=_covariance_layers(variant, pfp_model))
     posterior = _checked(posterior, spec, variant)
     if kind is PredictorKind.DETERMINISTIC:
         return graph.build_deterministic_module(spec, posterior.mean_weights(), batch_size=batch_size)
@@ -63,8 +68,10 @@ class TVMBackend:
         options = {"batch_size": batch_size, "target": _variant(target), "schedule": Schedule(schedule),
                    "database": database}
         if kind is PredictorKind.PFP:
-            compiled = pipeline.compile_pfp(spec, pfp_model.params, joint=variant == "pfp",
-                                            variance_scale=variance_scale, **options)
+            layers = _covariance_layers(variant, pfp_model)
+            compiled = pipeline.compile_pfp(spec, pfp_model.params, joint=variant != "pfp_separate",
+                                            variance_scale=variance_scale, covariance_layers=layers, **options)
+            compiled.info["covariance_layers"] = layers
         elif kind is PredictorKind.DETERMINISTIC:
             compiled = pipeline.compile_deterministic(spec, _checked(posterior, spec, variant).mean_weights(), **options)
         else:
