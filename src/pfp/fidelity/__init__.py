@@ -176,13 +176,14 @@ def pfp_moments(pfp_model: PFPModel, *, variance_scale: float = 1.0, covariance_
     return lambda x: predict_pfp(pfp_model, x, variance_scale=variance_scale, **extra)
 
 
-def pfp_options(pfp_model: PFPModel, *, scales: Mapping[str, float] | None = None) -> dict[str, Moments]:
-    """The options the evaluate stage reports: plain PFP (``pfp``) and the covariance-aware PFP at the
-    model's own setting when it has one (``pfp_cov``), at variance scale 1 (the BNN itself), and each
-    also at every scale of ``scales`` (label -> scale, e.g. each calibration objective's fit) as
-    ``NAME_LABEL`` (``pfp_nll``, ``pfp_mc_variance``)."""
+def pfp_options(pfp_model: PFPModel, *, scales: Mapping[str, float] | None = None,
+                covariance_layers: int | None = None) -> dict[str, Moments]:
+    """The options the evaluate stage reports: plain PFP (``pfp``) and the covariance-aware PFP
+    (``pfp_cov``: ``covariance_layers``, None: the model's own setting; none if 0), at variance
+    scale 1 (the BNN itself), and each also at every scale of ``scales`` (label -> scale, e.g. each
+    calibration objective's fit) as ``NAME_LABEL`` (``pfp_nll``, ``pfp_mc_variance``)."""
     variants = {"pfp": 0}
-    covariance = getattr(pfp_model, "covariance_layers", 0)
+    covariance = getattr(pfp_model, "covariance_layers", 0) if covariance_layers is None else covariance_layers
     if covariance:
         variants["pfp_cov"] = covariance
     options = {}

@@ -23,13 +23,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=300, help="images per set")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--logit-samples", type=int, default=100)
+    parser.add_argument("--covariance-layers", type=int, default=None,
+                        help="the covariance-aware option's last-k dense layers (default: the model's own; 0: none)")
     args = parser.parse_args(argv)
     trained = load_trained(args.model, args.workspace)
     arrays = load_prepared(args.workspace / PREPARED_DIR)
     inputs = {name: normalise(arrays[f"{key}_x"][: args.images])
               for name, key in SETS}
     fits = trained.calibration.fits or {trained.calibration.objective: {"variance_scale": trained.calibration.variance_scale}}
-    options = pfp_options(trained.pfp_model, scales={name: fit["variance_scale"] for name, fit in fits.items()})
+    options = pfp_options(trained.pfp_model, scales={name: fit["variance_scale"] for name, fit in fits.items()},
+                          covariance_layers=args.covariance_layers)
     report = fidelity_report(trained.posterior, trained.pfp_model.spec, inputs, options, samples=args.samples,
                              seed=args.seed, logit_samples=args.logit_samples)
     scales = ", ".join(f"{name} {fit['variance_scale']:.4g}" for name, fit in fits.items())
