@@ -150,7 +150,10 @@ def test_covariance_aware_option_restores_the_shared_input_variance(units):
     posterior = shared_input_net(units)
     model = convert_posterior(posterior, covariance_layers=2)
     options = pfp_options(model, scales={"mc_variance": 1.5})
-    assert list(options) == ["pfp", "pfp_mc_variance", "pfp_cov", "pfp_cov_mc_variance"]
+    assert list(options) == ["pfp", "pfp_cov", "pfp_cov_mc_variance"]  # calibrated: the model's own PFP only
+    # a model converted without it: the option on request, the calibrated scales on plain PFP (its own)
+    plain_model = convert_posterior(posterior)
+    assert list(pfp_options(plain_model, scales={"nll": 0.5}, covariance_layers=2)) == ["pfp", "pfp_nll", "pfp_cov"]
     x = 0.5 + torch.rand((6, 1, 1, 1), generator=torch.Generator().manual_seed(0))
     report = fidelity_report(posterior, model.spec, {"set": x}, {k: options[k] for k in ("pfp", "pfp_cov")},
                              samples=3000, seed=3)

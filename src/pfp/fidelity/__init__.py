@@ -178,19 +178,21 @@ def pfp_moments(pfp_model: PFPModel, *, variance_scale: float = 1.0, covariance_
 
 def pfp_options(pfp_model: PFPModel, *, scales: Mapping[str, float] | None = None,
                 covariance_layers: int | None = None) -> dict[str, Moments]:
-    """The options the evaluate stage reports: plain PFP (``pfp``) and the covariance-aware PFP
-    (``pfp_cov``: ``covariance_layers``, None: the model's own setting; none if 0), at variance
-    scale 1 (the BNN itself), and each also at every scale of ``scales`` (label -> scale, e.g. each
-    calibration objective's fit) as ``NAME_LABEL`` (``pfp_nll``, ``pfp_mc_variance``)."""
-    variants = {"pfp": 0}
-    covariance = getattr(pfp_model, "covariance_layers", 0) if covariance_layers is None else covariance_layers
-    if covariance:
-        variants["pfp_cov"] = covariance
+    """The options the evaluate stage reports, at variance scale 1 (the BNN itself): plain PFP
+    (``pfp``) and the covariance-aware PFP (``pfp_cov``; ``covariance_layers``, None: the model's
+    own setting; none if 0). The model's own PFP (``pfp_cov`` if it carries covariance, else
+    ``pfp``: the one its calibration was fitted on) also at every scale of ``scales`` (label ->
+    scale, e.g. each calibration objective's fit), as ``NAME_LABEL`` (``pfp_cov_mc_variance``)."""
+    own = getattr(pfp_model, "covariance_layers", 0)
+    covariance = own if covariance_layers is None else covariance_layers
+    variants = {"pfp": 0, **({"pfp_cov": covariance} if covariance else {})}
+    own_name = "pfp_cov" if own else "pfp"
     options = {}
     for name, layers in variants.items():
         options[name] = pfp_moments(pfp_model, covariance_layers=layers)
-        for label, scale in (scales or {}).items():
-            options[f"{name}_{label}"] = pfp_moments(pfp_model, variance_scale=scale, covariance_layers=layers)
+        if name == own_name:
+            for label, scale in (scales or {}).items():
+                options[f"{name}_{label}"] = pfp_moments(pfp_model, variance_scale=scale, covariance_layers=layers)
     return options
 
 
