@@ -29,7 +29,8 @@ TINY_PARAMS = {
     "ambiguous": {"train_images": 30, "val_images": 20, "test_images": 30, "labels_per_image": 5, "min_entropy": 0.05, "max_mi": 0.5,
                   "vae": {"epochs": 1, "hidden": [64], "latent_dim": 8}, "ensemble": {"members": 2, "epochs": 1}},
     "train": {"mlp": {"epochs": 1, "max_steps": 5}, "lenet": {"epochs": 1, "max_steps": 5}},
-    "calibrate": {"variance_scales": [0.5, 1.0], "logit_samples": 20, "fidelity_samples": 20, "fidelity_images": 20},
+    "calibrate": {"objective": "mc_variance", "variance_scales": [0.5, 1.0], "logit_samples": 20, "fidelity_samples": 20,
+                  "fidelity_images": 20},
     "evaluate": {"svi_samples": 4, "logit_samples": 20, "moment_samples": 10, "moment_images": 50, "fidelity_samples": 20,
                  "fidelity_images": 20},
     # measured hand schedules only (the Meta Scheduler search is tested in tests/backends/tvm and tests/infra);

@@ -75,8 +75,10 @@ def test_pipeline_end_to_end(tmp_path, tiny_pipeline, mlflow_server):
     latency = json.loads((workdir / "metrics/latency.json").read_text())
     assert set(latency) == {"mlp", "lenet"} and set(latency["lenet"]) == {"batch_2"}
     assert latency["mlp"]["batch_2"]["pfp_tvm_untuned_ms"] > 0 and latency["mlp"]["batch_2"]["svi_pyro_ms"] > 0
-    # tuned libraries of the tune stage ran; pfp_separate was not built there, so the benchmark compiled it
-    assert latency["lenet"]["batch_2"]["schedules"] == {"pfp": "tuned", "pfp_separate": "hand", "det": "tuned", "svi": "tuned"}
+    # tuned libraries of the tune stage ran; pfp_separate and pfp_cov were not built there, so the benchmark compiled them
+    assert latency["lenet"]["batch_2"]["schedules"] == {"pfp": "tuned", "pfp_separate": "hand", "det": "tuned", "svi": "tuned",
+                                                        "pfp_cov": "hand"}
+    assert latency["lenet"]["batch_2"]["pfp_cov_tvm_ms"] > 0
     # figures only (which is faster is the benchmark's to say, not a test's: these machines are shared)
     assert latency["lenet"]["batch_2"]["svi_tvm_ms"] > 0 and latency["lenet"]["batch_2"]["det_tvm_ms"] > 0
     assert (workdir / "plots/lenet/benchmark/latency.png").is_file()
