@@ -17,7 +17,9 @@ from pfp.spec import (
     Flatten,
     MaxPool2d,
     ModelSpec,
+    PoolRule,
     ReLU,
+    SpecError,
     build_spec,
     lenet_spec,
     mlp_spec,
@@ -107,6 +109,37 @@ def test_from_json_rejects_unknown_layer_fields():
     text = build_spec("mlp").to_json().replace('"in_features"', '"in_feature"', 1)
     with pytest.raises(ValueError, match="invalid dense layer"):
         ModelSpec.from_json(text)
+
+
+@pytest.mark.parametrize("rule", list(PoolRule))
+def test_maxpool_rule_survives_the_json_round_trip(rule):
+    spec = ModelSpec("toy", (1, 4, 4), (MaxPool2d(rule), ReLU(), MaxPool2d(), Flatten(), Dense("d", 1, 2)))
+    loaded = ModelSpec.from_json(spec.to_json())
+    assert loaded == spec
+    assert [layer.rule for layer in loaded.layers if layer.kind == "maxpool2d"] == [rule, PoolRule.CLARK]
+    assert json.loads(spec.to_json())["layers"][0]["rule"] == rule.value
+
+
+def test_maxpool_rule_from_a_string_equals_the_enum_and_hashes_alike():
+    assert MaxPool2d("argmax_mean") == MaxPool2d(PoolRule.ARGMAX_MEAN)
+    assert hash(MaxPool2d("argmax_mean")) == hash(MaxPool2d(PoolRule.ARGMAX_MEAN))
+    assert MaxPool2d().rule is PoolRule.CLARK
+
+
+def test_json_written_before_pool_rules_loads_with_clark():
+    raw = json.loads(build_spec("lenet").to_json())
+    for layer in raw["layers"]:
+        layer.pop("rule", None)
+    assert ModelSpec.from_json(json.dumps(raw)) == build_spec("lenet")
+
+
+def test_an_unknown_pool_rule_is_refused_by_name():
+    raw = json.loads(build_spec("lenet").to_json())
+    raw["layers"][2]["rule"] = "bilinear"
+    with pytest.raises(SpecError, match="invalid maxpool2d layer.*'bilinear'.*clark, clark_logistic, argmax_mean"):
+        ModelSpec.from_json(json.dumps(raw))
+    with pytest.raises(SpecError, match="'bilinear'"):
+        MaxPool2d("bilinear")
 
 
 # --------------------------------------------------------------------------- one walk, every backend

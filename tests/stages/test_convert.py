@@ -27,6 +27,10 @@ def test_convert_writes_the_pfp_params_with_their_parent(tmp_path):
     assert set(result.metrics()) == {f"{name}.weight_var_mean" for name in expected.params}
     # the trained order, when asked
     assert convert("lenet", ConvertConfig(pool_before_relu=False), root=tmp_path).pfp_model.spec == posterior.spec
+    # convert.pool_rule reaches every max-pool of the saved spec
+    result = convert("lenet", ConvertConfig(pool_rule="argmax_mean"), root=tmp_path)
+    saved = load_pfp_params(result.path, "lenet", parent=source).spec
+    assert [layer.rule.value for layer in saved.layers if layer.kind == "maxpool2d"] == ["argmax_mean"] * 2
 
 
 def test_lenet_posterior_copied_into_the_mlp_slot_is_refused(tmp_path):
