@@ -5,6 +5,8 @@
 deterministic twin, interleaved rounds (pfp.bench.time_side_by_side), per batch size; prints
 pfp_ms, det_ms and pfp/det per rule.
 
+``profile``: TVM's per-kernel profile of the same modules (ms per call).
+
 ``fidelity``: on a trained posterior, PFP (PyTorch reference) with each rule against whole-weight
 Monte-Carlo of the same posterior (``--samples`` weight draws, pfp.backends.torch_ref.ensemble_forward)
 on ``--images`` MNIST test and Fashion-MNIST images: median and 90th percentile of the logit
@@ -14,16 +16,19 @@ from the MC mean's own error is about 0.8 / sqrt(samples)).
 Usage::
 
     PYTHONPATH=src python scripts/pool_rules.py latency --posterior /work/full/models/lenet/posterior.npz
+    PYTHONPATH=src python scripts/pool_rules.py profile --posterior /work/full/models/lenet/posterior.npz
     PYTHONPATH=src python scripts/pool_rules.py fidelity --posterior /work/full/models/lenet/posterior.npz \\
         --data /work/full/data/prepared --samples 1000 --images 100
 
-Both print a JSON document (also written to ``--out`` if given).
+Each prints a JSON document (also written to ``--out`` if given). Latency needs a quiet host: the
+1-minute load average before and after each batch size is recorded beside the times.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -53,10 +58,30 @@ def latency(args) -> dict:
         x = torch.rand(batch, *posterior.spec.input_shape, generator=torch.Generator().manual_seed(0)).numpy()
         # about 20 ms of work per timed call of the slowest predictor, whatever the batch
         number = max(1, int(20 / (0.05 * batch + 0.1)))
+        load_before = os.getloadavg()[0]
         ms = time_side_by_side(predictors, x, number=number, rounds=args.rounds)
         result[batch] = {rule.value: {"pfp_ms": ms[rule.value], "det_ms": ms["det"], "ratio": ms[rule.value] / ms["det"]}
                          for rule in PoolRule}
+        # a busy host inflates the parallel kernels' times unevenly: say how busy it was
+        result[batch]["load_average_1min"] = [load_before, os.getloadavg()[0]]
         print(json.dumps({batch: result[batch]}), file=sys.stderr, flush=True)
+    return result
+
+
+def profile(args) -> dict:
+    """TVM's per-kernel profile (ms per call) of LeNet PFP with each rule and of the twin, per batch size."""
+    from pfp.backends.base import Backend, create
+    from pfp.config import Variant
+
+    posterior = load_posterior(args.posterior, None)
+    result = {}
+    for batch in args.batch_sizes:
+        x = torch.rand(batch, *posterior.spec.input_shape, generator=torch.Generator().manual_seed(0)).numpy()
+        models = {rule.value: create(Backend.TVM, Variant.PFP, convert_posterior(posterior, pool_rule=rule), batch_size=batch)
+                  for rule in PoolRule}
+        models["det"] = create(Backend.TVM, Variant.DET, convert_posterior(posterior), posterior, batch_size=batch)
+        result[batch] = {name: {row["operator"]: row["ms"] for row in model.profile(number=args.number, x=x)}
+                         for name, model in models.items()}
     return result
 
 
@@ -112,6 +137,9 @@ def main(argv=None) -> int:
     lat = sub.add_parser("latency")
     lat.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 10, 100])
     lat.add_argument("--rounds", type=int, default=15)
+    prof = sub.add_parser("profile")
+    prof.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 10, 100])
+    prof.add_argument("--number", type=int, default=50)
     fid = sub.add_parser("fidelity")
     fid.add_argument("--data", default="data/prepared")
     fid.add_argument("--samples", type=int, default=1000)
@@ -119,11 +147,11 @@ def main(argv=None) -> int:
     fid.add_argument("--chunk", type=int, default=50)
     fid.add_argument("--seed", type=int, default=0)
     fid.add_argument("--threads", type=int, default=2)
-    for command in (lat, fid):
+    for command in (lat, prof, fid):
         command.add_argument("--posterior", default="models/lenet/posterior.npz")
         command.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
-    result = (latency if args.command == "latency" else fidelity)(args)
+    result = {"latency": latency, "profile": profile, "fidelity": fidelity}[args.command](args)
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:
