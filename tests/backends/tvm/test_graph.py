@@ -65,16 +65,19 @@ def test_network_in_the_trained_layer_order_matches_reference():
 
 
 @pytest.mark.parametrize("rule", [PoolRule.CLARK_LOGISTIC, PoolRule.ARGMAX_MEAN])
-def test_lenet_with_each_pool_rule_matches_reference(rule):
+def test_lenet_with_each_pool_rule_matches_reference(rule, caplog):
     """LeNet (converted order, random posterior) with the other max-pool rules: hand-scheduled TVM = reference
-    (the clark rule is the ``network`` fixture's). The rule is in the kernels' names (tuning tasks, profiles)."""
+    (the clark rule is the ``network`` fixture's). The rule is in the kernels' names (tuning tasks, profiles),
+    and every kernel got its hand schedule."""
     spec = with_pool_rule(pool_before_relu(build_spec(Architecture.LENET)), rule)
     params = random_params(spec, seed=0)
     x = torch.randn(BATCH, *spec.input_shape, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref_mean, ref_var = ref.pfp_forward(spec, params, x)
         clark_var = ref.pfp_forward(with_pool_rule(spec, PoolRule.CLARK), params, x)[1]
-    runner = pipeline.compile_pfp(spec, params, batch_size=BATCH, joint=True)
+    with caplog.at_level("WARNING", logger="pfp.backends.tvm.schedules"):
+        runner = pipeline.compile_pfp(spec, params, batch_size=BATCH, joint=True)
+    assert not [r for r in caplog.records if "no hand schedule" in r.getMessage()], caplog.text
     operators = [row["operator"] for row in runner.profile(number=1, x=x.numpy())]
     assert sum(f"maxpool_{rule.value}" in name for name in operators) == 2, operators
     mean, var = runner(x.numpy())
