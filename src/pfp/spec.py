@@ -117,7 +117,8 @@ class PoolRule(str, Enum):
     * ``clark_logistic``: the same with the logistic approximation
       ``Phi(a) ~ sigmoid(1.5976 a + 0.07056 a^3)`` and its derivative for phi (one exp, no erfc fit;
       max abs error 1.5e-4 on Phi, 4.6e-4 on phi: each Clark max then errs by at most 4.8e-4 t on the
-      mean and 1.3e-3 t^2 on the variance, t^2 = var1 + var2);
+      mean and 1.3e-3 t^2 on the variance, t^2 = var1 + var2; a whole pool by < 3.5e-3 s and 2.5e-3 s^2,
+      s^2 the window's summed variance; see ``pfp.backends.torch_ref.LOGISTIC_*``);
     * ``argmax_mean``: mean and variance of the window element with the largest mean (first in row-major
       order on ties); no transcendental function.
     """

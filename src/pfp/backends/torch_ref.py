@@ -32,6 +32,8 @@ __all__ = [
     "LOGISTIC_CDF_MAX_ERROR",
     "LOGISTIC_MEAN_MAX_ERROR",
     "LOGISTIC_PDF_MAX_ERROR",
+    "LOGISTIC_POOL_MEAN_ERROR",
+    "LOGISTIC_POOL_VAR_ERROR",
     "LOGISTIC_VAR_MAX_ERROR",
     "GaussianLayerParams",
     "conv2d",
@@ -190,6 +192,12 @@ LOGISTIC_PDF_MAX_ERROR = 4.6e-4  # |phi_L(a) - phi(a)|
 #: this x t; the variance (var1 Phi(a) + var2 Phi(-a) + t^2 h(a)) by at most LOGISTIC_VAR_MAX_ERROR x t^2.
 LOGISTIC_MEAN_MAX_ERROR = 4.8e-4
 LOGISTIC_VAR_MAX_ERROR = 1.3e-3
+#: ... and of a whole 2x2 pool (three Clark maxima, each stage's error fed into the next): measured, not
+#: proven, over 400k random windows (scales 1e-3..1e3, 20 % with a deterministic element) as at most
+#: 2.9e-3 s on the mean and 1.9e-3 s^2 on the variance, s^2 the sum of the window's four variances
+#: (pairwise Clark's own bias against the true max of four is ~0.1 s). Bounds with a margin:
+LOGISTIC_POOL_MEAN_ERROR = 3.5e-3
+LOGISTIC_POOL_VAR_ERROR = 2.5e-3
 
 
 def _logistic_stats(a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
