@@ -235,6 +235,9 @@ def test_pool_first_order_is_the_same_deterministic_network():
     weights = random_posterior(spec, seed=12).mean_weights()
     x = torch.rand(4, *spec.input_shape, generator=torch.Generator().manual_seed(0))
     assert torch.equal(deterministic_forward(pool_before_relu(spec), weights, x), deterministic_forward(spec, weights, x))
+    # the pool rule is PFP's alone: the twin ignores it
+    assert torch.equal(deterministic_forward(with_pool_rule(spec, PoolRule.ARGMAX_MEAN), weights, x),
+                       deterministic_forward(spec, weights, x))
 
 
 def test_pool_first_matches_monte_carlo_closer_than_relu_first():
