@@ -3,7 +3,7 @@
 
 ``latency``: LeNet PFP (TVM, hand schedules, host) with each rule side by side with the
 deterministic twin, interleaved rounds (pfp.bench.time_side_by_side), per batch size; prints
-pfp_ms, det_ms and pfp/det per rule (medians over rounds), and the same of the fastest round.
+pfp_ms, det_ms and pfp/det per rule.
 
 ``profile``: TVM's per-kernel profile of the same modules (ms per call).
 
@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 from pathlib import Path
 
@@ -60,14 +59,8 @@ def latency(args) -> dict:
         # about 20 ms of work per timed call of the slowest predictor, whatever the batch
         number = max(1, int(20 / (0.05 * batch + 0.1)))
         load_before = os.getloadavg()[0]
-        # time_side_by_side one round at a time: its median over rounds, and also the fastest round
-        # (load only ever adds time, so on a busy host the minimum is the better estimate of a quiet one)
-        rounds = [time_side_by_side(predictors, x, number=number, rounds=1) for _ in range(args.rounds)]
-        ms = {name: statistics.median(r[name] for r in rounds) for name in predictors}
-        fastest = {name: min(r[name] for r in rounds) for name in predictors}
-        result[batch] = {rule.value: {"pfp_ms": ms[rule.value], "det_ms": ms["det"], "ratio": ms[rule.value] / ms["det"],
-                                      "pfp_min_ms": fastest[rule.value], "det_min_ms": fastest["det"],
-                                      "ratio_of_min": fastest[rule.value] / fastest["det"]}
+        ms = time_side_by_side(predictors, x, number=number, rounds=args.rounds)
+        result[batch] = {rule.value: {"pfp_ms": ms[rule.value], "det_ms": ms["det"], "ratio": ms[rule.value] / ms["det"]}
                          for rule in PoolRule}
         # a busy host inflates the parallel kernels' times unevenly: say how busy it was
         result[batch]["load_average_1min"] = [load_before, os.getloadavg()[0]]
