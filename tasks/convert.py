@@ -8,7 +8,8 @@ from pfp.stages.convert import convert
 def main(params, argv):
     model = model_argument(params, argv)
     config = params.convert
-    with tracking.stage_run(f"convert@{model}", params={"model": model, "pool_before_relu": config.pool_before_relu}) as run:
+    with tracking.stage_run(f"convert@{model}", params={"model": model, "pool_before_relu": config.pool_before_relu,
+                                                                "pool_rule": config.pool_rule.value}) as run:
         result = convert(model, config)
         run.set_tags({"layer_order": result.layer_order})
         run.log_metrics(result.metrics())

@@ -8,7 +8,7 @@ import pytest
 from pydantic import ValidationError
 
 from pfp.config import ConfigError, PipelineParams, TrainConfig, load_params, parse_params
-from pfp.spec import Architecture
+from pfp.spec import Architecture, PoolRule
 
 VALID = """
 seed: 3
@@ -66,6 +66,12 @@ def test_defaults_without_any_file_content():
     assert params.calibrate.variance_scales == [0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.5, 2.0, 3.0]
     assert params.evaluate.logit_samples == 100
     assert params.convert.pool_before_relu is True
+    assert params.convert.pool_rule is PoolRule.ARGMAX_MEAN and params.convert.covariance_layers == 2
+
+
+def test_pool_rule_is_read_from_params(tmp_path):
+    params = load_params(write(tmp_path, "models: [lenet]\ntrain: {lenet: {}}\nconvert: {pool_rule: argmax_mean}\n"))
+    assert params.convert.pool_rule is PoolRule.ARGMAX_MEAN
 
 
 def test_the_repository_params_files_are_valid():
@@ -92,6 +98,7 @@ def test_the_repository_params_files_are_valid():
         ("models: [mlp]\ntrain: {mlp: {}}\ntypo_section: 1\n", "typo_section"),
         ("models: [mlp]\ntrain: {mlp: {}}\nconvert: {pool_before_relu: maybe}\n", "convert.pool_before_relu"),
         ("models: [mlp]\ntrain: {mlp: {}}\nconvert: {pool_first: true}\n", "convert.pool_first"),
+        ("models: [mlp]\ntrain: {mlp: {}}\nconvert: {pool_rule: clarke}\n", "convert.pool_rule"),
     ],
 )
 def test_invalid_value_names_the_key(tmp_path, text, key):

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from pfp.artifacts.pfp_params import load_pfp_params, save_pfp_params
 from pfp.backends.torch_ref import deterministic_forward, maxpool2x2, pfp_forward, relu
 from pfp.bnn import Posterior, PosteriorError, site_names
-from pfp.convert import convert_posterior, pool_before_relu, predict_pfp
-from pfp.spec import Conv2d, Dense, Flatten, MaxPool2d, ModelSpec, ReLU, build_spec
+from pfp.convert import convert_posterior, pool_before_relu, predict_pfp, with_pool_rule
+from pfp.spec import Conv2d, Dense, Flatten, MaxPool2d, ModelSpec, PoolRule, ReLU, SpecError, build_spec
 
 N_SIGMA = 5.0
 
@@ -210,12 +210,34 @@ def test_convert_runs_pools_before_relus_by_default_and_saves_that_order(tmp_pat
     assert load_pfp_params(tmp_path / "pfp.npz", None).spec == model.spec
 
 
+@pytest.mark.parametrize("pool_first", [True, False])
+@pytest.mark.parametrize("rule", list(PoolRule))
+def test_conversion_puts_the_pool_rule_on_every_maxpool(tmp_path, rule, pool_first):
+    posterior = random_posterior(build_spec("lenet"), seed=12)
+    model = convert_posterior(posterior, pool_first=pool_first, pool_rule=rule.value)
+    pools = [layer for layer in model.spec.layers if isinstance(layer, MaxPool2d)]
+    assert len(pools) == 2 and all(layer.rule is rule for layer in pools)
+    # only the rule changed: same layers, same order as without it
+    assert model.spec == with_pool_rule(convert_posterior(posterior, pool_first=pool_first).spec, rule)
+    assert posterior.spec.layers[2].rule is PoolRule.CLARK  # the posterior's spec is left alone
+    save_pfp_params(model, tmp_path / "pfp.npz", parent=None)
+    assert load_pfp_params(tmp_path / "pfp.npz", None).spec == model.spec
+
+
+def test_conversion_refuses_an_unknown_pool_rule():
+    with pytest.raises(SpecError, match="'max'"):
+        convert_posterior(random_posterior(build_spec("lenet"), seed=12), pool_rule="max")
+
+
 def test_pool_first_order_is_the_same_deterministic_network():
     """relu(max(a, b)) == max(relu(a), relu(b)) exactly: the twin and each SVI member are unchanged."""
     spec = build_spec("lenet")
     weights = random_posterior(spec, seed=12).mean_weights()
     x = torch.rand(4, *spec.input_shape, generator=torch.Generator().manual_seed(0))
     assert torch.equal(deterministic_forward(pool_before_relu(spec), weights, x), deterministic_forward(spec, weights, x))
+    # the pool rule is PFP's alone: the twin ignores it
+    assert torch.equal(deterministic_forward(with_pool_rule(spec, PoolRule.ARGMAX_MEAN), weights, x),
+                       deterministic_forward(spec, weights, x))
 
 
 def test_pool_first_matches_monte_carlo_closer_than_relu_first():

@@ -17,7 +17,9 @@ from pfp.spec import (
     Flatten,
     MaxPool2d,
     ModelSpec,
+    PoolRule,
     ReLU,
+    SpecError,
     build_spec,
     lenet_spec,
     mlp_spec,
@@ -109,6 +111,37 @@ def test_from_json_rejects_unknown_layer_fields():
         ModelSpec.from_json(text)
 
 
+@pytest.mark.parametrize("rule", list(PoolRule))
+def test_maxpool_rule_survives_the_json_round_trip(rule):
+    spec = ModelSpec("toy", (1, 4, 4), (MaxPool2d(rule), ReLU(), MaxPool2d(), Flatten(), Dense("d", 1, 2)))
+    loaded = ModelSpec.from_json(spec.to_json())
+    assert loaded == spec
+    assert [layer.rule for layer in loaded.layers if layer.kind == "maxpool2d"] == [rule, PoolRule.CLARK]
+    assert json.loads(spec.to_json())["layers"][0]["rule"] == rule.value
+
+
+def test_maxpool_rule_from_a_string_equals_the_enum_and_hashes_alike():
+    assert MaxPool2d("argmax_mean") == MaxPool2d(PoolRule.ARGMAX_MEAN)
+    assert hash(MaxPool2d("argmax_mean")) == hash(MaxPool2d(PoolRule.ARGMAX_MEAN))
+    assert MaxPool2d().rule is PoolRule.CLARK
+
+
+def test_json_written_before_pool_rules_loads_with_clark():
+    raw = json.loads(build_spec("lenet").to_json())
+    for layer in raw["layers"]:
+        layer.pop("rule", None)
+    assert ModelSpec.from_json(json.dumps(raw)) == build_spec("lenet")
+
+
+def test_an_unknown_pool_rule_is_refused_by_name():
+    raw = json.loads(build_spec("lenet").to_json())
+    raw["layers"][2]["rule"] = "bilinear"
+    with pytest.raises(SpecError, match="invalid maxpool2d layer.*'bilinear'.*clark, clark_logistic, argmax_mean"):
+        ModelSpec.from_json(json.dumps(raw))
+    with pytest.raises(SpecError, match="'bilinear'"):
+        MaxPool2d("bilinear")
+
+
 # --------------------------------------------------------------------------- one walk, every backend
 
 def _import_every_backend() -> None:
@@ -120,6 +153,7 @@ def _import_every_backend() -> None:
 
     for module in pkgutil.walk_packages(pfp.backends.__path__, "pfp.backends."):
         importlib.import_module(module.name)
+    importlib.import_module("pfp.covariance_curve")  # the linearised network of the fidelity curve
 
 
 def test_every_backend_table_covers_every_layer_kind():
@@ -182,7 +216,12 @@ def _toy_handlers() -> dict:
         h, rows = state
         return relax_scale(ctx, h, layer.factor), rows
 
+    def linearised(layer, _index, state, _ctx):
+        h, var = state
+        return h * layer.factor, None if var is None else var * layer.factor**2
+
     return {"torch.pfp": pfp, "torch.deterministic": plain, "torch.sampled": plain, "torch.ensemble": plain,
+            "torch.linearised_independent": linearised,
             "tvm.pfp": tvm_pfp, "tvm.deterministic": tvm_plain, "tvm.ensemble": tvm_ensemble}
 
 

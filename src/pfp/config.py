@@ -15,7 +15,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from pfp.backends.base import Backend
 from pfp.backends.tvm.targets import TargetName
-from pfp.spec import Architecture
+from pfp.spec import Architecture, PoolRule
 
 
 class ConfigError(ValueError):
@@ -106,6 +106,8 @@ class ConvertConfig(_Section):
     # Run each 2x2 max-pool before the ReLU it follows (exact for deterministic networks; see
     # pfp.convert.pool_before_relu). False keeps the trained model's order, e.g. for an ablation.
     pool_before_relu: bool = True
+    # How PFP moment-matches each 2x2 max-pool (pfp.spec.PoolRule): clark, clark_logistic, argmax_mean.
+    pool_rule: PoolRule = PoolRule.ARGMAX_MEAN
     # The model's PFP adds back the covariance of units that share inputs in its last k dense layers
     # (pfp.backends.covariance); 0: plain PFP. 2 brings both models' logit variance to the sampled
     # network's (median ratio ~1.0 vs ~0.5-0.75 plain) at a small cost (README, "Covariance-aware PFP").

@@ -10,14 +10,14 @@ ReLU directly followed by a 2x2 max-pool is moved after it (:func:`pool_before_r
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from pfp.backends.covariance import covariance_block
 from pfp.backends.torch_ref import GaussianLayerParams, pfp_forward
 from pfp.bnn import Posterior, site_names
-from pfp.spec import MaxPool2d, ModelSpec, ReLU
+from pfp.spec import MaxPool2d, ModelSpec, PoolRule, ReLU, pool_rule
 
 
 @dataclass
@@ -59,9 +59,18 @@ def pool_before_relu(spec: ModelSpec) -> ModelSpec:
     return ModelSpec(name=spec.name, input_shape=spec.input_shape, layers=tuple(reordered))
 
 
-def convert_posterior(posterior: Posterior, *, pool_first: bool = True, covariance_layers: int = 0) -> PFPModel:
+def with_pool_rule(spec: ModelSpec, rule: PoolRule | str) -> ModelSpec:
+    """``spec`` with every ``MaxPool2d`` moment-matched by ``rule`` (a :class:`~pfp.spec.PoolRule`; SpecError if unknown)."""
+    rule = pool_rule(rule)
+    layers = tuple(replace(layer, rule=rule) if isinstance(layer, MaxPool2d) else layer for layer in spec.layers)
+    return ModelSpec(name=spec.name, input_shape=spec.input_shape, layers=layers)
+
+
+def convert_posterior(posterior: Posterior, *, pool_first: bool = True, pool_rule: PoolRule | str = PoolRule.CLARK,
+                      covariance_layers: int = 0) -> PFPModel:
     """Gaussian parameters per layer; ``pool_first`` runs max-pools before the ReLUs they follow (see
-    :func:`pool_before_relu`); ``covariance_layers`` is the model's PFP option (checked against the spec)."""
+    :func:`pool_before_relu`); every max-pool of the model's spec is moment-matched by ``pool_rule``;
+    ``covariance_layers`` is the model's PFP option (checked against the spec)."""
     covariance_block(posterior.spec, covariance_layers)  # refuses a block the model does not have
     params = {}
     for layer in posterior.spec.parametric_layers():
@@ -75,7 +84,8 @@ def convert_posterior(posterior: Posterior, *, pool_first: bool = True, covarian
             bias_mean=posterior.loc[bias_site].float(),
             bias_var=(posterior.scale[bias_site].double() ** 2).float(),
         )
-    return PFPModel(spec=pool_before_relu(posterior.spec) if pool_first else posterior.spec, params=params,
+    spec = with_pool_rule(posterior.spec, pool_rule)
+    return PFPModel(spec=pool_before_relu(spec) if pool_first else spec, params=params,
                     covariance_layers=covariance_layers)
 
 

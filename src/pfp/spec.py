@@ -110,13 +110,45 @@ class ReLU:
         return shape
 
 
+class PoolRule(str, Enum):
+    """How PFP moment-matches the max of a 2x2 window of independent Gaussians (deterministic backends ignore it).
+
+    * ``clark``: pairwise Clark max (rows, then the two row maxima), exact normal cdf/pdf;
+    * ``clark_logistic``: the same with the logistic approximation
+      ``Phi(a) ~ sigmoid(1.5976 a + 0.07056 a^3)`` and its derivative for phi (one exp, no erfc fit;
+      max abs error 1.5e-4 on Phi, 4.6e-4 on phi: each Clark max then errs by at most 4.8e-4 t on the
+      mean and 1.3e-3 t^2 on the variance, t^2 = var1 + var2; a whole pool by < 3.5e-3 s and 2.5e-3 s^2,
+      s^2 the window's summed variance; see ``pfp.backends.torch_ref.LOGISTIC_*``);
+    * ``argmax_mean``: mean and variance of the window element with the largest mean (first in row-major
+      order on ties); no transcendental function.
+    """
+
+    CLARK = "clark"
+    CLARK_LOGISTIC = "clark_logistic"
+    ARGMAX_MEAN = "argmax_mean"
+
+
+def pool_rule(value: PoolRule | str) -> PoolRule:
+    """``value`` as a :class:`PoolRule`; a :class:`SpecError` naming it and the choices otherwise."""
+    try:
+        return PoolRule(value)
+    except ValueError:
+        choices = ", ".join(rule.value for rule in PoolRule)
+        raise SpecError(f"unknown max-pool rule {value!r}; choose one of: {choices}") from None
+
+
 @layer_kind
 @dataclass(frozen=True)
 class MaxPool2d:
-    """2x2 max-pooling with stride 2 (the only pooling PFP implements)."""
+    """2x2 max-pooling with stride 2 (the only pooling PFP implements); ``rule``: PFP's moment matching."""
 
+    rule: PoolRule = PoolRule.CLARK
     kind: str = "maxpool2d"
     parametric: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        # always the enum (JSON gives a str): equal layers then hash alike
+        object.__setattr__(self, "rule", pool_rule(self.rule))
 
     def output_shape(self, shape: Shape) -> Shape:
         if len(shape) != 3 or shape[1] % 2 or shape[2] % 2:
@@ -225,6 +257,8 @@ class ModelSpec:
                 raise SpecError(f"unknown layer kind {kind!r} in model spec")
             try:
                 layers.append(LAYER_KINDS[kind](**entry))
+            except SpecError as error:
+                raise SpecError(f"invalid {kind} layer {entry} in model spec: {error}") from None
             except TypeError as error:
                 raise SpecError(f"invalid {kind} layer {entry} in model spec: {error}") from None
         return cls(name=raw["name"], input_shape=tuple(raw["input_shape"]), layers=tuple(layers))

@@ -21,6 +21,12 @@ import torch.nn.functional as F
 from scipy import integrate, stats
 
 from pfp.backends.torch_ref import (
+    LOGISTIC_CDF_MAX_ERROR,
+    LOGISTIC_MEAN_MAX_ERROR,
+    LOGISTIC_PDF_MAX_ERROR,
+    LOGISTIC_POOL_MEAN_ERROR,
+    LOGISTIC_POOL_VAR_ERROR,
+    LOGISTIC_VAR_MAX_ERROR,
     GaussianLayerParams,
     conv2d,
     conv2d_first,
@@ -34,7 +40,7 @@ from pfp.backends.torch_ref import (
     relu,
     scale_variance,
 )
-from pfp.spec import Dense, Flatten, ModelSpec, ReLU, build_spec
+from pfp.spec import Dense, Flatten, ModelSpec, PoolRule, ReLU, SpecError, build_spec
 
 N_SIGMA = 5.0  # each check is a 5-standard-error bound (false alarm ~6e-7 per element)
 
@@ -402,6 +408,183 @@ def test_maxpool2x2_output_depends_only_on_its_window():
             expected = torch.zeros_like(changed)
             expected[..., y // 2, x // 2] = True
             assert torch.equal(changed, expected), (y, x)
+
+
+# --------------------------------------------------------------------------- max-pool rules
+
+def _logistic_stats_f64(a: torch.Tensor):
+    from pfp.backends.torch_ref import _logistic_stats
+    return _logistic_stats(a.double())
+
+
+def test_logistic_normal_approximation_error_is_as_stated_over_the_real_line():
+    """Max abs error of Phi_L / phi_L and of the normalised Clark moments: within the stated bounds, and
+    the bounds are tight (the worst error reaches at least 90 % of each)."""
+    a = torch.linspace(-40.0, 40.0, 800_001, dtype=torch.float64)
+    cdf, cdf_neg, pdf = _logistic_stats_f64(a)
+    exact_cdf = torch.from_numpy(stats.norm.cdf(a.numpy()))
+    exact_pdf = torch.from_numpy(stats.norm.pdf(a.numpy()))
+    torch.testing.assert_close(cdf + cdf_neg, torch.ones_like(a), rtol=0, atol=1e-15)  # symmetric, like Phi
+    cdf_error, pdf_error = (cdf - exact_cdf).abs().max(), (pdf - exact_pdf).abs().max()
+    # Clark: mean = mu2 + t (a Phi + phi); var / t^2 = w Phi(a) + (1 - w) Phi(-a) + h(a), w in [0, 1]
+    mean_error = (a * (cdf - exact_cdf) + pdf - exact_pdf).abs().max()
+
+    def h(p, pn, d):
+        return a * a * p * pn + a * d * (pn - p) - d * d
+
+    var_error = ((cdf - exact_cdf).abs() + (h(cdf, cdf_neg, pdf) - h(exact_cdf, 1 - exact_cdf, exact_pdf)).abs()).max()
+    for got, bound in ((cdf_error, LOGISTIC_CDF_MAX_ERROR), (pdf_error, LOGISTIC_PDF_MAX_ERROR),
+                       (mean_error, LOGISTIC_MEAN_MAX_ERROR), (var_error, LOGISTIC_VAR_MAX_ERROR)):
+        assert 0.9 * bound <= float(got) <= bound, (float(got), bound)
+    # beyond the clamp (|a| = 40) both tails are exactly saturated
+    far = torch.tensor([-1e4, -40.0, 40.0, 1e4], dtype=torch.float64)
+    torch.testing.assert_close(_logistic_stats_f64(far)[0], torch.tensor([0.0, 0.0, 1.0, 1.0], dtype=torch.float64))
+
+
+def _wide_pairs(seed: int, count: int = 4000):
+    """(mean1, var1, mean2, var2) over wide ranges: scales 1e-3..1e3, offsets up to 1e3, gaps up to 60 scales."""
+    g = gen(seed)
+    scale = 10 ** (6 * torch.rand(count, generator=g, dtype=torch.float64) - 3)
+    offset = 1e3 * torch.randn(count, generator=g, dtype=torch.float64)
+    gap = 20 * torch.randn(count, generator=g, dtype=torch.float64) * scale
+    v1 = (scale * (0.01 + 2 * torch.rand(count, generator=g, dtype=torch.float64))) ** 2
+    v2 = (scale * (0.01 + 2 * torch.rand(count, generator=g, dtype=torch.float64))) ** 2
+    v2[::7] = 0.0  # one deterministic input
+    return offset + gap, v1, offset, v2
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_logistic_clark_max_is_within_the_stated_bound_of_exact_clark(seed):
+    m1, v1, m2, v2 = _wide_pairs(seed)
+    exact_mean, exact_var = max2(m1, v1, m2, v2)
+    mean, var = max2(m1, v1, m2, v2, logistic=True)
+    t2 = v1 + v2
+    slack = 1e-12 * (m1.abs() + m2.abs() + 1)  # float64 rounding of the mean terms
+    assert ((mean - exact_mean).abs() <= LOGISTIC_MEAN_MAX_ERROR * t2.sqrt() + slack).all()
+    assert ((var - exact_var).abs() <= LOGISTIC_VAR_MAX_ERROR * t2 + 1e-12 * t2).all()
+    # and the approximation is not the exact formula in disguise
+    assert (mean - exact_mean).abs().max() > 0.1 * LOGISTIC_MEAN_MAX_ERROR * t2.sqrt().max() / 1e3
+
+
+@pytest.mark.parametrize("seed", [100, 101])
+def test_logistic_clark_pool_is_within_the_stated_bound_of_exact_clark_pool(seed):
+    """The whole 2x2 pool (three maxima) with the logistic cdf, against exact Clark, in float64 (windows unlike
+    the ones the bounds were measured on: other seeds, offsets up to 1e3)."""
+    g = gen(seed)
+    windows = 20_000
+    scale = 10 ** (6 * torch.rand(windows, 1, 1, generator=g, dtype=torch.float64) - 3)
+    spread = 4 * torch.rand(windows, 1, 1, generator=g, dtype=torch.float64)
+    mean = (1e3 * torch.randn(windows, 1, 1, generator=g, dtype=torch.float64)
+            + spread * scale * torch.randn(windows, 2, 2, generator=g, dtype=torch.float64))
+    var = (scale * (0.01 + 2 * torch.rand(windows, 2, 2, generator=g, dtype=torch.float64))) ** 2
+    var[::5, 1, 1] = 0.0
+    exact_mean, exact_var = maxpool2x2(mean[None], var[None], PoolRule.CLARK)
+    mean_l, var_l = maxpool2x2(mean[None], var[None], PoolRule.CLARK_LOGISTIC)
+    s2 = var.sum((1, 2)).reshape(exact_mean.shape)
+    mean_error, var_error = (mean_l - exact_mean).abs() / s2.sqrt(), (var_l - exact_var).abs() / s2
+    assert mean_error.max() <= LOGISTIC_POOL_MEAN_ERROR and var_error.max() <= LOGISTIC_POOL_VAR_ERROR
+    assert mean_error.max() >= 0.2 * LOGISTIC_POOL_MEAN_ERROR  # the bound is not vacuous
+
+
+def _random_windows(seed: int, windows: int = 48) -> tuple[torch.Tensor, torch.Tensor]:
+    """(1, windows, 2, 2) maps: per window a scale 1e-2..1e2, an offset, means spread over 0..3 scales, distinct stds."""
+    g = gen(seed)
+    scale = 10 ** (4 * torch.rand(windows, 1, 1, generator=g) - 2)
+    spread = 3 * torch.rand(windows, 1, 1, generator=g)
+    mean = 10 * torch.randn(windows, 1, 1, generator=g) + spread * scale * torch.randn(windows, 2, 2, generator=g)
+    std = scale * (0.05 + 2 * torch.rand(windows, 2, 2, generator=g))
+    return mean[None], (std**2)[None]
+
+
+def _mc_max4(mean: torch.Tensor, var: torch.Tensor, g: torch.Generator, n: int = 100_000) -> MCMoments:
+    """MC moments of the max of each window's 4 independent Gaussians, (1, windows, 1, 1)."""
+    return mc_moments(lambda k: F.max_pool2d(sample_gaussian(mean, var, k, g).flatten(0, 1), 2).unflatten(0, (k, 1)),
+                      n, chunk=25_000)
+
+
+#: Pairwise Clark's own bias for the max of 4 (the row maxima are not Gaussian): over 300 random windows of
+#: scales 1e-3..1e3 (float64, 20k MC draws), mean -0.08..+0.10 output sd, variance -55 %..+5 % (-58..+7 %
+#: with the logistic cdf). The bounds below add 5 MC standard errors to these.
+CLARK_MEAN_BIAS_SD, CLARK_VAR_BIAS = 0.12, (-0.6, 0.1)
+
+
+@pytest.mark.parametrize("rule", [PoolRule.CLARK, PoolRule.CLARK_LOGISTIC])
+@pytest.mark.parametrize("seed", [60, 61])
+def test_clark_pool_rules_match_mc_of_max_of_four_within_clarks_bias(rule, seed):
+    mean_in, var_in = _random_windows(seed)
+    mean, var = maxpool2x2(mean_in, var_in, rule)
+    mc = _mc_max4(mean_in, var_in, gen(seed + 100))
+    mean, var = mean.double(), var.double()
+    sd = mc.var.sqrt()
+    assert ((mean - mc.mean).abs() <= CLARK_MEAN_BIAS_SD * sd + N_SIGMA * mc.se_mean + 1e-6 * mc.mean.abs()).all()
+    low, high = CLARK_VAR_BIAS
+    assert ((var >= (1 + low) * mc.var - N_SIGMA * mc.se_var) & (var <= (1 + high) * mc.var + N_SIGMA * mc.se_var)).all()
+
+
+@pytest.mark.parametrize("seed", [62, 63])
+def test_argmax_mean_rule_is_the_largest_mean_element_and_never_above_mc(seed):
+    mean_in, var_in = _random_windows(seed)
+    mean, var = maxpool2x2(mean_in, var_in, PoolRule.ARGMAX_MEAN)
+    # exactly the moments of the element with the largest mean
+    flat_mean, flat_var = mean_in.flatten(2), var_in.flatten(2)
+    best = flat_mean.argmax(2, keepdim=True)
+    assert torch.equal(mean.flatten(2), flat_mean.gather(2, best))
+    assert torch.equal(var.flatten(2), flat_var.gather(2, best))
+    # E[max] >= max E (Jensen): the rule's mean is a lower bound of the true one
+    mc = _mc_max4(mean_in, var_in, gen(seed + 100))
+    assert (mean.double() <= mc.mean + N_SIGMA * mc.se_mean + 1e-6 * mc.mean.abs()).all()
+
+
+@pytest.mark.parametrize("rule", list(PoolRule))
+def test_every_rule_is_exact_when_one_mean_dominates(rule):
+    """A window whose largest mean is >= 10 combined sd above the rest: each rule gives that element's
+    moments, and MC of the max agrees within its standard errors (the bias bound of argmax_mean: 0 here)."""
+    g = gen(64)
+    windows = 32
+    scale = 10 ** (4 * torch.rand(windows, 1, generator=g) - 2)
+    std = scale * (0.1 + torch.rand(windows, 4, generator=g))
+    mean = 5 * torch.randn(windows, 1, generator=g) + scale * torch.randn(windows, 4, generator=g)
+    winner = torch.randint(0, 4, (windows,), generator=g)
+    lead = mean.max(1).values + 10 * 2 * std.max(1).values  # >= 10 sd of (winner - any other)
+    mean[torch.arange(windows), winner] = lead
+    mean_in, var_in = mean.reshape(1, windows, 2, 2), (std**2).reshape(1, windows, 2, 2)
+    out_mean, out_var = maxpool2x2(mean_in, var_in, rule)
+    torch.testing.assert_close(out_mean.flatten(), lead, rtol=1e-6, atol=1e-6 * scale.max().item())
+    torch.testing.assert_close(out_var.flatten(), std[torch.arange(windows), winner] ** 2, rtol=1e-4, atol=0.0)
+    assert_matches_mc(out_mean, out_var, _mc_max4(mean_in, var_in, gen(65)))
+
+
+def test_argmax_mean_rule_takes_the_first_of_tied_means():
+    mean = torch.tensor([[1.0, 1.0], [1.0, 1.0]]).reshape(1, 1, 2, 2).repeat(1, 3, 1, 1)
+    mean[0, 1, 0, 0] = 0.0  # ties among the other three: (0, 1) is first
+    mean[0, 2, :1] = 0.0  # ties in the bottom row: (1, 0)
+    var = torch.tensor([[0.1, 0.2], [0.3, 0.4]]).reshape(1, 1, 2, 2).repeat(1, 3, 1, 1)
+    _, out_var = maxpool2x2(mean, var, "argmax_mean")
+    torch.testing.assert_close(out_var.flatten(), torch.tensor([0.1, 0.2, 0.3]))
+
+
+def test_maxpool2x2_refuses_an_unknown_rule():
+    with pytest.raises(SpecError, match="'softmax'.*clark, clark_logistic, argmax_mean"):
+        maxpool2x2(torch.zeros(1, 1, 2, 2), torch.ones(1, 1, 2, 2), "softmax")
+
+
+def test_pfp_forward_runs_each_layers_pool_rule():
+    """The PFP table reads the rule of each MaxPool2d: a spec with argmax_mean gives what maxpool2x2 does."""
+    from pfp.convert import with_pool_rule
+    from pfp.spec import Conv2d, MaxPool2d
+
+    g = gen(66)
+    base = ModelSpec("toy", (1, 4, 4), (Conv2d("c", 1, 2, 3, padding=1), MaxPool2d(), ReLU(), Flatten(), Dense("d", 8, 3)))
+    params = {"c": random_params((2, 1, 3, 3), (2,), g), "d": random_params((3, 8), (3,), g)}
+    x = torch.randn(5, 1, 4, 4, generator=g)
+    outputs = {}
+    for rule in PoolRule:
+        spec = with_pool_rule(base, rule)
+        c_mean, c_var = conv2d_first(x, params["c"], 1, 1)
+        want = dense(*flatten(*relu(*maxpool2x2(c_mean, c_var, rule))), params["d"])
+        outputs[rule] = pfp_forward(spec, params, x)
+        torch.testing.assert_close(outputs[rule], want, rtol=0, atol=0)
+    assert not torch.equal(outputs[PoolRule.CLARK][1], outputs[PoolRule.ARGMAX_MEAN][1])
 
 
 def test_flatten_matches_torch_order():

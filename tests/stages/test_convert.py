@@ -21,12 +21,18 @@ def test_convert_writes_the_pfp_params_with_their_parent(tmp_path):
     result = convert("lenet", ConvertConfig(), root=tmp_path)
     assert result.path == tmp_path / "models" / "lenet" / "pfp.npz"
     loaded = load_pfp_params(result.path, "lenet", parent=source)
-    expected = convert_posterior(posterior, pool_first=True)
+    expected = convert_posterior(posterior, pool_first=True, pool_rule="argmax_mean", covariance_layers=2)  # the defaults
     assert loaded.spec == expected.spec == result.pfp_model.spec
+    assert loaded.covariance_layers == result.pfp_model.covariance_layers == 2
     assert result.layer_order == " ".join(layer.kind for layer in expected.spec.layers)
     assert set(result.metrics()) == {f"{name}.weight_var_mean" for name in expected.params}
     # the trained order, when asked
-    assert convert("lenet", ConvertConfig(pool_before_relu=False), root=tmp_path).pfp_model.spec == posterior.spec
+    assert convert("lenet", ConvertConfig(pool_before_relu=False, pool_rule="clark"),
+                   root=tmp_path).pfp_model.spec == posterior.spec
+    # convert.pool_rule reaches every max-pool of the saved spec
+    result = convert("lenet", ConvertConfig(pool_rule="clark_logistic"), root=tmp_path)
+    saved = load_pfp_params(result.path, "lenet", parent=source).spec
+    assert [layer.rule.value for layer in saved.layers if layer.kind == "maxpool2d"] == ["clark_logistic"] * 2
 
 
 def test_lenet_posterior_copied_into_the_mlp_slot_is_refused(tmp_path):

@@ -37,14 +37,14 @@ def convert(model: str, config: ConvertConfig, *, root: Path = Path(".")) -> Con
     model
         The architecture whose slot is converted.
     config
-        The ``convert`` section (``pool_before_relu``, ``covariance_layers``).
+        The ``convert`` section (``pool_before_relu``, ``pool_rule``, ``covariance_layers``).
     root
         The workspace folder.
     """
     root = Path(root)
     source = root / posterior_path(model)
     pfp_model = convert_posterior(load_posterior(source, model), pool_first=config.pool_before_relu,
-                                  covariance_layers=config.covariance_layers)
+                                  pool_rule=config.pool_rule, covariance_layers=config.covariance_layers)
     path = root / pfp_params_path(model)
     save_pfp_params(pfp_model, path, parent=source)
     return ConvertResult(pfp_model=pfp_model, path=path)

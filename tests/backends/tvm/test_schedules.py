@@ -30,6 +30,10 @@ def _pool_then_relu_gaussian(mean, var):
     return ops.relu_gaussian(*ops.maxpool2x2_gaussian(mean, var))
 
 
+def _argmax_pool_then_relu_gaussian(mean, var):
+    return ops.relu_gaussian(*ops.maxpool2x2_gaussian(mean, var, "argmax_mean"))
+
+
 def _pool_then_relu(x):
     return ops.relu(ops.maxpool2x2(x))
 
@@ -57,8 +61,13 @@ CASES = {
     "maxpool2x2_gaussian": (ops.maxpool2x2_gaussian, [(2, 6, 28, 28), (2, 6, 28, 28)], {}),
     # a width (8) and pooled width (4) narrower than 16 lanes: vectors must not straddle rows
     "maxpool2x2_gaussian_small": (ops.maxpool2x2_gaussian, [(3, 16, 8, 8), (3, 16, 8, 8)], {}),
+    # the other pool rules (pfp.spec.PoolRule): Clark with the logistic cdf (two stages), argmax of means (one)
+    "maxpool2x2_gaussian_logistic": (ops.maxpool2x2_gaussian, [(2, 6, 28, 28)] * 2, {"rule": "clark_logistic"}),
+    "maxpool2x2_argmax_mean": (ops.maxpool2x2_gaussian, [(2, 6, 28, 28)] * 2, {"rule": "argmax_mean"}),
+    "maxpool2x2_argmax_mean_small": (ops.maxpool2x2_gaussian, [(3, 16, 8, 8)] * 2, {"rule": "argmax_mean"}),
     # max-pool then ReLU in one function (as FuseOps makes them), small enough to share one loop
     "maxpool_relu_gaussian_chain": (_pool_then_relu_gaussian, [(1, 16, 10, 10)] * 2, {}),
+    "maxpool_argmax_relu_gaussian_chain": (_argmax_pool_then_relu_gaussian, [(1, 16, 10, 10)] * 2, {}),
     "dense_ensemble_shared": (ops.dense_ensemble, [(2, 64), (5, 7, 64), (5, 7)], {"batch": 2}),
     "conv2d_ensemble": (ops.conv2d_ensemble, [(6, 2, 8, 8), (3, 4, 2, 3, 3), (3, 4)], {"batch": 2, "padding": 1}),
     "conv2d_ensemble_channels_last": (ops.conv2d_ensemble, [(2, 2, 8, 8), (3, 2, 3, 3, 16), (3, 16)],
@@ -98,7 +107,8 @@ def test_hand_schedule_keeps_every_operator_exact(name):
     assert "T.vectorized" in script, "no SIMD loop"
 
 
-@pytest.mark.parametrize("name", ["dense_joint_first", "conv2d_joint", "relu_gaussian", "maxpool2x2_gaussian"])
+@pytest.mark.parametrize("name", ["dense_joint_first", "conv2d_joint", "relu_gaussian", "maxpool2x2_gaussian",
+                                  "maxpool2x2_gaussian_logistic", "maxpool2x2_argmax_mean"])
 def test_large_operators_run_in_parallel(name):
     op, shapes, kwargs = CASES[name]
     assert "T.parallel" in schedule_prim_func(ops.make_prim_func(op, shapes, **kwargs)).script()

@@ -33,7 +33,7 @@ from tvm import relax
 from pfp.backends.covariance import CovarianceBlock, covariance_block
 from pfp.backends.tvm import ops
 from pfp.backends.tvm.ops import covariance as cov_ops
-from pfp.spec import Conv2d, LayerTable, ModelSpec, layer_entry
+from pfp.spec import Conv2d, LayerTable, ModelSpec, PoolRule, layer_entry
 
 __all__ = [
     "DETERMINISTIC_TABLE",
@@ -277,8 +277,10 @@ def _pfp_maxpool(layer, index: int, state, ctx: _Build):
     mean, var = state
     if var is None:
         return ctx.bb.emit_te(ops.maxpool2x2, mean, primfunc_name_hint=f"maxpool{index}"), None
-    return _pair(ctx.bb, ctx.bb.emit_te(ops.maxpool2x2_gaussian, mean, var,
-                                        primfunc_name_hint=f"maxpool_gaussian{index}"))
+    rule = PoolRule(layer.rule)
+    # Clark keeps its historical name (tuning records, profiles); another rule is in the name
+    name = f"maxpool_gaussian{index}" if rule is PoolRule.CLARK else f"maxpool_{rule.value}{index}"
+    return _pair(ctx.bb, ctx.bb.emit_te(ops.maxpool2x2_gaussian, mean, var, rule.value, primfunc_name_hint=name))
 
 
 #: The probabilistic forward pass; state ``(mean, var)``, ``var`` None while deterministic.

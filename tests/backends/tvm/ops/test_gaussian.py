@@ -19,6 +19,7 @@ def test_constants_match_reference():
     assert ops.CLARK_EPS == ref.CLARK_EPS
     assert ops.RELU_VAR_EPS == ref.RELU_VAR_EPS
     assert ops.MAX_STD_ARG == ref._MAX_STD_ARG
+    assert (gaussian.LOGISTIC_C1, gaussian.LOGISTIC_C3) == (ref.LOGISTIC_C1, ref.LOGISTIC_C3)
 
 
 def test_normal_cdf_pdf_keep_relative_accuracy_in_both_tails():

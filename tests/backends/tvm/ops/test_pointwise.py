@@ -12,6 +12,7 @@ pytest.importorskip("tvm")
 
 from pfp.backends import torch_ref as ref  # noqa: E402
 from pfp.backends.tvm import ops  # noqa: E402
+from pfp.spec import PoolRule, SpecError  # noqa: E402
 
 from ..helpers import assert_close, gaussian_input, run_op  # noqa: E402
 
@@ -91,13 +92,36 @@ def _pool_inputs():
     return m, v
 
 
-def test_maxpool2x2_gaussian_matches_reference():
+@pytest.mark.parametrize("rule", list(PoolRule))
+def test_maxpool2x2_gaussian_matches_reference(rule):
     m, v = _pool_inputs()
-    mean, var = run_op("maxpool2x2_gaussian", m, v)
-    ref_mean, ref_var = ref.maxpool2x2(m, v)
+    mean, var = run_op("maxpool2x2_gaussian", m, v, rule=rule.value)
+    ref_mean, ref_var = ref.maxpool2x2(m, v, rule)
     assert mean.shape == (2, 3, 3, 4)
+    if rule is PoolRule.ARGMAX_MEAN:  # selects only: bit for bit, ties to the same (first) element
+        np.testing.assert_array_equal(mean, ref_mean.numpy())
+        np.testing.assert_array_equal(var, ref_var.numpy())
+        return
     assert_close(mean, ref_mean, what="mean")
     assert_close(var, ref_var, what="var")
+
+
+def test_logistic_clark_pool_matches_reference_over_wide_ranges():
+    """Scales 1e-3..1e3 and offsets up to 1e3 per channel: float32 TVM within 1e-4 of the float32 reference."""
+    generator = torch.Generator().manual_seed(11)
+    scale = 10 ** (6 * torch.rand(2, 8, 1, 1, generator=generator) - 3)
+    m = 1e3 * torch.randn(2, 8, 1, 1, generator=generator) + 3 * scale * torch.randn(2, 8, 6, 6, generator=generator)
+    v = (scale * torch.rand(2, 8, 6, 6, generator=generator)) ** 2
+    mean, var = run_op("maxpool2x2_gaussian", m, v, rule="clark_logistic")
+    ref_mean, ref_var = ref.maxpool2x2(m, v, "clark_logistic")
+    # the mean: rounding of the 1e3 offset (float32 eps x 1e3) per Clark max, relative to the spread
+    np.testing.assert_allclose(mean, ref_mean.numpy(), rtol=1e-6, atol=3e-4)
+    np.testing.assert_allclose(var, ref_var.numpy(), rtol=1e-3, atol=1e-4 * float(ref_var.max()))
+
+
+def test_maxpool2x2_gaussian_refuses_an_unknown_rule():
+    with pytest.raises(SpecError, match="'mean'"):
+        ops.make_prim_func(ops.maxpool2x2_gaussian, [(1, 1, 4, 4), (1, 1, 4, 4)], rule="mean")
 
 
 def test_maxpool2x2_gaussian_every_output_reads_its_own_window():

@@ -1,4 +1,4 @@
-"""Gaussian math in TIR expressions: phi and Phi (one exp, an erfcx fit), exp, Clark's max, ReLU moments.
+"""Gaussian math in TIR expressions: phi and Phi (one exp, an erfcx fit; or logistic), exp, Clark's max, ReLU moments.
 
 Same constants and forms as :mod:`pfp.backends.torch_ref`; see the package docstring for the
 accuracy of Phi in the tails.
@@ -12,7 +12,7 @@ from tvm import tirx
 
 from pfp.backends.tvm.ops.common import DTYPE, _f
 
-__all__ = ["CLARK_EPS", "MAX_STD_ARG", "RELU_VAR_EPS"]
+__all__ = ["CLARK_EPS", "LOGISTIC_C1", "LOGISTIC_C3", "MAX_STD_ARG", "RELU_VAR_EPS"]
 
 #: Same constants as :mod:`pfp.backends.torch_ref` (a test checks they agree).
 CLARK_EPS = 1e-12
@@ -100,19 +100,43 @@ def _normal_stats(lets: _Lets, a: tirx.PrimExpr) -> tuple[tirx.Var, tirx.Var, ti
     return cdf, cdf_neg, pdf
 
 
+# Same approximation as pfp.backends.torch_ref.LOGISTIC_C1 (error bounds there; a test checks they agree).
+LOGISTIC_C1, LOGISTIC_C3 = 1.5976, 0.07056
+
+
+def _logistic_stats(lets: _Lets, a: tirx.PrimExpr) -> tuple[tirx.Var, tirx.Var, tirx.Var]:
+    """(Phi_L(a), Phi_L(-a), phi_L(a)): Phi_L(a) = sigmoid(a (C1 + C3 a^2)), phi_L = Phi_L'.
+
+    One exp and one division, against one exp, two divisions and the degree-10 erfcx fit of
+    :func:`_normal_stats`. The sigmoid is evaluated on -|z| (e <= 1, no overflow) and mirrored.
+    """
+    a2 = lets("a2", a * a)
+    z = lets("z", a * (_f(LOGISTIC_C1) + _f(LOGISTIC_C3) * a2))
+    e = _exp(lets, _f(0.0) - tirx.abs(z))
+    lower = lets("lower", e / (_f(1.0) + e))  # sigmoid(-|z|)
+    nonneg = z >= _f(0.0)
+    cdf = lets("cdf", tirx.Select(nonneg, _f(1.0) - lower, lower))
+    cdf_neg = lets("cdf_neg", tirx.Select(nonneg, lower, _f(1.0) - lower))
+    pdf = lets("pdf", lower * (_f(1.0) - lower) * (_f(LOGISTIC_C1) + _f(3.0 * LOGISTIC_C3) * a2))
+    return cdf, cdf_neg, pdf
+
+
 def _clark_h(a, cdf, cdf_neg, pdf) -> tirx.PrimExpr:
     """h(a) = a^2 Phi(a) Phi(-a) + a phi(a) (Phi(-a) - Phi(a)) - phi(a)^2 (<= 0)."""
     return a * a * cdf * cdf_neg + a * pdf * (cdf_neg - cdf) - pdf * pdf
 
 
-def _max2(lets: _Lets, mean1, var1, mean2, var2) -> tuple[tirx.PrimExpr, tirx.PrimExpr]:
-    """Clark's moment matching of max(X1, X2); returns unbound (mean, var) expressions."""
+def _max2(lets: _Lets, mean1, var1, mean2, var2, *, logistic: bool = False) -> tuple[tirx.PrimExpr, tirx.PrimExpr]:
+    """Clark's moment matching of max(X1, X2); returns unbound (mean, var) expressions.
+
+    ``logistic``: Phi and phi by the logistic approximation (:func:`_logistic_stats`).
+    """
     var1 = lets("var1", tirx.max(var1, _f(0.0)))
     var2 = lets("var2", tirx.max(var2, _f(0.0)))
     t2 = lets("t2", var1 + var2 + _f(CLARK_EPS))
     t = lets("t", tirx.sqrt(t2))
     a = lets("a", _clamp_std_arg((mean1 - mean2) / t))
-    cdf, cdf_neg, pdf = _normal_stats(lets, a)
+    cdf, cdf_neg, pdf = (_logistic_stats if logistic else _normal_stats)(lets, a)
     mean = mean1 * cdf + mean2 * cdf_neg + t * pdf
     var = tirx.max(var1 * cdf + var2 * cdf_neg + t2 * _clark_h(a, cdf, cdf_neg, pdf), _f(0.0))
     return mean, var
