@@ -222,6 +222,7 @@ def test_benchmark_model_times_peers_beside_the_compiled_predictors():
     assert results["det_tvm_over_best_peer_det"] == pytest.approx(results["det_tvm_ms"] / results["det_onnxruntime_ms"])
     # what each peer ran with: ONNX Runtime on the compiled predictors' thread count
     assert set(results["peers"]) == {"det_onnxruntime", "pfp_onnxruntime"}
+    assert all(0 <= entry["max_error_vs_eager"] < 1e-5 for entry in results["peers"].values())  # checked before timing
     assert all(entry["threads"] == results["threads"]["tvm"] for entry in results["peers"].values())
 
 

@@ -116,6 +116,8 @@ class _Peer:
     """The timing loop every peer shares: one untimed call (as TVM's time_evaluator), then ``repeat`` means of ``number`` calls."""
 
     name: str
+    #: largest difference from the eager reference, relative to each output's scale (set by :func:`make_peer`)
+    max_error: float | None = None
 
     def _prepare(self, x: np.ndarray) -> Any:
         raise NotImplementedError
@@ -177,7 +179,8 @@ class TorchCompiledPeer(_Peer):
 
     def describe(self) -> dict[str, Any]:
         return {"runtime": f"torch {torch.__version__}", "compiler": "torch.compile (inductor, fullgraph, dynamic=False)",
-                "compile_mode": self.mode, "threads": torch.get_num_threads(), "compile_s": round(self.compile_seconds, 3)}
+                "compile_mode": self.mode, "threads": torch.get_num_threads(), "compile_s": round(self.compile_seconds, 3),
+                "max_error_vs_eager": self.max_error}
 
 
 @contextlib.contextmanager
@@ -242,7 +245,7 @@ class OnnxRuntimePeer(_Peer):
     def describe(self) -> dict[str, Any]:
         return {"runtime": f"onnxruntime {self.version} (CPUExecutionProvider)",
                 "exporter": f"torch.onnx.export(dynamo=True), torch {torch.__version__}, opset {self.opset}",
-                "threads": self.threads, "compile_s": round(self.export_seconds, 3)}
+                "threads": self.threads, "compile_s": round(self.export_seconds, 3), "max_error_vs_eager": self.max_error}
 
 
 def make_peer(peer: Peer | str, pfp_model: PFPModel, posterior: Posterior, x: np.ndarray, *, variance_scale: float = 1.0,
