@@ -35,8 +35,8 @@ from pfp.convert import PFPModel
 __all__ = ["COMPILE_MODE", "PEER_ATOL_FRACTION", "PEER_RTOL", "OnnxRuntimePeer", "PeerMismatchError", "TorchCompiledPeer",
            "check_agrees", "make_peer", "make_peers", "reference_outputs"]
 
-#: torch.compile's mode: inductor's default. "max-autotune-no-cudagraphs" benchmarks GEMM
-#: templates per shape at compile time; on these small layers it did not pay for its minutes.
+#: torch.compile's mode: inductor's default ("max-autotune-no-cudagraphs", which benchmarks GEMM
+#: templates per shape while compiling, has not been measured here).
 COMPILE_MODE = "default"
 #: A peer's outputs must match the eager reference to float32 round-off: this relative error ...
 PEER_RTOL = 1e-4
