@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import pyro
 import torch
@@ -23,7 +23,7 @@ from pfp.backends.base import Backend, Predictor, Schedule
 from pfp.backends.torch_ref import ensemble_forward
 from pfp.backends.weights import sample_stacked_weights
 from pfp.bnn import Posterior, make_model
-from pfp.config import Variant
+from pfp.config import Peer, Variant
 from pfp.convert import PFPModel
 
 
@@ -73,13 +73,16 @@ TUNED_KEYS = {Variant.PFP: "pfp_tvm_ms", Variant.PFP_SEPARATE: "pfp_tvm_separate
 def benchmark_model(posterior: Posterior, pfp_model: PFPModel, batch_size: int, *, svi_samples: int = 30,
                     repeat: int = 10, warmup: int = 2, tvm_number: int = 20, tvm_repeat: int = 5,
                     libraries: Mapping[Variant, Predictor] | None = None, variance_scale: float = 1.0,
-                    seed: int = 0) -> dict:
+                    seed: int = 0, peers: Sequence[Peer] = ()) -> dict:
     """Latency (ms per batch) of each predictor of this model at ``batch_size``, side by side.
 
     ``libraries`` maps a :class:`~pfp.config.Variant` to its tuned compiled predictor (the tune
     stage's libraries); a variant without one is compiled here with the hand schedules, and
     ``schedules`` in the result says which. ``*_untuned_ms`` is TVM's default lowering.
     ``warmup`` untimed calls precede the ``repeat`` timed ones of each Python-level baseline.
+    ``peers`` (:mod:`pfp.peers`, each built and checked against the eager reference first) are
+    timed in the same interleaved rounds as the compiled predictors (``PEER_ms``); ``peers`` in the
+    result says what each ran with.
     """
     spec = posterior.spec
     libraries = dict(libraries or {})
@@ -114,6 +117,13 @@ def benchmark_model(posterior: Posterior, pfp_model: PFPModel, batch_size: int, 
         library = libraries.get(variant)
         schedules[variant.value] = "tuned" if library is not None else "hand"
         models[name] = library if library is not None else compiled(variant, Schedule.HAND)
+    tvm_threads = models["pfp_tvm_ms"].describe()["threads"]
+    if peers:
+        from pfp.peers import make_peers
+
+        peer_models = make_peers(list(peers), pfp_model, posterior, x.numpy(), variance_scale=variance_scale, threads=tvm_threads)
+        models.update(peer_models)
+        results["peers"] = {name.removesuffix("_ms"): peer.describe() for name, peer in peer_models.items()}
     results.update(time_side_by_side(models, x.numpy(), number=tvm_number, rounds=tvm_repeat))
     results["svi_pyro_over_pfp_tvm"] = results["svi_pyro_ms"] / results["pfp_tvm_ms"]
     results["svi_tvm_over_pfp_tvm"] = results["svi_tvm_ms"] / results["pfp_tvm_ms"]
@@ -123,7 +133,13 @@ def benchmark_model(posterior: Posterior, pfp_model: PFPModel, batch_size: int, 
     if "pfp_cov_tvm_ms" in results:
         results["pfp_cov_over_pfp_tvm"] = results["pfp_cov_tvm_ms"] / results["pfp_tvm_ms"]
         results["svi_tvm_over_pfp_cov_tvm"] = results["svi_tvm_ms"] / results["pfp_cov_tvm_ms"]
+    # PFP-TVM against the fastest way to the same answer without it (eager PyTorch counts too)
+    peer_pfp = [results["pfp_torch_ms"]] + [results[f"{p.value}_ms"] for p in map(Peer, peers) if p.variant is Variant.PFP]
+    results["pfp_tvm_over_best_peer_pfp"] = results["pfp_tvm_ms"] / min(peer_pfp)
+    peer_det = [results[f"{p.value}_ms"] for p in map(Peer, peers) if p.variant is Variant.DET]
+    if peer_det:
+        results["det_tvm_over_best_peer_det"] = results["det_tvm_ms"] / min(peer_det)
     results["schedules"] = schedules
     # what the figures ran on: TVM's pool is sized by pfp.backends.tvm (physical cores), torch's by torch
-    results["threads"] = {"tvm": models["pfp_tvm_ms"].describe()["threads"], "torch": pfp_torch.describe()["threads"]}
+    results["threads"] = {"tvm": tvm_threads, "torch": pfp_torch.describe()["threads"]}
     return results

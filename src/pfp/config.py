@@ -188,6 +188,23 @@ class Variant(str, Enum):
     SVI = "svi"  # SVI with pre-drawn weight samples, all members in one batched pass
 
 
+class Peer(str, Enum):
+    """Peers of the compiled predictors a user might pick instead (pfp.peers), timed beside them.
+
+    The value is the latency.json key stem (``VALUE_ms``); the prefix says which compiled variant
+    it competes with (``pfp_``: the PFP, ``det_``: the deterministic twin).
+    """
+
+    PFP_TORCH_COMPILE = "pfp_torch_compile"  # the PyTorch PFP reference under torch.compile (inductor)
+    DET_TORCH_COMPILE = "det_torch_compile"  # the deterministic twin under torch.compile
+    DET_ONNXRUNTIME = "det_onnxruntime"  # the twin exported to ONNX, run by ONNX Runtime (CPU)
+    PFP_ONNXRUNTIME = "pfp_onnxruntime"  # the PFP reference exported to ONNX, run by ONNX Runtime
+
+    @property
+    def variant(self) -> "Variant":
+        return Variant.PFP if self.value.startswith("pfp_") else Variant.DET
+
+
 class BenchmarkConfig(_Section):
     batch_sizes: BatchSizes = Field(default_factory=lambda: [1, 10, 100])
     svi_samples: int = Field(30, ge=1)
@@ -196,6 +213,7 @@ class BenchmarkConfig(_Section):
     tvm_number: int = Field(20, ge=1)  # time_evaluator: calls per measurement
     tvm_repeat: int = Field(5, ge=1)  # interleaved rounds: one measurement of every compiled variant each
     memory_variants: list[Variant] = Field(default_factory=lambda: [Variant.PFP, Variant.DET])  # profile.json's memory estimates
+    peers: list[Peer] = Field(default_factory=lambda: list(Peer))  # peers timed beside the compiled predictors ([]: none)
     # serving (metrics/serving.json, pfp.serving_bench): per request from raw images, quiet and with a core kept busy
     serving_batch_sizes: BatchSizes = Field(default_factory=lambda: [1, 100])  # images per request
     serving_threads: ThreadCounts = Field(default_factory=lambda: [1, 2])  # TVM thread-pool sizes compared
@@ -207,6 +225,13 @@ class BenchmarkConfig(_Section):
     serving_busy_processes: int = Field(1, ge=1)  # competing busy-loop processes of the loaded condition
     head_images: int = Field(300, ge=1)  # test images (MNIST, ambiguous, Fashion) of the uncertainty head's error
     head_reference_draws: int = Field(10_000, ge=100)  # Monte-Carlo draws of the head's reference
+
+    @field_validator("peers")
+    @classmethod
+    def _distinct_peers(cls, peers: list[Peer]) -> list[Peer]:
+        if len(set(peers)) != len(peers):
+            raise ValueError("lists a peer twice")
+        return peers
 
 
 class RPCConfig(_Section):

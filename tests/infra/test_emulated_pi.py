@@ -195,7 +195,8 @@ def test_tune_stage_uses_the_emulated_board_and_keeps_its_timings_apart(board, t
         "bundle": {"batch_sizes": [1], "head_draws": 16},
         "benchmark": {"batch_sizes": [1], "svi_samples": 3, "repeat": 1, "tvm_number": 1, "tvm_repeat": 1,
                       "serving_batch_sizes": [1], "serving_threads": [1], "serving_rounds": 1, "serving_turn_ms": 2.0,
-                      "serving_max_calls": 3, "serving_warmup": 1, "serving_torch_threads": 1, "head_images": 12}}))
+                      "serving_max_calls": 3, "serving_warmup": 1, "serving_torch_threads": 1, "head_images": 12,
+                      "peers": []}}))  # the peers are tests/test_bench.py's
     _end_sessions()
     _stage("tasks.tune", workspace, "mlp")
 

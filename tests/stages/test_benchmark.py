@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from pfp.config import BenchmarkConfig, TuneParams, Variant
+from pfp.config import BenchmarkConfig, Peer, TuneParams, Variant
 from pfp.stage import bundle_dir
 from pfp.stages import benchmark
 
@@ -51,7 +51,7 @@ def test_run_writes_latency_profile_serving_and_plots(bundled_workspace, tune_pa
     monkeypatch.chdir(bundled_workspace)
     threads_before = os.environ.get("TVM_NUM_THREADS")
     config = BenchmarkConfig(batch_sizes=[2], svi_samples=3, repeat=1, warmup=0, tvm_number=1, tvm_repeat=1,
-                             memory_variants=[Variant.PFP, Variant.DET], **SERVING)
+                             memory_variants=[Variant.PFP, Variant.DET], peers=[Peer.DET_ONNXRUNTIME], **SERVING)
     outcome = benchmark.run(["mlp"], config, tune_params, seed=1)
     assert (str(outcome.latency_path), str(outcome.profile_path)) == ("metrics/latency.json", "metrics/profile.json")
     assert json.loads(outcome.latency_path.read_text()) == json.loads(json.dumps(outcome.latency))
@@ -59,6 +59,9 @@ def test_run_writes_latency_profile_serving_and_plots(bundled_workspace, tune_pa
     latency = outcome.latency["mlp"]["batch_2"]
     assert latency["schedules"] == {"pfp": "tuned", "det": "tuned", "pfp_separate": "hand", "svi": "hand"}
     assert latency["pfp_tvm_ms"] > 0 and latency["pfp_torch_ms"] > 0 and latency["svi_pyro_ms"] > 0
+    # the configured peer (the cheapest to build) timed beside them, and only that one
+    assert latency["det_onnxruntime_ms"] > 0 and set(latency["peers"]) == {"det_onnxruntime"}
+    assert latency["det_tvm_over_best_peer_det"] == latency["det_tvm_ms"] / latency["det_onnxruntime_ms"]
     entry = outcome.profile["mlp"]["batch_2"]
     assert set(entry["memory"]) == {"pfp", "det"}
     assert entry["memory"]["pfp"]["weight_bytes"] > entry["memory"]["det"]["weight_bytes"] > 0

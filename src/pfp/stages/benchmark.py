@@ -1,4 +1,5 @@
-"""Stage `benchmark`: latency of every predictor per model and batch size -> metrics/latency.json,
+"""Stage `benchmark`: latency of every predictor per model and batch size, the peers a user might
+pick instead among them (torch.compile, ONNX Runtime; pfp.peers) -> metrics/latency.json,
 per-operator profile and memory of the PFP vs deterministic predictors -> metrics/profile.json,
 serving from raw images (runtime bundle, twin, SVI-30 Pyro and compiled, bare PFP call; quiet and
 with a core kept busy; the runtime's thread choice; the uncertainty head's error) -> metrics/serving.json.
@@ -89,7 +90,7 @@ def run(models: list[str], config: BenchmarkConfig, tune: TuneParams, *, seed: i
             results[model][f"batch_{batch}"] = benchmark_model(
                 posterior, pfp_model, batch, svi_samples=config.svi_samples, repeat=config.repeat,
                 warmup=config.warmup, tvm_number=config.tvm_number, tvm_repeat=config.tvm_repeat,
-                libraries=libraries, variance_scale=scale, seed=seed)
+                libraries=libraries, variance_scale=scale, seed=seed, peers=config.peers)
             entry = {"memory": {variant.value: compiler.memory(
                 variant, pfp_model, posterior, batch_size=batch, variance_scale=scale, svi_samples=config.svi_samples,
                 seed=seed) for variant in config.memory_variants}}
