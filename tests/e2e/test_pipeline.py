@@ -59,7 +59,7 @@ def test_pipeline_end_to_end(tmp_path, tiny_pipeline, mlflow_server):
     for stage in STAGES:
         assert f"Running stage '{stage}'" in (workdir / "logs" / f"{stage}.log").read_text()
     tune_log = (workdir / "logs" / "tune@mlp.log").read_text()
-    assert "[tune 1/3] mlp pfp batch 2" in tune_log and "schedules kept" in tune_log
+    assert "[tune 1/3] mlp pfp_cov batch 2" in tune_log and "schedules kept" in tune_log
     flow_log = (workdir / "logs" / "flow.log").read_text()
     assert "Beginning flow run" in flow_log and "Finished in state Completed" in flow_log
     metrics = json.loads((workdir / "metrics/evaluate.json").read_text())
