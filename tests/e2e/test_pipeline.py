@@ -87,6 +87,7 @@ def test_pipeline_end_to_end(tmp_path, tiny_pipeline, mlflow_server):
     # mean, variance and E[w^2] per weight (the first layer needs no E[w^2]): between 2x and 3x the twin's
     assert 2 * lenet["memory"]["det"]["weight_bytes"] < lenet["memory"]["pfp"]["weight_bytes"] <= 3 * lenet["memory"]["det"]["weight_bytes"]
     assert {row["operator"] for row in lenet["pfp_operators"]} >= {"conv1_conv2d_joint_first", "fc3_dense_joint"}
+    assert lenet["pfp_operators_variant"] == "pfp_cov"
     # tune stage: a library + database per variant and batch size, and the per-task choice
     tuned = json.loads((workdir / "metrics/tune_mlp.json").read_text())
     assert tuned["target"] == "host" and tuned["runner"] == "local" and tuned["emulated"] is False

@@ -94,8 +94,10 @@ def run(models: list[str], config: BenchmarkConfig, tune: TuneParams, *, seed: i
             entry = {"memory": {variant.value: compiler.memory(
                 variant, pfp_model, posterior, batch_size=batch, variance_scale=scale, svi_samples=config.svi_samples,
                 seed=seed) for variant in config.memory_variants}}
-            if Variant.PFP in libraries:
-                entry["pfp_operators"] = libraries[Variant.PFP].profile(number=config.tvm_number)
+            shipped = Variant(pfp_model.pfp_variant)  # the model's PFP: pfp_cov when it carries covariance
+            if shipped in libraries:
+                entry["pfp_operators"] = libraries[shipped].profile(number=config.tvm_number)
+                entry["pfp_operators_variant"] = shipped.value
             profile[model][f"batch_{batch}"] = entry
         series = {}
         for batch in config.batch_sizes:
