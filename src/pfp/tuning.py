@@ -4,8 +4,11 @@ For each variant (:class:`~pfp.config.Variant`: PFP joint, PFP separate, determi
 SVI ensemble) and batch size, the Relax module is built from the one model description, its
 tasks are measured with the hand schedules and tuned by the Meta Scheduler (local runner, or
 the RPC board of ``tune.rpc``), and the module compiled with the faster schedule per task is
-exported to ``<out_dir>/<target>/<variant>_b<batch>.so``. The tuning database of each module
-lives next to it (``<variant>_b<batch>/``) so an interrupted stage resumes where it stopped.
+timed as a whole against the all-hand build, interleaved on the same runner (the guard,
+:mod:`pfp.backends.tvm.tuning.guard`: per-task figures taken on a busy host can make a slower
+model); the faster is exported to ``<out_dir>/<target>/<variant>_b<batch>.so`` (``info.guard``
+of its metadata says which and both figures). The tuning database of each module lives next to
+it (``<variant>_b<batch>/``) so an interrupted stage resumes where it stopped.
 
 Layout (``out_dir`` = ``models/<model>/tvm``)::
 
@@ -118,7 +121,9 @@ def tune_model(posterior: Posterior, pfp_model: PFPModel, params: TuneParams, ou
                variance_scale: float = 1.0, seed: int = 0, made_from: Mapping[str, str] | None = None) -> list[TunedLibrary]:
     """Tune and export every variant x batch size of ``params``; returns what was written.
 
-    ``params.trials_per_task == 0`` measures and records the hand schedules only. ``made_from``
+    ``params.trials_per_task == 0`` measures and records the hand schedules only. Each report's
+    ``guard`` holds the whole-model guard's figures (:func:`pfp.backends.tvm.tuning.guard.guard_modules`):
+    ``kept`` is ``tuned`` or ``hand``, the build that was exported. ``made_from``
     (artifact kind -> sha256 of the file the libraries were built from) goes into each library's
     metadata, so a reader can tell a library made from other artifacts (:func:`check_made_from`).
     """

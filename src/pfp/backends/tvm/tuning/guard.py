@@ -89,6 +89,14 @@ def _processes() -> dict[int, tuple[str, float]]:
     return out
 
 
+def _command(pid: int) -> str:
+    """The start of a process's command line (evidence for the warning), or "" once it ended."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()[:120]
+    except OSError:
+        return ""
+
+
 class HostLoad:
     """Samples the host around a ``with`` block: how much CPU other processes used meanwhile.
 
@@ -122,8 +130,8 @@ class HostLoad:
                          "busy_fraction": self.busy_fraction, "cores": cores, "seconds": round(wall, 3),
                          "other_cpu_seconds": round(other, 3), "own_cpu_seconds": round(own, 3),
                          "steal_seconds": round(steal - self._steal, 3), "loadavg": list(os.getloadavg()),
-                         "top_processes": [{"pid": pid, "name": name, "cpu_seconds": round(cpu, 3)}
-                                           for cpu, pid, name in used[:5] if cpu > 0]}
+                         "top_processes": [{"pid": pid, "name": name, "cpu_seconds": round(cpu, 3),
+                                            "command": _command(pid)} for cpu, pid, name in used[:5] if cpu > 0]}
 
 
 # --------------------------------------------------------------------------- contenders
@@ -258,7 +266,8 @@ def guard_modules(tuned, hand, config: GuardConfig, *, label: str = "") -> dict[
 
 
 def _top(host: dict) -> str:
-    return ", ".join(f"{p['name']} ({p['pid']}) {p['cpu_seconds']:.1f} s" for p in host["top_processes"]) or "none"
+    return ", ".join(f"{p['command'][:60] or p['name']} (pid {p['pid']}, {p['cpu_seconds']:.1f} s)"
+                     for p in host["top_processes"][:3]) or "none"
 
 
 def _rpc_session(config: GuardConfig):
