@@ -48,7 +48,7 @@ def local_tuning(case, tmp_path_factory):
     return config, database, report
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="package")  # one tracker and server for every test module that measures over RPC
 def rpc_tracker(tmp_path_factory):
     """A real tracker and server (infra/rpc scripts) on 127.0.0.1; yields (address, key)."""
     logs = tmp_path_factory.mktemp("rpc_logs")
