@@ -224,7 +224,9 @@ def test_guard_figures_are_in_the_report_and_the_metadata(guarded, tuned):
         assert evidence["own_cpu_seconds"] > 0 and evidence["cores"] >= 1
         json.dumps(lib.as_dict())
         meta = json.loads(Path(f"{lib.path}.json").read_text())["info"]["guard"]
-        assert meta["kept"] == guard["kept"] and meta["hand_ms"] == guard["hand_ms"]
+        assert meta["kept"] == guard["kept"] and meta["hand_ms"] > 0
+        if lib in libraries.values():  # (the `tuned` libraries were exported again by the resume test)
+            assert meta["hand_ms"] == guard["hand_ms"] and meta["tuned_ms"] == guard["tuned_ms"]
     for lib in tuned[-1]:  # no search: every task kept its hand schedule, the tuned module is the hand build
         assert lib.report["guard"]["identical"] and lib.report["guard"]["kept"] == "tuned"
         assert lib.report["guard"]["ratio"] == 1.0 and len(lib.report["guard"]["attempts"]) == 1
