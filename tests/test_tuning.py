@@ -18,7 +18,7 @@ from pfp.backends.weights import ensemble_weights  # noqa: E402
 from pfp.config import TuneParams, Variant  # noqa: E402
 from pfp.convert import convert_posterior  # noqa: E402
 from pfp.data.idx import DataError  # noqa: E402
-from pfp.tuning import library_path, load_library, tune_config, tune_model  # noqa: E402
+from pfp.tuning import guard_config, library_path, load_library, tune_config, tune_model  # noqa: E402
 
 from .common import random_posterior  # noqa: E402
 
@@ -128,3 +128,112 @@ def test_tune_config_defaults_are_the_former_constants():
     assert (config.genetic_num_iters, config.init_min_unmeasured, config.seed, config.num_threads) == (2, 16, 0, "physical")
     assert (config.builder_timeout_sec, config.builder_workers, config.lean_builder) == (300.0, None, True)
     assert (config.runner_timeout_sec, config.session_timeout_sec) == (60.0, 60.0) and not config.search
+
+
+# --------------------------------------------------------------------------- the whole-model guard
+
+def _seed_record(work_dir: Path, mod, task_name: str, edit) -> None:
+    """Commit to ``work_dir``'s database a record of ``task_name`` scheduled by ``edit(sch)``, recorded as
+    taking 1 ns (so compiling from the database picks it whatever it really costs)."""
+    from tvm.s_tir import meta_schedule as ms
+
+    from pfp.backends.tvm.targets import make_target
+    from pfp.backends.tvm.tuning.records import open_database
+    from pfp.backends.tvm.tuning.search import extract_tuning_tasks
+
+    target = make_target("host")
+    (task,) = [task for task in extract_tuning_tasks(mod, target) if task.task_name == task_name]
+    func_mod = task.dispatched[0]
+    from tvm import s_tir
+
+    sch = s_tir.Schedule(func_mod)
+    edit(sch, target)
+    database = open_database(work_dir)
+    database.commit_tuning_record(ms.database.TuningRecord(
+        sch.trace, database.commit_workload(func_mod), [1e-9], target, ms.arg_info.ArgInfo.from_prim_func(func_mod["main"])))
+
+
+def _reduction_outermost(sch, _target) -> None:
+    """A deliberately bad schedule of the first dense layer: the reduction loop outermost, serial and scalar
+    (each weight read strided; about 3-4x the hand schedule's time at batch 10)."""
+    b, o, k = sch.get_loops(sch.get_sblock("dense_joint_first_acc"))
+    sch.reorder(k, o, b)
+
+
+def _hand_plus_a_no_op(sch, target) -> None:
+    """The hand schedule and one instruction that changes nothing: another record, the same code."""
+    from pfp.backends.tvm.schedules import apply_hand_schedule
+
+    apply_hand_schedule(sch, target=target)
+    sch.sample_categorical(candidates=[1], probs=[1.0])
+
+
+@pytest.fixture(scope="module")
+def guarded(tmp_path_factory):
+    """A real tuning run (no search, no run-off: the database's best record per task compiles) of an MLP whose
+    PFP database holds a slow schedule of its first layer and whose twin's holds its hand schedule again."""
+    from pfp.backends.tvm.predictor import build_variant_module
+
+    posterior = random_posterior("mlp")
+    pfp_model = convert_posterior(posterior)
+    # never "busy" (other processes cannot use more than all cores): the decision here is the figures'
+    params = TuneParams(batch_sizes=[10], variants=[Variant.PFP, Variant.DET], trials_per_task=0, finalists=0,
+                        number=1, min_repeat_ms=1, guard_rounds=9, guard_margin=0.25, guard_busy_fraction=1.5)
+    out = tmp_path_factory.mktemp("guarded") / "tvm"
+    options = {"batch_size": 10, "variance_scale": SCALE, "seed": 3, "svi_samples": params.svi_samples}
+    _seed_record(out / "host" / "pfp_b10", build_variant_module(Variant.PFP, pfp_model, posterior, **options),
+                 "fc1_dense_joint_first", _reduction_outermost)
+    _seed_record(out / "host" / "det_b10", build_variant_module(Variant.DET, pfp_model, posterior, **options),
+                 "fused_fc1_dense_relu2", _hand_plus_a_no_op)
+    libraries = tune_model(posterior, pfp_model, params, out, variance_scale=SCALE, seed=3)
+    return out, {lib.variant: lib for lib in libraries}
+
+
+def test_guard_keeps_the_hand_build_when_the_tuned_module_is_slower(guarded):
+    out, libraries = guarded
+    lib = libraries[Variant.PFP]
+    guard = lib.report["guard"]
+    assert "earlier_hand" in lib.kept_counts() and lib.kept_counts()["earlier_hand"] == 1  # the seeded record compiled
+    assert guard["kept"] == "hand" and not guard["identical"] and guard["runner"] == "local"
+    assert guard["ratio"] == pytest.approx(guard["tuned_ms"] / guard["hand_ms"]) and guard["ratio"] > 1.5
+    assert 0.001 < guard["hand_ms"] < 5 and guard["rounds"] == 9 and len(guard["attempts"][-1]["samples_ms"]["hand"]) == 9
+    # the exported library is the hand build, and runs at the hand build's speed
+    library = load_library(out, "host", Variant.PFP, 10, model="mlp")
+    info = library.describe()
+    assert info["schedule"] == "hand" and info["guard"]["kept"] == "hand" and info["guard"]["tuned_ms"] == guard["tuned_ms"]
+    shipped = np.median([library.time(number=200, repeat=1)["median_ms"] for _ in range(5)])
+    assert shipped < (guard["tuned_ms"] * guard["hand_ms"]) ** 0.5
+
+
+def test_guard_keeps_the_tuned_module_when_it_is_as_fast(guarded):
+    out, libraries = guarded
+    lib = libraries[Variant.DET]
+    guard = lib.report["guard"]
+    assert lib.kept_counts()["earlier_hand"] == 1 and not guard["identical"]
+    assert guard["kept"] == "tuned" and 0.75 < guard["ratio"] <= 1.25 and guard["host_busy"] is False
+    assert load_library(out, "host", Variant.DET, 10, model="mlp").describe()["schedule"] == "tuned"
+
+
+def test_guard_figures_are_in_the_report_and_the_metadata(guarded, tuned):
+    out, libraries = guarded
+    for lib in [*libraries.values(), *tuned[-1]]:
+        guard = lib.report["guard"]
+        assert guard["tuned_ms"] > 0 and guard["hand_ms"] > 0 and guard["kept"] in ("tuned", "hand")
+        evidence = guard["busy_evidence"]
+        assert guard["host_busy"] == evidence["busy"] and 0 <= evidence["other_cpu_fraction"] <= 1.0
+        assert evidence["own_cpu_seconds"] > 0 and evidence["cores"] >= 1
+        json.dumps(lib.as_dict())
+        meta = json.loads(Path(f"{lib.path}.json").read_text())["info"]["guard"]
+        assert meta["kept"] == guard["kept"] and meta["hand_ms"] > 0
+        if lib in libraries.values():  # (the `tuned` libraries were exported again by the resume test)
+            assert meta["hand_ms"] == guard["hand_ms"] and meta["tuned_ms"] == guard["tuned_ms"]
+    for lib in tuned[-1]:  # no search: every task kept its hand schedule, the tuned module is the hand build
+        assert lib.report["guard"]["identical"] and lib.report["guard"]["kept"] == "tuned"
+        assert lib.report["guard"]["ratio"] == 1.0 and len(lib.report["guard"]["attempts"]) == 1
+
+
+def test_guard_config_takes_the_params():
+    config = guard_config(TuneParams(guard_rounds=4, guard_margin=0.1, guard_busy_fraction=0.5, guard_busy_retries=0,
+                                     guard_busy_wait_sec=1.0, guard_turn_ms=20.0))
+    assert (config.rounds, config.margin, config.busy_fraction, config.busy_retries) == (4, 0.1, 0.5, 0)
+    assert (config.busy_wait_sec, config.turn_ms, config.rpc_tracker) == (1.0, 20.0, None)

@@ -280,6 +280,13 @@ class TuneParams(_Section):
     lean_builder: bool = True  # build candidates without importing TVM's tensor intrinsics (no tensorize on CPU)
     runner_timeout_sec: float = Field(60.0, gt=0)  # local runner: one candidate's measurement
     session_timeout_sec: float = Field(60.0, gt=0)  # RPC runner: one board session
+    # the whole-model guard (pfp.backends.tvm.tuning.guard): tuned vs all-hand module, the faster is exported
+    guard_rounds: int = Field(9, ge=1)  # interleaved rounds, each timing both modules once; medians compared
+    guard_margin: float = Field(0.03, ge=0.0, le=1.0)  # the tuned module is kept when at most this fraction slower
+    guard_turn_ms: float = Field(50.0, gt=0)  # one module's turn in a round lasts about this long
+    guard_busy_fraction: float = Field(0.25, gt=0)  # busy host: other processes used more than this share of the cores
+    guard_busy_retries: int = Field(2, ge=0)  # re-measurements on a busy host; still busy: the hand build is kept
+    guard_busy_wait_sec: float = Field(10.0, ge=0)  # pause before each re-measurement
     rpc: RPCConfig = RPCConfig()
 
     @field_validator("variants")

@@ -4,8 +4,11 @@ For each variant (:class:`~pfp.config.Variant`: PFP joint, PFP separate, determi
 SVI ensemble) and batch size, the Relax module is built from the one model description, its
 tasks are measured with the hand schedules and tuned by the Meta Scheduler (local runner, or
 the RPC board of ``tune.rpc``), and the module compiled with the faster schedule per task is
-exported to ``<out_dir>/<target>/<variant>_b<batch>.so``. The tuning database of each module
-lives next to it (``<variant>_b<batch>/``) so an interrupted stage resumes where it stopped.
+timed as a whole against the all-hand build, interleaved on the same runner (the guard,
+:mod:`pfp.backends.tvm.tuning.guard`: per-task figures taken on a busy host can make a slower
+model); the faster is exported to ``<out_dir>/<target>/<variant>_b<batch>.so`` (``info.guard``
+of its metadata says which and both figures). The tuning database of each module lives next to
+it (``<variant>_b<batch>/``) so an interrupted stage resumes where it stopped.
 
 Layout (``out_dir`` = ``models/<model>/tvm``)::
 
@@ -35,7 +38,8 @@ from pfp.data.idx import DataError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TunedLibrary", "library_path", "load_library", "schedule_sources", "tune_config", "tune_model"]
+__all__ = ["TunedLibrary", "guard_config", "library_path", "load_library", "schedule_sources", "tune_config",
+           "tune_model"]
 
 
 def library_path(out_dir: str | Path, target: CompileTarget | str, variant: Variant | str, batch_size: int) -> Path:
@@ -84,17 +88,50 @@ def tune_config(params: TuneParams, work_dir: Path):
                       switch_margin=params.switch_margin)
 
 
+def guard_config(params: TuneParams):
+    """The whole-model guard's settings (:class:`pfp.backends.tvm.tuning.guard.GuardConfig`): on the runner that tuned."""
+    from pfp.backends.tvm.tuning.guard import GuardConfig
+
+    return GuardConfig(rounds=params.guard_rounds, margin=params.guard_margin, turn_ms=params.guard_turn_ms,
+                       busy_fraction=params.guard_busy_fraction, busy_retries=params.guard_busy_retries,
+                       busy_wait_sec=params.guard_busy_wait_sec, rpc_tracker=params.rpc.tracker, rpc_key=params.rpc.key,
+                       session_timeout_sec=max(params.session_timeout_sec, 600.0))
+
+
+def _guard_summary(guard: dict) -> dict:
+    """What a library's metadata keeps of the guard (its samples stay in the tune report)."""
+    return {name: guard[name] for name in ("kept", "tuned_ms", "hand_ms", "ratio", "rounds", "margin", "identical",
+                                           "runner", "host_busy", "reason")}
+
+
+def _guard_line(guard: dict) -> str:
+    if guard["identical"]:
+        text = f"{guard['tuned_ms']:.4f} ms, every task kept its hand schedule ({guard['rounds']} rounds)"
+    else:
+        text = (f"tuned {guard['tuned_ms']:.4f} ms, hand {guard['hand_ms']:.4f} ms (x{guard['ratio']:.2f}, "
+                f"{guard['rounds']} rounds) -> kept {guard['kept']}")
+    if guard["host_busy"]:
+        evidence = guard["busy_evidence"]
+        text += (f"; HOST BUSY: other processes used {evidence['other_cpu_fraction']:.0%} of {evidence['cores']} cores"
+                 f" ({len(guard['attempts'])} measurement(s))")
+    return text
+
+
 def tune_model(posterior: Posterior, pfp_model: PFPModel, params: TuneParams, out_dir: str | Path, *,
                variance_scale: float = 1.0, seed: int = 0, made_from: Mapping[str, str] | None = None) -> list[TunedLibrary]:
     """Tune and export every variant x batch size of ``params``; returns what was written.
 
-    ``params.trials_per_task == 0`` measures and records the hand schedules only. ``made_from``
+    ``params.trials_per_task == 0`` measures and records the hand schedules only. Each report's
+    ``guard`` holds the whole-model guard's figures (:func:`pfp.backends.tvm.tuning.guard.guard_modules`):
+    ``kept`` is ``tuned`` or ``hand``, the build that was exported. ``made_from``
     (artifact kind -> sha256 of the file the libraries were built from) goes into each library's
     metadata, so a reader can tell a library made from other artifacts (:func:`check_made_from`).
     """
     from pfp.backends.tvm.predictor import build_variant_module
     from pfp.backends.tvm.tuning import boards, search
     from pfp.backends.tvm.tuning import config as tuning_config
+    from pfp.backends.tvm.tuning.config import ScheduleSource
+    from pfp.backends.tvm.tuning.guard import guard_modules
 
     out_dir = Path(out_dir)
     target_dir = out_dir / params.target.value
@@ -113,11 +150,19 @@ def tune_model(posterior: Posterior, pfp_model: PFPModel, params: TuneParams, ou
         database = search.tune_module(mod, config=config, report=report)
         _drop_logs(work_dir)
         # the same module again (weights and ensemble draws are fixed by the options), compiled with the run-off's choice
+        info = {"trials_per_task": params.trials_per_task, "made_from": dict(made_from or {})}
         compiled = base.create(Backend.TVM, variant, pfp_model, posterior, **options, schedule=Schedule.TUNED,
-                               target=params.target.value, database=database,
-                               info={"trials_per_task": params.trials_per_task, "made_from": dict(made_from or {})})
+                               target=params.target.value, database=database, info=info)
+        kept = report.kept()
+        # whole-model guard: per-function run-off figures (possibly taken under load) do not promise a faster model
+        identical = all(choice in (ScheduleSource.HAND, ScheduleSource.DEFAULT) for choice in kept.values())
+        hand = None if identical else base.create(Backend.TVM, variant, pfp_model, posterior, **options,
+                                                  schedule=Schedule.HAND, target=params.target.value, info=info)
+        guard = guard_modules(compiled, hand, guard_config(params), label=f"{variant.value} batch {batch}")
+        exported = compiled if guard["kept"] == "tuned" else hand
+        exported.info["guard"] = _guard_summary(guard)
         path = library_path(out_dir, params.target, variant, batch)
-        compiled.export(path)
+        exported.export(path)
         seconds = time.perf_counter() - start
         # which board measured what: the runner's parallelism, measurements per board, sessions open at
         # once, and each measurement (phase, task, board, median ms; None: failed)
@@ -127,10 +172,10 @@ def tune_model(posterior: Posterior, pfp_model: PFPModel, params: TuneParams, ou
             "most_at_once": boards.concurrency(report.measurements),
             "measuring_seconds": boards.busy_seconds(report.measurements),
             "search_trials": report.search_trials, "search_seconds": report.search_seconds,
-            "trials_per_second": report.trials_per_second,
+            "trials_per_second": report.trials_per_second, "guard": guard,
             "measurements": [{name: item[name] for name in ("phase", "task", "board", "ms")}
                              for item in report.measurements]}))
-        kept = report.kept()
+        print(f"  guard: {_guard_line(guard)}", flush=True)
         print(f"  {seconds:.0f} s; schedules kept: "
               + ", ".join(f"{name}={choice.value}" for name, choice in sorted(kept.items())), flush=True)
         if report.trials_per_second:

@@ -57,3 +57,14 @@ def test_stage_modules_hold_no_tvm_symbol():
         imported = [node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)]
         imported += [alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names]
         assert not [name for name in imported if name and (name == "tvm" or ".tvm" in name or name.startswith("tvm"))], path
+
+
+def test_summary_and_metrics_carry_the_whole_model_guard(tuned_workspace):
+    _, outcome = tuned_workspace
+    rows = outcome.summary["guard"]
+    assert [row["library"] for row in rows] == ["pfp_b2", "det_b2"]
+    for row, lib in zip(rows, outcome.summary["libraries"]):
+        assert row["kept"] == lib["guard"]["kept"] == "tuned"  # no search: the tuned module is the all-hand build
+        assert row["tuned_ms"] == row["hand_ms"] > 0 and row["ratio"] == 1.0 and row["host_busy"] in (True, False)
+        assert outcome.metrics[f"{row['library']}.guard_tuned_ms"] == row["tuned_ms"]
+    assert outcome.metrics["guard_kept_hand"] == 0 and 0 <= outcome.metrics["guard_host_busy"] <= 2

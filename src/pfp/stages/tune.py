@@ -59,12 +59,20 @@ def run(model: str, params: TuneParams, *, seed: int) -> TuneOutcome:
                "boards": [{"board": board, "measurements": count} for board, count in _board_counts(libraries)],
                "search_trials": search_trials,
                "search_trials_per_second": search_trials / search_seconds if search_trials and search_seconds else 0.0,
+               # the whole-model guard of each library (libraries[*].guard): tuned vs all-hand, which was exported
+               "guard": [{"library": f"{lib.variant.value}_b{lib.batch_size}",
+                          **{key: lib.report["guard"][key] for key in ("kept", "tuned_ms", "hand_ms", "ratio", "host_busy")}}
+                         for lib in libraries],
                "libraries": [lib.as_dict() for lib in libraries]}
     atomic_write_json(summary_path(model), summary)
     metrics = {"seconds": summary["seconds"], "boards": len(summary["boards"]),
-               "search_trials_per_second": summary["search_trials_per_second"], **{
+               "search_trials_per_second": summary["search_trials_per_second"],
+               "guard_kept_hand": sum(lib.report["guard"]["kept"] == "hand" for lib in libraries),
+               "guard_host_busy": sum(bool(lib.report["guard"]["host_busy"]) for lib in libraries), **{
         f"{lib.variant.value}_b{lib.batch_size}.kept_{source}": count
-        for lib in libraries for source, count in lib.kept_counts().items()}}
+        for lib in libraries for source, count in lib.kept_counts().items()}, **{
+        f"{lib.variant.value}_b{lib.batch_size}.guard_{key}": lib.report["guard"][key]
+        for lib in libraries for key in ("tuned_ms", "hand_ms", "ratio")}}
     return TuneOutcome(summary, summary_path(model), tvm_dir(model), metrics)
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import sys
+
 import pytest
 import torch
 
@@ -13,7 +16,17 @@ from pfp.backends.tvm.graph import build_pfp_module  # noqa: E402
 from pfp.backends.tvm.tuning.config import TuneReport  # noqa: E402
 from pfp.backends.tvm.tuning.search import tune_module  # noqa: E402
 
-from ..helpers import SPEC, fast_config, random_params  # noqa: E402
+from ..helpers import (  # noqa: E402,E501
+    RPC_DIR,
+    SPEC,
+    fast_config,
+    free_port,
+    random_params,
+    start_process_group,
+    start_tracker,
+    stop_process_group,
+    wait_for_key,
+)
 
 
 @pytest.fixture(scope="package")
@@ -33,3 +46,26 @@ def local_tuning(case, tmp_path_factory):
     report = TuneReport()
     database = tune_module(mod, config=config, report=report)
     return config, database, report
+
+
+@pytest.fixture(scope="package")  # one tracker and server for every test module that measures over RPC
+def rpc_tracker(tmp_path_factory):
+    """A real tracker and server (infra/rpc scripts) on 127.0.0.1; yields (address, key)."""
+    logs = tmp_path_factory.mktemp("rpc_logs")
+    port, server_port = free_port(), free_port()
+    key = "pfp-test-cpu"
+    env = dict(os.environ, PYTHON=sys.executable, TRACKER=f"127.0.0.1:{port}", RPC_KEY=key,
+               SERVER_HOST="127.0.0.1", SERVER_PORT=str(server_port), SERVER_PORT_END=str(server_port + 1),
+               TVM_NUM_THREADS="1")
+    processes = []
+    try:
+        try:
+            processes.append(start_tracker(env, port, logs / "tracker.log"))
+            processes.append(start_process_group(["bash", str(RPC_DIR / "start-server.sh")], env, logs / "server.log"))
+            wait_for_key(port, key, processes[1], logs / "server.log")
+        except RuntimeError as error:
+            pytest.fail(str(error))
+        yield f"127.0.0.1:{port}", key
+    finally:
+        for process in reversed(processes):
+            stop_process_group(process)

@@ -12,7 +12,6 @@ import logging
 import os
 import platform
 import shutil
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -43,7 +42,6 @@ from pfp.backends.tvm.tuning.records import STATE_FILE, count_records, open_data
 from pfp.backends.tvm.tuning.search import extract_tuning_tasks, tune_module  # noqa: E402
 
 from ..helpers import (  # noqa: E402
-    RPC_DIR,
     TARGET,
     TRIALS,
     assert_close,
@@ -51,10 +49,6 @@ from ..helpers import (  # noqa: E402
     fast_config,
     free_port,
     run_local,
-    start_process_group,
-    start_tracker,
-    stop_process_group,
-    wait_for_key,
 )
 
 
@@ -231,29 +225,6 @@ def test_resume_from_records_without_state_file(case, local_tuning, tmp_path):
     assert sorted(report.skipped) == sorted(name for name, count in records.items() if count >= TRIALS)
     if not report.tuned:  # only the hand schedules are measured again: the state that remembered them is gone
         assert report.new_records == len(report.hand_ms) == len(report.tasks)
-
-
-@pytest.fixture(scope="module")
-def rpc_tracker(tmp_path_factory):
-    """A real tracker and server (infra/rpc scripts) on 127.0.0.1; yields (address, key)."""
-    logs = tmp_path_factory.mktemp("rpc_logs")
-    port, server_port = free_port(), free_port()
-    key = "pfp-test-cpu"
-    env = dict(os.environ, PYTHON=sys.executable, TRACKER=f"127.0.0.1:{port}", RPC_KEY=key,
-               SERVER_HOST="127.0.0.1", SERVER_PORT=str(server_port), SERVER_PORT_END=str(server_port + 1),
-               TVM_NUM_THREADS="1")
-    processes = []
-    try:
-        try:
-            processes.append(start_tracker(env, port, logs / "tracker.log"))
-            processes.append(start_process_group(["bash", str(RPC_DIR / "start-server.sh")], env, logs / "server.log"))
-            wait_for_key(port, key, processes[1], logs / "server.log")
-        except RuntimeError as error:
-            pytest.fail(str(error))
-        yield f"127.0.0.1:{port}", key
-    finally:
-        for process in reversed(processes):
-            stop_process_group(process)
 
 
 def test_rpc_tuning_and_inference(case, local_tuning, rpc_tracker, tmp_path):

@@ -7,6 +7,7 @@
 * :mod:`~pfp.backends.tvm.tuning.measure`: builder and runner (local or RPC), measuring schedules;
 * :mod:`~pfp.backends.tvm.tuning.records`: the JSON database, the resume state file, the source of a record;
 * :mod:`~pfp.backends.tvm.tuning.runoff`: the side-by-side run-off that picks each task's schedule;
+* :mod:`~pfp.backends.tvm.tuning.guard`: the whole-model guard (tuned vs all-hand module, with a busy-host check);
 * :mod:`~pfp.backends.tvm.tuning._compat`: work-arounds of TVM 0.27 limitations.
 
 Example::
