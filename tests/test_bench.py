@@ -153,22 +153,30 @@ def _eager(variant, posterior, pfp_model, x, variance_scale):
         return (deterministic_forward(pfp_model.spec, posterior.mean_weights(), torch.from_numpy(x)).numpy(),)
 
 
-def test_torch_compile_peers_compute_the_eager_reference():
-    """MLP at batch 1 only: torch.compile takes seconds per graph (LeNet: the slow test below)."""
-    posterior = random_posterior("mlp", seed=4)
+def _compiled_peers_agree(model: str, seed: int, batch: int) -> list:
+    """Both torch.compile peers of a random ``model`` posterior: eager's outputs, the timing contract."""
+    posterior = random_posterior(model, seed=seed)
     pfp_model = convert_posterior(posterior)
-    x = _inputs(posterior, 1)
+    x = _inputs(posterior, batch)
+    made_peers = []
     for peer in (Peer.PFP_TORCH_COMPILE, Peer.DET_TORCH_COMPILE):
         made = make_peer(peer, pfp_model, posterior, x, variance_scale=0.7, threads=1)
         for actual, want in zip(made.predict(x), _eager(peer.variant, posterior, pfp_model, x, 0.7), strict=True):
             np.testing.assert_allclose(actual, want, rtol=1e-4, atol=1e-6 * np.abs(want).max())
         _assert_time_contract(made, x)
+        made_peers.append(made)
+    return made_peers
+
+
+def test_torch_compile_peers_compute_the_eager_reference():
+    """MLP at batch 1 only: torch.compile takes seconds per graph (LeNet: the slow test below)."""
+    for made in _compiled_peers_agree("mlp", seed=4, batch=1):
         described = made.describe()
         assert described["compile_mode"] == "default" and described["compile_s"] > 0
         assert described["threads"] == torch.get_num_threads() and described["runtime"] == f"torch {torch.__version__}"
         # timing never compiles: another batch size than the one compiled for is refused, not compiled in the timed loop
         with pytest.raises(RuntimeError, match="(?i)recompil"):
-            made.time(number=1, x=_inputs(posterior, 2))
+            made.time(number=1, x=_inputs(random_posterior("mlp", seed=4), 2))
 
 
 @pytest.mark.parametrize("model", ["mlp", "lenet"])
@@ -257,11 +265,4 @@ def test_params_files_run_every_peer_or_a_cheap_subset():
 
 @pytest.mark.slow
 def test_lenet_torch_compile_peers_compute_the_eager_reference():
-    posterior = random_posterior("lenet", seed=8)
-    pfp_model = convert_posterior(posterior)
-    x = _inputs(posterior, 2)
-    for peer in (Peer.PFP_TORCH_COMPILE, Peer.DET_TORCH_COMPILE):
-        made = make_peer(peer, pfp_model, posterior, x, variance_scale=0.7, threads=1)
-        for actual, want in zip(made.predict(x), _eager(peer.variant, posterior, pfp_model, x, 0.7), strict=True):
-            np.testing.assert_allclose(actual, want, rtol=1e-4, atol=1e-6 * np.abs(want).max())
-        _assert_time_contract(made, x)
+    assert len(_compiled_peers_agree("lenet", seed=8, batch=2)) == 2

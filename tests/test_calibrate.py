@@ -24,15 +24,20 @@ LOGIT_SAMPLES = 50
 def overdispersed_model() -> PFPModel:
     """MLP with fan-in scaled means and posterior stds as large as the means' spread:
     the PFP predictive is much too flat for labels produced by the mean network."""
+    return convert_posterior(fan_in_posterior(lambda z: 2.0 * z, 1.0))
+
+
+def fan_in_posterior(mean_of, std: float) -> Posterior:
+    """MLP posterior with means ``mean_of(N(0, 1)) / sqrt(fan_in)`` and stds ``std / sqrt(fan_in)`` (seeded)."""
     spec = build_spec("mlp")
     g = torch.Generator().manual_seed(0)
     loc, scale = {}, {}
     for layer in spec.parametric_layers():
         fan_in = int(np.prod(layer.weight_shape[1:]))
         for site, shape in zip(site_names(layer.name), (layer.weight_shape, layer.bias_shape)):
-            loc[site] = 2.0 / math.sqrt(fan_in) * torch.randn(shape, generator=g)
-            scale[site] = torch.full(shape, 1.0 / math.sqrt(fan_in))
-    return convert_posterior(Posterior(spec, loc, scale))
+            loc[site] = mean_of(torch.randn(shape, generator=g)) / math.sqrt(fan_in)
+            scale[site] = torch.full(shape, std / math.sqrt(fan_in))
+    return Posterior(spec, loc, scale)
 
 
 @pytest.fixture(scope="module")
@@ -149,15 +154,7 @@ def coherent_posterior() -> Posterior:
     """MLP whose mean weights share a positive part ((N(0, 1) + 1) / sqrt(fan_in), std 0.3 / sqrt(fan_in)):
     units of a layer co-vary through their shared inputs, and plain PFP, dropping that covariance,
     has about 0.85x the Monte-Carlo logit variance (random-sign means cancel it: ~0.98x)."""
-    spec = build_spec("mlp")
-    g = torch.Generator().manual_seed(0)
-    loc, scale = {}, {}
-    for layer in spec.parametric_layers():
-        fan_in = int(np.prod(layer.weight_shape[1:]))
-        for site, shape in zip(site_names(layer.name), (layer.weight_shape, layer.bias_shape)):
-            loc[site] = (torch.randn(shape, generator=g) + 0.5) / math.sqrt(fan_in)
-            scale[site] = torch.full(shape, 0.3 / math.sqrt(fan_in))
-    return Posterior(spec, loc, scale)
+    return fan_in_posterior(lambda z: z + 0.5, 0.3)
 
 
 def test_mc_variance_matches_the_monte_carlo_variance_on_validation():
