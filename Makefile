@@ -92,7 +92,7 @@ repro: setup
 # the ARM tests need the cross-linker and qemu: installed here (or a clear failure), never skipped
 test: setup system-deps
 	$(BIN)/ruff check src tasks flows tests
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow
