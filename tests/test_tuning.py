@@ -232,6 +232,20 @@ def test_guard_figures_are_in_the_report_and_the_metadata(guarded, tuned):
         assert lib.report["guard"]["ratio"] == 1.0 and len(lib.report["guard"]["attempts"]) == 1
 
 
+def test_shipped_libraries_load_quietly_and_nothing_staged_is_left(guarded):
+    """Reported: libraries exported after the guard had run them carried the executable's memory scopes,
+    and every load printed 'Warning: Scope Loaded' lines (hundreds per evaluate / benchmark stage)."""
+    import subprocess
+    import sys
+
+    out, libraries = guarded
+    assert not [p.name for p in (out / "host").iterdir() if p.name.startswith(".")], "staged builds left behind"
+    for lib in libraries.values():
+        loaded = subprocess.run([sys.executable, "-c", f"from pfp.backends import base; base.load({str(lib.path)!r})"],
+                                capture_output=True, text=True, timeout=120, check=True)
+        assert "Scope" not in loaded.stderr, loaded.stderr[-500:]
+
+
 def test_guard_config_takes_the_params():
     config = guard_config(TuneParams(guard_rounds=4, guard_margin=0.1, guard_busy_fraction=0.5, guard_busy_retries=0,
                                      guard_busy_wait_sec=1.0, guard_turn_ms=20.0))

@@ -104,6 +104,26 @@ def _guard_summary(guard: dict) -> dict:
                                            "runner", "host_busy", "reason")}
 
 
+def _install_library(staged: dict[str, Path], guard: dict, path: Path) -> None:
+    """Move the kept build's staged library (and weights) to ``path``, its metadata with the guard's
+    summary written last (a library is only read with its metadata); drop the other build's files."""
+    import json
+
+    from pfp.io import atomic_write_json
+
+    kept = staged[guard["kept"]]
+    metadata = json.loads(Path(f"{kept}.json").read_text())
+    metadata["info"]["guard"] = _guard_summary(guard)
+    weights = Path(f"{kept}.weights.npz")
+    if weights.is_file():
+        weights.replace(f"{path}.weights.npz")
+    kept.replace(path)
+    atomic_write_json(f"{path}.json", metadata)
+    for library in staged.values():
+        for leftover in (library, Path(f"{library}.json"), Path(f"{library}.weights.npz")):
+            leftover.unlink(missing_ok=True)
+
+
 def _guard_line(guard: dict) -> str:
     if guard["identical"]:
         text = f"{guard['tuned_ms']:.4f} ms, every task kept its hand schedule ({guard['rounds']} rounds)"
@@ -158,11 +178,14 @@ def tune_model(posterior: Posterior, pfp_model: PFPModel, params: TuneParams, ou
         identical = all(choice in (ScheduleSource.HAND, ScheduleSource.DEFAULT) for choice in kept.values())
         hand = None if identical else base.create(Backend.TVM, variant, pfp_model, posterior, **options,
                                                   schedule=Schedule.HAND, target=params.target.value, info=info)
-        guard = guard_modules(compiled, hand, guard_config(params), label=f"{variant.value} batch {batch}")
-        exported = compiled if guard["kept"] == "tuned" else hand
-        exported.info["guard"] = _guard_summary(guard)
         path = library_path(out_dir, params.target, variant, batch)
-        exported.export(path)
+        # both builds are exported before the guard runs them: an executable exported after it ran
+        # carries its memory scopes, and every load of the library then prints TVM warnings
+        staged = {"tuned": compiled.export(path.parent / f".{path.stem}.tuned.so")}
+        if hand is not None:
+            staged["hand"] = hand.export(path.parent / f".{path.stem}.hand.so")
+        guard = guard_modules(compiled, hand, guard_config(params), label=f"{variant.value} batch {batch}")
+        _install_library(staged, guard, path)
         seconds = time.perf_counter() - start
         # which board measured what: the runner's parallelism, measurements per board, sessions open at
         # once, and each measurement (phase, task, board, median ms; None: failed)
