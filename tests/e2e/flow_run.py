@@ -40,10 +40,11 @@ TINY_PARAMS = {
              "number": 1, "min_repeat_ms": 1},
     "bundle": {"batch_sizes": [2], "head_draws": 16},  # the tune stage's batch size: compiled with its database
     # the serving benchmark at the bundle's one batch size and one thread count, briefly (tests/test_serving_bench.py has the rest);
-    # one peer, the cheapest to build (an ONNX export, seconds; torch.compile takes tens of seconds cold; tests/test_bench.py has the rest)
+    # no peers: every flow run of the e2e tests would build them again (CI minutes); tests/test_bench.py and
+    # tests/stages/test_benchmark.py build and time every peer
     "benchmark": {"batch_sizes": [2], "svi_samples": 3, "repeat": 1, "tvm_number": 1, "tvm_repeat": 1,
                   "serving_batch_sizes": [2], "serving_threads": [1], "serving_rounds": 3, "serving_turn_ms": 10.0,
-                  "serving_warmup": 1, "peers": ["det_onnxruntime"]},
+                  "serving_warmup": 1, "peers": []},
 }
 
 
