@@ -24,8 +24,9 @@ from torch.func import jacrev, vmap
 
 from pfp import metrics
 from pfp.backends.covariance import covariance_block, max_covariance_layers
-from pfp.backends.torch_ref import deterministic_forward, ensemble_forward, pfp_forward
+from pfp.backends.torch_ref import DETERMINISTIC_LAYERS, deterministic_forward, ensemble_forward, pfp_forward
 from pfp.backends.weights import sample_stacked_weights
+from pfp.bnn import site_names
 from pfp.io import atomic_write_json
 from pfp.predictive import gaussian_logit_noise, gaussian_logit_softmax_samples
 from pfp.spec import LayerTable, ModelSpec
@@ -47,16 +48,10 @@ def _linear_var(layer, h: torch.Tensor, r: torch.Tensor | None, weights) -> torc
     return out if r is None else out + F.conv2d(r, w.square(), None, **kw)
 
 
-def _lin_parametric(layer, _index, state, weights):
+def _lin_parametric(layer, index, state, weights):
     h, r = state
-    return deterministic_forward_layer(layer, h, weights["mean"]), _linear_var(layer, h, r, weights)
-
-
-def deterministic_forward_layer(layer, h: torch.Tensor, means) -> torch.Tensor:
-    w, b = means[layer.name]
-    if layer.kind == "dense":
-        return F.linear(h.flatten(1), w, b)
-    return F.conv2d(h, w, b, stride=layer.stride, padding=layer.padding)
+    # the activation at the mean weights: the deterministic twin's own handler
+    return DETERMINISTIC_LAYERS[layer.kind](layer, index, h, weights["mean"]), _linear_var(layer, h, r, weights)
 
 
 def _lin_pool(_layer, _index, state, _weights):
@@ -81,7 +76,7 @@ LINEARISED_INDEPENDENT = LayerTable("torch.linearised_independent", {
 def linearised_correction(spec: ModelSpec, posterior, x: torch.Tensor, *, chunk: int = 25) -> torch.Tensor:
     """``exact - independent`` of the whole network linearised at the mean weights, (B, C)."""
     means = {name: (w.detach(), b.detach()) for name, (w, b) in posterior.mean_weights().items()}
-    variances = {layer.name: tuple(posterior.scale[site].square() for site in _sites(layer.name))
+    variances = {layer.name: tuple(posterior.scale[site].square() for site in site_names(layer.name))
                  for layer in spec.parametric_layers()}
 
     def logits(weights, image):
@@ -97,12 +92,6 @@ def linearised_correction(spec: ModelSpec, posterior, x: torch.Tensor, *, chunk:
         exact.append(total)
     _, independent = LINEARISED_INDEPENDENT.walk(spec, (x, None), {"mean": means, "var": variances})
     return torch.cat(exact) - independent
-
-
-def _sites(layer_name: str) -> tuple[str, str]:
-    from pfp.bnn import site_names
-
-    return site_names(layer_name)
 
 
 def correction_macs(spec: ModelSpec, layers: int) -> int:
