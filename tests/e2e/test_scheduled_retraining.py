@@ -105,7 +105,6 @@ def _reverse_idx(path: Path, header: int) -> None:
     path.write_bytes(gzip.compress(raw[:header] + body.reshape(count, -1)[::-1].tobytes()))
 
 
-@pytest.mark.slow  # about 3 minutes (two more flow runs on a worker): opt-in, to keep CI within its 20 minutes
 def test_deployment_runs_on_a_worker_queued_skipping_and_retraining_on_new_data(prefect_api, tiny_pipeline):
     from flows import deployment
     from flows.artifacts import METRICS_KEY, MLFLOW_KEY, PROMOTION_KEY, STAGES_KEY
