@@ -45,9 +45,17 @@ def test_weight_parameters_carry_the_block_weights():
     spec = build_spec("mlp")
     params = random_params(spec, seed=2)
     arrays = graph.pfp_weight_arrays(spec, params, covariance_layers=2)
-    assert {"fc2_weight_mean_t", "fc2_weight_mean_sq", "fc3_weight_mean_sq"} <= set(arrays)
-    assert "fc3_weight_mean_t" not in arrays  # the last layer seeds the Jacobian from W itself
-    np.testing.assert_array_equal(arrays["fc2_weight_mean_t"], arrays["fc2_weight_mean"].T)
+    assert {"fc2_weight_mean_padded", "fc2_weight_mean_sq_t", "fc3_weight_mean_sq_t"} <= set(arrays)
+    assert "fc3_weight_mean_padded" not in arrays  # the last layer seeds the Jacobian from W itself
+    # the GEMM weights: the output axis zero-padded to a whole number of SIMD registers
+    padded, w = arrays["fc2_weight_mean_padded"], arrays["fc2_weight_mean"]
+    assert padded.shape == (100, 112)
+    np.testing.assert_array_equal(padded[:, :100], w)
+    assert not padded[:, 100:].any()
+    squared_t = arrays["fc3_weight_mean_sq_t"]
+    assert squared_t.shape == (100, 16)
+    np.testing.assert_array_equal(squared_t[:, :10], (arrays["fc3_weight_mean"] ** 2).T)
+    assert not squared_t[:, 10:].any()
     x = torch.randn(2, *spec.input_shape, generator=torch.Generator().manual_seed(3))
     runner = pipeline.compile_pfp(spec, params, batch_size=2, covariance_layers=2, weights_as_params=True)
     _, var = runner(x.numpy())

@@ -18,6 +18,7 @@ from pfp.backends.tvm import (
     ops,  # noqa: E402
     pipeline,  # noqa: E402
 )
+from pfp.backends.tvm.ops import covariance as cov_ops  # noqa: E402
 from pfp.backends.tvm.passes import register_pipeline  # noqa: E402
 from pfp.backends.tvm.schedules import MAX_VECTOR_LANES, schedule_prim_func  # noqa: E402
 from pfp.spec import Architecture, build_spec  # noqa: E402
@@ -73,6 +74,21 @@ CASES = {
     "conv2d_ensemble_channels_last": (ops.conv2d_ensemble, [(2, 2, 8, 8), (3, 2, 3, 3, 16), (3, 16)],
                                       {"batch": 2, "padding": 1, "channels_last": True}),
 }
+
+
+def _covariance_backprop_seeded(weight_last, seed_slope, weight_padded, slope):
+    return cov_ops.covariance_backprop((weight_last, seed_slope), weight_padded, slope, 10, 4, 100)
+
+
+# the covariance epilogue's GEMMs (output axis vectorised, weights padded to 16 columns): the
+# first backward step with its inline seed, a later one, the independent forward at batch 1
+CASES.update({
+    "covariance_backprop_seeded": (_covariance_backprop_seeded, [(10, 100), (4, 100), (100, 112), (4, 100)], {}),
+    "covariance_backprop": (cov_ops.covariance_backprop, [(30, 84), (84, 128), (3, 120)],
+                            {"classes": 10, "batch": 3, "in_units": 120}),
+    "covariance_forward_b1": (cov_ops.covariance_forward, [(1, 100), (100, 16)],
+                              {"noise": None, "slope": None, "out_units": 10}),
+})
 
 
 def _inputs(shapes, seed=0):
@@ -418,6 +434,21 @@ def test_gemm_tiles_the_batch_by_a_divisor(batch, tile):
     func = schedule_prim_func(ops.make_prim_func(ops.dense_joint_first, [(batch, 784), (100, 784), (100, 784),
                                                                          (100,), (100,)]))
     assert tile in _loops(func, "unroll"), func.script()
+
+
+@pytest.mark.parametrize(("target", "rows", "vectors", "lanes"), [
+    (None, 1, 7, 8),  # AVX2: 14 vectors of 8 in 112 columns, half the 16 registers as accumulators
+    ({"kind": "llvm", "mcpu": "skylake-avx512"}, 2, 7, 16),  # 32 registers: 2 rows x 7 vectors of 16
+])
+def test_covariance_gemm_keeps_a_register_tile_of_whole_rows(target, rows, vectors, lanes):
+    """The backward step (B * C rows x 100 x 100): accumulators in a local tile, the output axis vectorised
+    (a 4-lane rfactor over K = 100 had run at a quarter of the speed)."""
+    target = tvm.target.Target(target) if target else None
+    func = schedule_prim_func(ops.make_prim_func(_covariance_backprop_seeded, [(10, 100), (4, 100), (100, 112), (4, 100)]),
+                              target=target)
+    script = func.script()
+    assert '"local"' in script, script
+    assert lanes in _loops(func, "vectorized") and {rows, vectors} <= set(_loops(func, "unroll")) | {1}, script
 
 
 def test_parallel_threshold_counts_weight_operands():

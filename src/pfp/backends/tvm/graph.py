@@ -77,7 +77,8 @@ def pfp_weight_arrays(spec: ModelSpec, params: Mapping, *, variance_scale: float
     ``weight_mean, weight_var, bias_mean, bias_var``; later ones also ``weight_m2`` (E[w^2]).
     ``variance_scale`` multiplies every weight/bias variance (E[w^2] recomputed, as in
     :func:`pfp.backends.torch_ref.scale_variance`). With ``covariance_layers`` the corrected
-    block's dense layers add ``weight_mean_sq`` (W^2) and, all but the last, ``weight_mean_t`` (W^T).
+    block's dense layers add ``weight_mean_sq_t`` ((W^2)^T, out axis zero-padded) and, all but the last,
+    ``weight_mean_padded`` (W, in axis zero-padded; see :func:`~pfp.backends.tvm.ops.covariance.gemm_padded_width`).
     """
     if variance_scale < 0:
         raise ValueError(f"variance scale must be >= 0, got {variance_scale}")
@@ -107,10 +108,18 @@ def pfp_weight_arrays(spec: ModelSpec, params: Mapping, *, variance_scale: float
     block = covariance_block(spec, covariance_layers)
     for name in () if block is None else block.dense_names:
         wm = arrays[f"{name}_weight_mean"]
-        arrays[f"{name}_weight_mean_sq"] = np.ascontiguousarray(wm * wm)
+        arrays[f"{name}_weight_mean_sq_t"] = _pad_columns(np.ascontiguousarray((wm * wm).T))
         if name != block.dense_names[-1]:
-            arrays[f"{name}_weight_mean_t"] = np.ascontiguousarray(wm.T)
+            arrays[f"{name}_weight_mean_padded"] = _pad_columns(wm)
     return arrays
+
+
+def _pad_columns(matrix: np.ndarray) -> np.ndarray:
+    """``matrix`` with zero columns appended up to :func:`~pfp.backends.tvm.ops.covariance.gemm_padded_width`."""
+    rows, columns = matrix.shape
+    padded = np.zeros((rows, cov_ops.gemm_padded_width(columns)), dtype=np.float32)
+    padded[:, :columns] = matrix
+    return padded
 
 
 def deterministic_weight_arrays(spec: ModelSpec, weights: Mapping) -> dict[str, np.ndarray]:
@@ -288,6 +297,11 @@ PFP_TABLE = LayerTable("tvm.pfp", {"dense": _pfp_linear, "conv2d": _pfp_linear, 
                                    "maxpool2d": _pfp_maxpool, "flatten": _pfp_flatten})
 
 
+def _units(ctx: _Build, name: str, axis: int) -> int:
+    """Output (``axis`` 0) or input (1) units of dense layer ``name`` (its weights may be padded)."""
+    return int(ctx.weights.arrays[f"{name}_weight_mean"].shape[axis])
+
+
 def _covariance_epilogue(var: relax.Expr, ctx: _Build) -> relax.Expr:
     """PFP's logit variance plus the block's dropped covariance (:mod:`pfp.backends.covariance`)."""
     bb, weights, records, batch = ctx.bb, ctx.weights, ctx.records, ctx.batch_size
@@ -309,8 +323,9 @@ def _covariance_epilogue(var: relax.Expr, ctx: _Build) -> relax.Expr:
         if independent is None and name in noise:
             independent = bb.emit_te(cov_ops.covariance_noise, noise[name], slope, primfunc_name_hint=f"{name}_covariance_noise_out")
         elif independent is not None:
-            independent = bb.emit_te(cov_ops.covariance_forward, independent, weights[f"{name}_weight_mean_sq"],
-                                     noise.get(name), slope, primfunc_name_hint=f"{name}_covariance_forward")
+            independent = bb.emit_te(cov_ops.covariance_forward, independent, weights[f"{name}_weight_mean_sq_t"],
+                                     noise.get(name), slope, _units(ctx, name, 0),
+                                     primfunc_name_hint=f"{name}_covariance_forward")
     # exact: the logits' Jacobian rows backwards, every covariance kept
     last = records[dense[-1]][1]
     jacobian = (weights[f"{last}_weight_mean"], slopes.get(dense[-1] - 1))  # formed inside the first backward step
@@ -322,8 +337,9 @@ def _covariance_epilogue(var: relax.Expr, ctx: _Build) -> relax.Expr:
                                     primfunc_name_hint=f"{name}_covariance_exact"))
         if boundary and records[i][3] is None:
             break  # deterministic block input: no boundary variance to carry
-        jacobian = bb.emit_te(cov_ops.covariance_backprop, jacobian, weights[f"{name}_weight_mean_t"], slopes.get(i - 1),
-                              classes, batch, primfunc_name_hint=f"{name}_covariance_backprop")
+        jacobian = bb.emit_te(cov_ops.covariance_backprop, jacobian, weights[f"{name}_weight_mean_padded"],
+                              slopes.get(i - 1), classes, batch, _units(ctx, name, 1),
+                              primfunc_name_hint=f"{name}_covariance_backprop")
         if boundary:
             exact.append(bb.emit_te(cov_ops.covariance_exact, jacobian, records[i][3], classes,
                                     primfunc_name_hint=f"{name}_covariance_boundary"))

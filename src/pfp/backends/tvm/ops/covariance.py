@@ -12,8 +12,8 @@ from tvm import te, tirx
 from pfp.backends.tvm.ops.common import _check, _f, _ints
 from pfp.backends.tvm.ops.gaussian import RELU_VAR_EPS, _clamp_std_arg, _Lets, _normal_stats
 
-__all__ = ["covariance_backprop", "covariance_combine", "covariance_exact", "covariance_forward",
-           "covariance_noise", "relu_slope"]
+__all__ = ["GEMM_ANNOTATION", "GEMM_PAD", "covariance_backprop", "covariance_combine", "covariance_exact",
+           "covariance_forward", "covariance_noise", "gemm_padded_width", "relu_slope"]
 
 
 def relu_slope(mean: te.Tensor, var: te.Tensor) -> te.Tensor:
@@ -32,10 +32,33 @@ def relu_slope(mean: te.Tensor, var: te.Tensor) -> te.Tensor:
     return te.compute(mean.shape, fcompute, name="relu_slope")
 
 
-def covariance_backprop(jacobian: te.Tensor | tuple[te.Tensor, te.Tensor | None], weight_mean_t: te.Tensor,
-                        slope: te.Tensor | None, classes: int, batch: int) -> te.Tensor:
-    """``G W`` (one dense layer backwards; ``weight_mean_t`` is W transposed, (in, out)), times the
-    slope of the ReLU before it when there is one: (B * C, in).
+#: Annotation on a row-times-matrix accumulator whose weight is stored (reduction, padded outputs):
+#: the hand schedule vectorises the output axis and keeps a register tile of rows x whole padded
+#: rows (see :func:`pfp.backends.tvm.schedules.reductions._schedule_gemm`).
+GEMM_ANNOTATION = "pfp.gemm"
+#: The output axis of those weights is zero-padded to a multiple of this (one AVX-512 register, two
+#: AVX2 ones, four NEON ones): 100 units split into 4-lane partial sums ran at a quarter of the speed.
+GEMM_PAD = 16
+
+
+def gemm_padded_width(units: int) -> int:
+    """``units`` rounded up to a multiple of :data:`GEMM_PAD` (the stored width of a GEMM weight)."""
+    return -(-units // GEMM_PAD) * GEMM_PAD
+
+
+def _gemm(rows: int, row_value, weight: te.Tensor, name: str) -> te.Tensor:
+    """``acc[r, n] = sum_k row_value(r, k) * weight[k, n]`` over the padded width of ``weight``."""
+    reduction, width = _ints(weight.shape)
+    k = te.reduce_axis((0, reduction), name="k")
+    return te.compute((rows, width), lambda r, n: te.sum(row_value(r, k) * weight[k, n], axis=k),
+                      name=name, attrs={GEMM_ANNOTATION: 1})
+
+
+def covariance_backprop(jacobian: te.Tensor | tuple[te.Tensor, te.Tensor | None], weight_mean_padded: te.Tensor,
+                        slope: te.Tensor | None, classes: int, batch: int, in_units: int) -> te.Tensor:
+    """``G W`` (one dense layer backwards; ``weight_mean_padded`` is W, (out, in) with the in axis
+    zero-padded, see :func:`gemm_padded_width`), times the slope of the ReLU before it when there is
+    one: (B * C, in).
 
     ``jacobian`` is ``G`` (B * C, out), or the pair ``(W_last, slope_last)`` for the first step: then
     ``G[b*C + c, k] = W_last[c, k] * slope_last[b, k]`` is formed inside the reduction, never stored (a
@@ -60,13 +83,13 @@ def covariance_backprop(jacobian: te.Tensor | tuple[te.Tensor, te.Tensor | None]
 
         def g(r, k):
             return jacobian[r, k]
-    in_units, weight_out = _ints(weight_mean_t.shape)
+    weight_out, width = _ints(weight_mean_padded.shape)
     _check(out_units == weight_out, f"covariance_backprop: jacobian has {out_units} units, weight {weight_out}")
-    k = te.reduce_axis((0, out_units), name="k")
-    acc = te.compute((rows, in_units), lambda r, j: te.sum(g(r, k) * weight_mean_t[j, k], axis=k),
-                     name="covariance_backprop_acc")
+    _check(width == gemm_padded_width(in_units),
+           f"covariance_backprop: weight width {width}, expected {in_units} units padded to {gemm_padded_width(in_units)}")
+    acc = _gemm(rows, g, weight_mean_padded, "covariance_backprop_acc")
     if slope is None:
-        return acc
+        return te.compute((rows, in_units), lambda r, j: acc[r, j], name="covariance_backprop")
     return te.compute((rows, in_units), lambda r, j: acc[r, j] * slope[r // classes, j], name="covariance_backprop")
 
 
@@ -89,15 +112,18 @@ def covariance_noise(noise: te.Tensor, slope: te.Tensor | None) -> te.Tensor:
     return te.compute(noise.shape, lambda b, o: noise[b, o] * slope[b, o] * slope[b, o], name="covariance_noise")
 
 
-def covariance_forward(var: te.Tensor, weight_mean_sq: te.Tensor, noise: te.Tensor | None,
-                       slope: te.Tensor | None) -> te.Tensor:
-    """One dense layer of the linearised independent propagation: ``(var W^2^T + noise) * slope^2``."""
+def covariance_forward(var: te.Tensor, weight_mean_sq_t: te.Tensor, noise: te.Tensor | None,
+                       slope: te.Tensor | None, out_units: int) -> te.Tensor:
+    """One dense layer of the linearised independent propagation: ``(var W^2^T + noise) * slope^2``.
+
+    ``weight_mean_sq_t`` is W^2 transposed, (in, out) with the out axis zero-padded (:func:`gemm_padded_width`).
+    """
     batch, in_units = _ints(var.shape)
-    out_units, weight_in = _ints(weight_mean_sq.shape)
+    weight_in, width = _ints(weight_mean_sq_t.shape)
     _check(in_units == weight_in, f"covariance_forward: variance has {in_units} units, weight {weight_in}")
-    k = te.reduce_axis((0, in_units), name="k")
-    acc = te.compute((batch, out_units), lambda b, o: te.sum(var[b, k] * weight_mean_sq[o, k], axis=k),
-                     name="covariance_forward_acc")
+    _check(width == gemm_padded_width(out_units),
+           f"covariance_forward: weight width {width}, expected {out_units} units padded to {gemm_padded_width(out_units)}")
+    acc = _gemm(batch, lambda b, k: var[b, k], weight_mean_sq_t, "covariance_forward_acc")
 
     def epilogue(b, o):
         value = acc[b, o] if noise is None else acc[b, o] + noise[b, o]

@@ -8,9 +8,10 @@ import tvm
 import tvm_ffi
 from tvm import s_tir, tirx
 
+from pfp.backends.tvm.ops.covariance import GEMM_ANNOTATION
 from pfp.backends.tvm.schedules.common import _COMM_REDUCE, HEAVY_BLOCK_NODES, _extent, _is_reduction, _iter_types
 from pfp.backends.tvm.schedules.elementwise import _contiguous_lanes, _schedule_elementwise, _vectorise
-from pfp.backends.tvm.schedules.reductions import _schedule_conv, _schedule_dense
+from pfp.backends.tvm.schedules.reductions import _schedule_conv, _schedule_dense, _schedule_gemm
 from pfp.backends.tvm.targets import simd_registers
 
 __all__ = ["HandSchedule", "apply_hand_schedule", "schedule_prim_func"]
@@ -42,7 +43,9 @@ def apply_hand_schedule(sch: s_tir.Schedule, *, lanes: int | None = None, target
         if not _is_reduction(sch, block):
             continue
         types = _iter_types(sch, block)
-        if types.count(_COMM_REDUCE) == 1:
+        if GEMM_ANNOTATION in sch.get(block).annotations:
+            scheduled = _schedule_gemm(sch, block, target)
+        elif types.count(_COMM_REDUCE) == 1:
             scheduled = _schedule_dense(sch, block, lanes)
         else:
             scheduled = _schedule_conv(sch, block, lanes, target)

@@ -71,6 +71,39 @@ def _schedule_dense(sch: s_tir.Schedule, block, lanes: int):
     return outer, head
 
 
+def _schedule_gemm(sch: s_tir.Schedule, block, target=None):
+    """Row-times-matrix accumulators with the weight stored (reduction, padded outputs) (:data:`GEMM_ANNOTATION`).
+
+    The output axis is vectorised and a register tile of ``rows x vectors`` accumulators (about
+    half the SIMD registers, whole padded rows when they fit) stays in registers over the
+    reduction: each weight vector load feeds ``rows`` multiply-adds, each broadcast ``vectors``.
+    Returns the fused outer (parallel) loop and the write-back block (its consumers follow it).
+    """
+    lanes, registers = simd_registers(target)
+    r, n, k = sch.get_loops(block)
+    rows, width = _extent(sch, r), _extent(sch, n)
+    budget = registers // 2
+    vectors = width // lanes
+    vector_tile = max(d for d in range(1, min(vectors, budget) + 1) if vectors % d == 0)
+    row_tile = next(t for t in (4, 2, 1) if rows % t == 0 and t * vector_tile <= budget)
+    r_outer, r_inner = sch.split(r, [None, row_tile])
+    n_outer, n_vectors, n_lanes = sch.split(n, [None, vector_tile, lanes])
+    sch.reorder(r_outer, n_outer, k, r_inner, n_vectors, n_lanes)
+    write_back = sch.cache_write(block, 0, "local")
+    sch.reverse_compute_at(write_back, n_outer)
+    _, back_lanes = sch.split(sch.get_loops(write_back)[-1], [None, lanes])
+    sch.vectorize(back_lanes)
+    # vectorize and parallel need the complete reduction block: before the init is split off
+    sch.vectorize(n_lanes)
+    sch.unroll(n_vectors)
+    sch.unroll(r_inner)
+    outer = sch.fuse(r_outer, n_outer)
+    if rows * width * _extent(sch, k) >= PARALLEL_MIN_WORK:
+        sch.parallel(outer)
+    sch.decompose_reduction(block, k)
+    return outer, write_back
+
+
 def _conv_channel_tile(channels: int, accumulators: int, weights: int, inputs: int, width: int, target) -> int:
     """Output channels side by side, as many as keep the loop body in the SIMD registers.
 
