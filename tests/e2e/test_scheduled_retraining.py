@@ -105,6 +105,7 @@ def _reverse_idx(path: Path, header: int) -> None:
     path.write_bytes(gzip.compress(raw[:header] + body.reshape(count, -1)[::-1].tobytes()))
 
 
+@pytest.mark.slow  # about 3 minutes (a retraining run on the worker); the quick suite keeps the worker's failure path
 def test_deployment_runs_on_a_worker_queued_skipping_and_retraining_on_new_data(prefect_api, tiny_pipeline):
     from flows import deployment
     from flows.artifacts import METRICS_KEY, MLFLOW_KEY, PROMOTION_KEY, STAGES_KEY
@@ -158,8 +159,11 @@ def test_failed_stage_shows_its_cause_in_the_prefect_api(prefect_api, tmp_path):
     _, worker, worker_log = prefect_api
     empty = tmp_path / "no-images"
     empty.mkdir()
+    # its own deployment on the same pool and worker (the retraining test's is opt-in, -m slow)
+    deployment.deploy(cron=None, parameters={"workdir": str(tmp_path / "workspace")}, name="failure-paths")
+    name = f"{deployment.FLOW_NAME}/failure-paths"
     run = deployment.trigger({"workdir": str(tmp_path / "workspace"), "params": str(tmp_path / "missing.yaml"),
-                              "retries": 0}, name=f"{deployment.FLOW_NAME}/{deployment.DEPLOYMENT}")
+                              "retries": 0}, name=name)
     (run,), _ = _wait_final([run.id], worker, worker_log, timeout=300)
     assert run.state.is_failed()
     assert "missing.yaml" in run.state.message  # a params file that is not there: named in the run's state
@@ -171,7 +175,7 @@ def test_failed_stage_shows_its_cause_in_the_prefect_api(prefect_api, tmp_path):
     params = tmp_path / "tiny.yaml"
     params.write_text(yaml.safe_dump({**TINY_PARAMS, "models": ["mlp"]}))
     run = deployment.trigger({"workdir": str(tmp_path / "workspace"), "params": str(params), "mnist_dir": str(empty),
-                              "retries": 0})
+                              "retries": 0}, name=name)
     (run,), _ = _wait_final([run.id], worker, worker_log, timeout=300)
     assert run.state.is_failed() and "stage prepare failed" in run.state.message
     logs = _logs(run.id, "stage prepare failed: error:", str(empty))
