@@ -57,3 +57,17 @@ def lenet_bundle(tmp_path_factory):
     from tests.common import make_bundle
 
     return make_bundle(tmp_path_factory.mktemp("bundle") / "lenet", "lenet").folder
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """The reliability suite's figures (tests/reliability/report.py), printed and written as JSON."""
+    from tests.reliability import report
+
+    entries = report.rows()
+    if not entries:
+        return
+    path = report.write(os.environ.get("PFP_RELIABILITY_REPORT", report.DEFAULT_REPORT))
+    terminalreporter.section("reliability")
+    for entry in entries:
+        terminalreporter.write_line(f"{entry.kind:9s} {entry.tried:6d} tried {entry.survived:6d} survived  {entry.row}")
+    terminalreporter.write_line(f"(written to {path})")

@@ -1,0 +1,22 @@
+"""The reliability report's own rules (its rows are the figures README quotes)."""
+
+import pytest
+
+from tests.reliability import report
+
+
+def test_markdown_sums_per_kind_and_names_the_tests():
+    text = report.markdown([
+        {"kind": "fault", "row": "server killed", "tried": 2, "survived": 2, "tests": ["tests/a.py::test_x"]},
+        {"kind": "bad_input", "row": "IDX bytes flipped", "tried": 50, "survived": 49, "tests": ["tests/b.py::test_y"]},
+        {"kind": "fault", "row": "disk full", "tried": 1, "survived": 1, "tests": ["tests/c.py::test_z"]},
+    ])
+    assert "- fault scenarios injected into real processes: 3 tried, 3 survived" in text
+    assert "- bad-input cases tried (refused with a clear error): 50 tried, 49 survived" in text
+    assert "| bad_input | IDX bytes flipped | 50 | 49 | `tests/b.py::test_y` |" in text
+
+
+@pytest.mark.parametrize(("kind", "tried", "survived"), [("faults", 1, 1), ("fault", 1, 2), ("fault", 1, -1)])
+def test_record_refuses_unknown_kinds_and_impossible_counts(kind, tried, survived):
+    with pytest.raises(ValueError):
+        report.record(kind, "row", tried=tried, survived=survived)
