@@ -18,8 +18,8 @@ A ``.tar``/``.tar.gz`` archive of such a folder loads as well (unpacked to a tem
 from __future__ import annotations
 
 import atexit
-import hashlib
 import json
+import math
 import shutil
 import tarfile
 import tempfile
@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from pfp_runtime._cpu import host_arch, host_cpu_features
+from pfp_runtime.library import LibraryError, elf_arch, file_sha256
 
 __all__ = ["BUNDLE_FORMAT", "CHECKSUM_FILE", "HEAD_OUTPUTS", "METADATA_FILE", "Bundle", "BundleError", "file_sha256",
            "packed_columns", "read_bundle", "write_checksums"]
@@ -56,14 +57,6 @@ _REQUIRED_KEYS = ("format", "model", "classes", "target", "libraries", "input", 
 
 class BundleError(RuntimeError):
     """A bundle that cannot be used here: missing or corrupt files, another model, architecture or CPU."""
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def write_checksums(folder: str | Path) -> Path:
@@ -128,7 +121,7 @@ def _unpack(archive: Path) -> Path:
 
 def _number(meta_path: Path, metadata: dict, section: str, key: str, *, positive: bool = False) -> None:
     value = metadata.get(section, {}).get(key) if isinstance(metadata.get(section), dict) else None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or (positive and not value > 0):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or (positive and not value > 0):
         raise BundleError(f"{meta_path}: {section}.{key} must be a {'positive ' if positive else ''}number, got {value!r}")
 
 
@@ -140,7 +133,14 @@ def _check_fields(meta_path: Path, metadata: dict) -> None:
     for size, name in libraries.items():
         if not str(size).isdigit() or int(size) < 1 or not isinstance(name, str) or "/" in name:
             raise BundleError(f"{meta_path}: libraries: {size!r}: {name!r} is not 'batch size': 'file name'")
-    if not isinstance(metadata["classes"], int) or metadata["classes"] < 2:
+    if not isinstance(metadata["model"], str) or not metadata["model"]:
+        raise BundleError(f"{meta_path}: model must be the model's name, got {metadata['model']!r}")
+    spec = metadata.get("spec")
+    if spec is not None and not (isinstance(spec, dict) and spec.get("name") == metadata["model"]
+                                 and isinstance(spec.get("layers"), list)):
+        raise BundleError(f"{meta_path}: spec must describe the {metadata['model']!r} model (an object with its name "
+                          "and layers)")
+    if type(metadata["classes"]) is not int or metadata["classes"] < 2:
         raise BundleError(f"{meta_path}: classes must be an integer >= 2, got {metadata['classes']!r}")
     shape = metadata["input"].get("shape") if isinstance(metadata["input"], dict) else None
     if not isinstance(shape, list) or not shape or not all(isinstance(d, int) and d > 0 for d in shape):
@@ -148,11 +148,17 @@ def _check_fields(meta_path: Path, metadata: dict) -> None:
     _number(meta_path, metadata, "input", "mean")
     _number(meta_path, metadata, "input", "std", positive=True)
     _number(meta_path, metadata, "calibration", "temperature", positive=True)
-    _number(meta_path, metadata, "ood", "threshold")
+    threshold = metadata["ood"].get("threshold") if isinstance(metadata["ood"], dict) else None
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or threshold != threshold:
+        raise BundleError(f"{meta_path}: ood.threshold must be a number, got {threshold!r}")  # inf: never flags OOD
     if metadata["ood"].get("score") not in ("mi", "sme"):
         raise BundleError(f"{meta_path}: ood.score must be 'mi' or 'sme', got {metadata['ood'].get('score')!r}")
-    if not isinstance(metadata["target"], dict) or "arch" not in metadata["target"]:
+    target = metadata["target"]
+    if not isinstance(target, dict) or not isinstance(target.get("arch"), str):
         raise BundleError(f"{meta_path}: target must record the architecture (target.arch)")
+    features = target.get("cpu_features", [])
+    if not isinstance(features, list) or not all(isinstance(name, str) for name in features):
+        raise BundleError(f"{meta_path}: target.cpu_features must be a list of CPU feature names, got {features!r}")
 
 
 def _check_checksums(folder: Path, metadata: dict) -> None:
@@ -177,6 +183,19 @@ def _check_checksums(folder: Path, metadata: dict) -> None:
         if actual != digest:
             raise BundleError(f"{path}: checksum mismatch (sha256 {actual[:12]}..., {CHECKSUM_FILE} says {digest[:12]}...): "
                               "the file is corrupt, truncated or was changed after the bundle was made")
+
+
+def _check_libraries(folder: Path, metadata: dict) -> None:
+    """Each library a whole ELF shared library for the bundle's architecture (before any is mapped: a
+    truncated one would end the process with SIGBUS, whatever SHA256SUMS says)."""
+    arch = metadata["target"]["arch"]
+    for name in sorted(set(metadata["libraries"].values())):
+        try:
+            built_for = elf_arch(folder / name)
+        except LibraryError as error:
+            raise BundleError(str(error)) from None
+        if built_for != arch:
+            raise BundleError(f"{folder / name}: a library for {built_for}, but {METADATA_FILE} says target.arch {arch}")
 
 
 def read_bundle(path: str | Path, *, expected_model: str | None = None, check_host: bool = True) -> Bundle:
@@ -207,6 +226,7 @@ def read_bundle(path: str | Path, *, expected_model: str | None = None, check_ho
         raise BundleError(f"{meta_path}: bundle format {metadata['format']!r}, this runtime reads format {BUNDLE_FORMAT}")
     _check_fields(meta_path, metadata)
     _check_checksums(path, metadata)
+    _check_libraries(path, metadata)
     bundle = Bundle(path, metadata)
     if expected_model is not None and bundle.model != expected_model:
         raise BundleError(f"{path}: bundle of the {bundle.model!r} model, not the {expected_model!r} model asked for")

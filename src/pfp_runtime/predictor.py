@@ -84,6 +84,22 @@ class _Library:
         return np.from_dlpack(self.machine.main(self.tensor))
 
 
+def _check_output(library: _Library, bundle: Bundle, size: int) -> None:
+    """One run on the zero-filled input: a library whose input or packed output does not fit the metadata
+    (batch size, input shape, classes) is refused at load, not met as wrong columns or an error per request."""
+    path = bundle.libraries[size]
+    width = 3 * bundle.classes + 2
+    try:
+        shape = library().shape
+    except Exception as error:  # noqa: BLE001 - the FFI raises its own error types
+        lines = str(error).strip().splitlines()
+        raise BundleError(f"{path}: does not run as bundle.json describes it (batch size {size}, input "
+                          f"{list(bundle.input_shape)}): {lines[-1] if lines else type(error).__name__}") from None
+    if tuple(shape) != (size, width):
+        raise BundleError(f"{path}: its output is {tuple(shape)}, but bundle.json (batch size {size}, "
+                          f"{bundle.classes} classes) says {(size, width)}")
+
+
 def chunk_plan(count: int, sizes: list[int]) -> list[int]:
     """The compiled batch sizes to run ``count`` images with, in order.
 
@@ -179,6 +195,8 @@ class Predictor:
         _tvm.configure_threads(self.threads)
         self.input_shape = bundle.input_shape
         self._libraries = {size: _Library(path, size, self.input_shape) for size, path in bundle.libraries.items()}
+        for size, library in self._libraries.items():
+            _check_output(library, bundle, size)
         self._plans: dict[int, list[int]] = {}
         self._lock = threading.Lock()  # the libraries' input buffers are shared
         self._normaliser = _normaliser(bundle)

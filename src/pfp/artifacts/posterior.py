@@ -6,6 +6,8 @@ Also the npz reading shared with the PFP parameters (:mod:`pfp.artifacts.pfp_par
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import zipfile
 from pathlib import Path
 from typing import Optional
@@ -27,7 +29,7 @@ from pfp.artifacts.header import (
 )
 from pfp.bnn import Posterior, PosteriorError, site_names
 from pfp.io import atomic_savez
-from pfp.spec import ModelSpec
+from pfp.spec import LAYER_KINDS, ModelSpec, SpecError
 
 #: the npz entry holding the model description (ModelSpec JSON)
 SPEC_KEY = "spec"
@@ -47,16 +49,67 @@ def read_parameter_archive(kind: ArtifactKind, path: PathLike, model: Optional[s
     try:
         with np.load(path, allow_pickle=False) as archive:
             header = read_npz_header(archive)
-            spec = ModelSpec.from_json(str(archive[SPEC_KEY]))
+            if SPEC_KEY not in archive.files:
+                raise ParameterFileError(f"{describe(path, kind.title, None, model)}: no model description "
+                                         f"(entry {SPEC_KEY!r}); re-run the {kind.stage}@{model or 'MODEL'} stage")
+            spec_text = archive[SPEC_KEY]
             arrays = {key: archive[key] for key in archive.files if key not in (SPEC_KEY, HEADER_KEY)}
+    except ParameterFileError:
+        raise
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as problem:
         raise ParameterFileError(f"{describe(path, kind.title, None, model)}: not a readable {kind.title} ({problem})") from None
+    spec = read_spec(spec_text, f"{describe(path, kind.title, None, model)}: entry {SPEC_KEY!r}")
     header = accept(kind, path, header, model, parent, ParameterFileError)
     where = describe(path, kind.title, header.model, model)
     if spec.name != header.model:
         raise ParameterFileError(f"{where}: its spec describes model {spec.name!r}; the file is inconsistent, "
                                  f"re-run the {kind.stage}@{header.model} stage")
     return header, spec, arrays, where
+
+
+def read_spec(entry: np.ndarray, where: str) -> ModelSpec:
+    """The model description stored in an artifact (a JSON string entry), every field checked: the
+    right JSON types, known layer kinds, positive sizes, and layers that fit together; else a
+    ``ParameterFileError`` naming ``where`` and the key."""
+    def refuse(problem: str) -> ParameterFileError:
+        return ParameterFileError(f"{where}: {problem}")
+
+    if entry.dtype.kind != "U" or entry.shape != ():
+        raise refuse(f"not a JSON text (a {entry.dtype} array of shape {entry.shape})")
+    try:
+        raw = json.loads(str(entry))
+    except json.JSONDecodeError as error:
+        raise refuse(f"not valid JSON ({error})") from None
+    if not isinstance(raw, dict):
+        raise refuse(f"must be a JSON object, got {type(raw).__name__}")
+    if missing := sorted({"name", "input_shape", "layers"} - set(raw)):
+        raise refuse(f"missing key(s) {', '.join(missing)}")
+    if not isinstance(raw["name"], str) or not raw["name"]:
+        raise refuse(f"name must be the model's name, got {raw['name']!r}")
+    shape = raw["input_shape"]
+    if not (isinstance(shape, list) and len(shape) == 3 and all(type(d) is int and d > 0 for d in shape)):
+        raise refuse(f"input_shape must be 3 positive integers (C, H, W), got {shape!r}")
+    if not isinstance(raw["layers"], list) or not raw["layers"]:
+        raise refuse(f"layers must be a non-empty list, got {raw['layers']!r}")
+    for index, layer in enumerate(raw["layers"]):
+        if not isinstance(layer, dict):
+            raise refuse(f"layers[{index}] must be an object (a layer with its kind), got {layer!r}")
+        if layer.get("kind") not in LAYER_KINDS:
+            raise refuse(f"layers[{index}].kind: unknown layer kind {layer.get('kind')!r} "
+                         f"(one of {', '.join(sorted(LAYER_KINDS))})")
+        types = {f.name: f.type for f in dataclasses.fields(LAYER_KINDS[layer["kind"]])}
+        for key, value in layer.items():
+            if types.get(key) in (int, "int") and not (type(value) is int and value >= (0 if key == "padding" else 1)):
+                raise refuse(f"layers[{index}].{key} must be a {'non-negative' if key == 'padding' else 'positive'} "
+                             f"integer, got {value!r}")
+            if types.get(key) in (str, "str") and not isinstance(value, str):
+                raise refuse(f"layers[{index}].{key} must be a string, got {value!r}")
+    try:
+        spec = ModelSpec.from_json(str(entry))
+        spec.output_shapes()  # the layers fit together
+    except (SpecError, TypeError, ValueError, KeyError) as error:
+        raise refuse(str(error)) from None
+    return spec
 
 
 def checked_array(arrays: dict[str, np.ndarray], key: str, shape: tuple, where: str) -> np.ndarray:

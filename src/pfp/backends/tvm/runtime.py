@@ -16,6 +16,12 @@ This module imports neither torch nor TVM's compiler passes: a board's Python wi
 and numpy loads and runs a library. A library records the CPU features it was compiled for
 (from its LLVM target, see :func:`pfp.backends.tvm.targets.target_cpu_features`); loading it on
 a CPU that lacks one of them is refused before any of its code is loaded.
+
+A library's files (``path``, ``path.weights.npz``, ``path.json``) are written one by one, each
+atomically, the metadata last; the metadata records the size and sha256 of the others. A library
+is loaded only when they match (and its ELF structure is whole: :mod:`pfp_runtime.library`), so a
+truncated or corrupt file, or a set torn by an interrupted export (a new library beside the
+previous export's metadata), is refused with a :class:`LibraryError` naming the file.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import platform
 import shutil
 import sys
 import time as _time
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -44,7 +51,10 @@ from pfp.backends.tvm.targets import (
     target_arch,
     target_cpu_features,
 )
+from pfp.data.idx import DataError
 from pfp.io import atomic_path, atomic_savez, atomic_write_json
+from pfp_runtime.library import LibraryError as _UnsafeLibrary
+from pfp_runtime.library import check_library, library_record
 
 # tvm_ffi imports torch eagerly when it is installed (a work-around of a symbol clash on Windows);
 # a process that has not imported torch (a board, a serving process) keeps it out: TVM's runtime
@@ -60,15 +70,24 @@ finally:
         del sys.modules["torch"]
 
 __all__ = ["CompiledDeterministic", "CompiledEnsemble", "CompiledModel", "CompiledPFP", "IncompatibleLibraryError",
-           "export_library", "load"]
+           "LibraryError", "export_library", "load"]
 
-#: 2 adds ``model`` and ``cpu_features``; libraries of format 1 (without them) still load.
-_METADATA_FORMAT = 2
-_READABLE_FORMATS = (1, 2)
+#: 2 added ``model`` and ``cpu_features``; 3 ``files``: the size and sha256 of the library and its weights.
+#: Older libraries are refused: nothing shows whether their files are whole and belong together.
+_METADATA_FORMAT = 3
 
 
-class IncompatibleLibraryError(RuntimeError):
+class LibraryError(DataError):
+    """A compiled library or its metadata refused before loading: missing, unreadable, truncated, corrupt,
+    or files of different exports. A ``DataError``: the stages print its one line and exit with code 2."""
+
+
+class IncompatibleLibraryError(LibraryError, RuntimeError):
     """A compiled library that cannot run here (another architecture, missing CPU features) or is not the model asked for."""
+
+
+class LibraryNotFoundError(LibraryError, FileNotFoundError):
+    """A compiled library or its metadata file is missing."""
 
 
 class CompiledModel:
@@ -226,11 +245,16 @@ class CompiledModel:
             raise RuntimeError("only a freshly compiled module (tvm.runtime.Executable) can be exported; "
                                "this one was loaded from a library")
         path = export_library(self.module, path, self.target)
-        metadata = {"format": _METADATA_FORMAT, "kind": self.kind.value, "model": self.model,
-                    "input_shape": list(self.input_shape), "target": str(self.target),
-                    "cpu_features": list(self.cpu_features), "weights": list(self.weights), "info": self.info}
+        files = {"library": library_record(path)}
         if self.weights:
             atomic_savez(str(path) + ".weights.npz", self.weights)
+            files["weights"] = library_record(str(path) + ".weights.npz")
+        metadata = {"format": _METADATA_FORMAT, "kind": self.kind.value, "model": self.model,
+                    "input_shape": list(self.input_shape), "target": str(self.target),
+                    "cpu_features": list(self.cpu_features), "weights": list(self.weights), "files": files,
+                    "info": self.info}
+        # last, with the others' checksums: a kill before this leaves the previous metadata, which
+        # refuses the new files (a mismatched set is never loaded)
         atomic_write_json(str(path) + ".json", metadata)
         return path
 
@@ -240,39 +264,117 @@ class CompiledModel:
         path = Path(path)
         meta_path = Path(str(path) + ".json")
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: compiled library not found")
+            raise LibraryNotFoundError(f"{path}: compiled library not found")
         if not meta_path.is_file():
-            raise FileNotFoundError(f"{meta_path}: metadata of the compiled library not found")
-        metadata = json.loads(meta_path.read_text())
-        if metadata.get("format") not in _READABLE_FORMATS:
-            raise ValueError(f"{meta_path}: unsupported metadata format {metadata.get('format')!r}")
-        kind = metadata.get("kind")
-        subclass = {sub.kind.value: sub for sub in (CompiledPFP, CompiledDeterministic, CompiledEnsemble)}.get(kind)
-        if subclass is None:
-            raise ValueError(f"{meta_path}: unknown compiled model kind {kind!r}")
+            raise LibraryNotFoundError(f"{meta_path}: metadata of the compiled library not found")
+        metadata = _read_metadata(meta_path)
+        subclass = _compiled_kinds()[metadata["kind"]]
         if cls is not CompiledModel and subclass is not cls:
-            raise ValueError(f"{path} holds a {kind} model, not a {cls.kind.value} model")
-        model = metadata.get("model")
+            raise LibraryError(f"{path} holds a {metadata['kind']} model, not a {cls.kind.value} model")
+        model = metadata["model"]
         if expected_model is not None and model != expected_model:
             raise IncompatibleLibraryError(f"{path} holds a compiled {model or 'unrecorded'!r} model, not the "
                                            f"{expected_model!r} model asked for")
-        target_config = json.loads(metadata["target"])
+        target_config = metadata["target"]
         if not runs_on_host(target_config):
             raise IncompatibleLibraryError(f"{path} was compiled for {target_arch(target_config)}; "
                                            "load it on that machine")
-        required = metadata.get("cpu_features") or []
+        required = metadata["cpu_features"]
         missing = missing_cpu_features(required)
         if missing:
             raise IncompatibleLibraryError(
                 f"{path} was compiled for CPU features this host lacks: {', '.join(missing)} (target "
                 f"{target_config.get('mcpu', 'generic')}); rebuild it for this host: re-run the tune stage here "
                 "(dvc repro tune) or compile it with target='host' on this machine")
-        weights = {}
-        if metadata.get("weights"):
-            with np.load(str(path) + ".weights.npz") as archive:
-                weights = {name: archive[name] for name in metadata["weights"]}
-        return subclass(tvm.runtime.load_module(str(path)), metadata["input_shape"], target=target_config,
-                        weights=weights, info=metadata.get("info"), model=model, cpu_features=required)
+        try:  # before any of its code is mapped: a truncated library would end the process with SIGBUS
+            check_library(path, arch=platform.machine(), recorded_in=meta_path.name, **metadata["files"]["library"])
+        except _UnsafeLibrary as error:
+            raise LibraryError(str(error)) from None
+        weights = _read_weights(path, meta_path, metadata) if metadata["weights"] else {}
+        try:
+            module = tvm.runtime.load_module(str(path))
+        except Exception as error:  # noqa: BLE001 - the FFI raises its own error types
+            lines = str(error).strip().splitlines()
+            raise LibraryError(f"{path}: cannot load the compiled library ({lines[-1] if lines else type(error).__name__})") from None
+        return subclass(module, metadata["input_shape"], target=target_config,
+                        weights=weights, info=metadata["info"], model=model, cpu_features=required)
+
+
+def _compiled_kinds() -> dict[str, type[CompiledModel]]:
+    return {sub.kind.value: sub for sub in (CompiledPFP, CompiledDeterministic, CompiledEnsemble)}
+
+
+def _read_metadata(meta_path: Path) -> dict[str, Any]:
+    """A library's metadata, every field :meth:`CompiledModel.load` reads checked (``target`` parsed);
+    :class:`LibraryError` naming the file and the key otherwise."""
+    try:
+        metadata = json.loads(meta_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise LibraryError(f"{meta_path}: not readable library metadata ({error})") from None
+    if not isinstance(metadata, dict):
+        raise LibraryError(f"{meta_path}: library metadata must be a JSON object, got {type(metadata).__name__}")
+    fmt = metadata.get("format")
+    if fmt != _METADATA_FORMAT:
+        hint = ("written before libraries recorded their checksums; re-export it (dvc repro tune)"
+                if fmt in (1, 2) else f"this code reads format {_METADATA_FORMAT}")
+        raise LibraryError(f"{meta_path}: metadata format {fmt!r}: {hint}")
+
+    def bad(key: str, expected: str) -> LibraryError:
+        return LibraryError(f"{meta_path}: {key} must be {expected}, got {metadata.get(key)!r}")
+
+    missing = [key for key in ("kind", "model", "input_shape", "target", "cpu_features", "weights", "files")
+               if key not in metadata]
+    if missing:
+        raise LibraryError(f"{meta_path}: missing field(s) {', '.join(missing)}")
+    kinds = list(_compiled_kinds())
+    if metadata["kind"] not in kinds:
+        raise LibraryError(f"{meta_path}: unknown compiled model kind {metadata['kind']!r} (one of {', '.join(kinds)})")
+    if metadata["model"] is not None and not (isinstance(metadata["model"], str) and metadata["model"]):
+        raise bad("model", "a model name")
+    shape = metadata["input_shape"]
+    if not (isinstance(shape, list) and len(shape) == 4 and all(type(d) is int and d > 0 for d in shape)):
+        raise bad("input_shape", "4 positive integers (batch, C, H, W)")
+    try:
+        target = json.loads(metadata["target"]) if isinstance(metadata["target"], str) else None
+    except json.JSONDecodeError:
+        target = None
+    if not isinstance(target, dict) or not isinstance(target.get("kind"), str):
+        raise bad("target", "a TVM target as JSON text (an object with its kind)")
+    metadata["target"] = target
+    for key in ("cpu_features", "weights"):
+        if not (isinstance(metadata[key], list) and all(isinstance(item, str) for item in metadata[key])):
+            raise bad(key, "a list of names")
+    info = metadata.setdefault("info", {})
+    if not isinstance(info, dict):
+        raise bad("info", "an object")
+    files = metadata["files"]
+    needed = ["library", "weights"] if metadata["weights"] else ["library"]
+    for name in needed:
+        record = files.get(name) if isinstance(files, dict) else None
+        if not (isinstance(record, dict) and set(record) == {"size", "sha256"} and type(record["size"]) is int
+                and isinstance(record["sha256"], str) and len(record["sha256"]) == 64):
+            raise LibraryError(f"{meta_path}: files.{name} must record the file's size and sha256, got {record!r}")
+    return metadata
+
+
+def _read_weights(path: Path, meta_path: Path, metadata: dict[str, Any]) -> dict[str, np.ndarray]:
+    """The weight parameters (``path.weights.npz``), checked against the metadata's record and names."""
+    weights_path = Path(str(path) + ".weights.npz")
+    if not weights_path.is_file():
+        raise LibraryNotFoundError(f"{weights_path}: weights of the compiled library not found")
+    record = metadata["files"]["weights"]
+    if library_record(weights_path) != record:
+        raise LibraryError(f"{weights_path}: size or checksum differs from {meta_path.name}'s record: corrupt, or "
+                           "from another export (an interrupted export?); re-export it")
+    try:
+        with np.load(weights_path, allow_pickle=False) as archive:
+            arrays = {name: archive[name] for name in metadata["weights"] if name in archive.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+        raise LibraryError(f"{weights_path}: not readable ({error})") from None
+    missing = [name for name in metadata["weights"] if name not in arrays]
+    if missing:
+        raise LibraryError(f"{weights_path}: missing weight(s) {', '.join(missing)} named in {meta_path.name}")
+    return arrays
 
 
 def export_library(executable, path: str | Path, target) -> Path:
@@ -328,8 +430,10 @@ class CompiledEnsemble(CompiledModel):
 def load(path: str | Path, *, expected_model: str | None = None) -> CompiledModel:
     """Load a :class:`CompiledPFP`, :class:`CompiledDeterministic` or :class:`CompiledEnsemble` library.
 
-    Refused (:class:`IncompatibleLibraryError`, before any of its code is loaded) when it was
+    Refused before any of its code is loaded: :class:`IncompatibleLibraryError` when it was
     compiled for another architecture or for CPU features this host lacks, or, with
-    ``expected_model``, when it holds another model.
+    ``expected_model``, when it holds another model; :class:`LibraryError` (both are ``DataError``)
+    when a file is missing, its metadata malformed, or the library or weights differ from the
+    metadata's record (truncated, corrupt, an interrupted export) or are not a whole ELF library.
     """
     return CompiledModel.load(path, expected_model=expected_model)
