@@ -18,7 +18,9 @@ Example::
 
 from __future__ import annotations
 
+import ctypes
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -57,6 +59,32 @@ class BuiltBundle:
     folder: Path
     metadata: dict
     seconds: float
+
+
+_RENAME_EXCHANGE = 2  # renameat2's flag: swap two paths atomically (Linux)
+_AT_FDCWD = -100
+
+
+def _swap_in(work: Path, folder: Path) -> None:
+    """Put the finished bundle ``work`` in place of ``folder`` in one step (the previous bundle ends up at ``work``, or is removed).
+
+    A reader (or a kill) sees the old bundle or the new one, never a half-deleted one: Linux's
+    ``renameat2(RENAME_EXCHANGE)``; elsewhere (or on a file system without it) the old folder is
+    renamed aside first, so a kill in between leaves no bundle (refused as missing) and never a torn one.
+    """
+    if folder.exists():
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.renameat2(_AT_FDCWD, os.fsencode(work), _AT_FDCWD, os.fsencode(folder), _RENAME_EXCHANGE) == 0:
+                return
+        except (OSError, AttributeError):  # no renameat2 in this C library
+            pass
+        aside = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+        folder.rename(aside / folder.name)
+        work.rename(folder)
+        shutil.rmtree(aside, ignore_errors=True)
+        return
+    work.rename(folder)
 
 
 def _versions() -> dict[str, str]:
@@ -98,6 +126,8 @@ def build_bundle(pfp_model: PFPModel, folder: str | Path, *, target: str, batch_
     draws = head_draws(head_draw_count, spec.num_outputs, seed=seed)
     head = Head(draws=draws, temperature=float(temperature))
     folder.parent.mkdir(parents=True, exist_ok=True)
+    for leftover in folder.parent.glob(f".{folder.name}.*"):  # of a build that was killed: never cached with the stage's output
+        shutil.rmtree(leftover, ignore_errors=True)
     work = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     work.chmod(0o755)  # mkdtemp makes it private; a bundle is read by other users (a service account)
     try:
@@ -139,9 +169,7 @@ def build_bundle(pfp_model: PFPModel, folder: str | Path, *, target: str, batch_
         (work / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
         write_checksums(work)
         read_bundle(work, expected_model=spec.name, check_host=False)
-        if folder.exists():
-            shutil.rmtree(folder)
-        work.rename(folder)
+        _swap_in(work, folder)  # work now holds the previous bundle (if any), removed below
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return BuiltBundle(folder=folder, metadata=metadata, seconds=time.perf_counter() - start)

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pfp_runtime.library import private_copy
+
 _DL_CPU = 1  # DLPack's kDLCPU
 _ALIGNMENT = 64  # bytes; TVM's kernels may assume it of their buffers (an unaligned one segfaulted)
 _POOLED_ALLOCATOR = 2  # the Relax VM's pooled allocator (what tvm.runtime.vm.VirtualMachine uses)
@@ -72,7 +74,7 @@ class Machine:
 
     def __init__(self, library: Path) -> None:
         tvm_ffi = ffi()
-        self._module = tvm_ffi.load_module(str(library))
+        self._module = tvm_ffi.load_module(str(private_copy(library)))  # this file's code, not an earlier one's
         self._vm = self._module["vm_load_executable"]()
         self._vm["vm_initialization"](_DL_CPU, 0, _POOLED_ALLOCATOR)
         self.main = self._vm["main"]

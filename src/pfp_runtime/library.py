@@ -14,11 +14,16 @@ Example::
 
 from __future__ import annotations
 
+import atexit
 import hashlib
+import os
+import shutil
 import struct
+import tempfile
+import threading
 from pathlib import Path
 
-__all__ = ["LibraryError", "check_library", "elf_arch", "file_sha256", "library_record"]
+__all__ = ["LibraryError", "check_library", "elf_arch", "file_sha256", "library_record", "private_copy"]
 
 _ELF_MAGIC = b"\x7fELF"
 _ET_DYN = 3
@@ -113,3 +118,40 @@ def check_library(path: str | Path, *, arch: str | None = None, size: int | None
     built_for = elf_arch(path)
     if arch is not None and built_for != arch:
         raise LibraryError(f"{path}: a library for {built_for}, not {arch}")
+
+
+_COPIES: Path | None = None
+_COPIES_LOCK = threading.Lock()
+
+
+def private_copy(path: str | Path, sha256: str | None = None) -> Path:
+    """A copy of the library ``path`` to ``dlopen`` in its place: this process's own, named by its sha256.
+
+    The dynamic loader hands back the library already loaded under the same name (TVM loads by the
+    real path, so a symlink does not help): a process that loaded ``model.so`` and loads it again
+    after a re-export in place would run the old code (with the new weights, when they are
+    parameters). A copy per content loads new code, and the same content once; and the mapped file
+    is one nobody else writes (``cp`` over a mapped library truncates it under the process: SIGBUS).
+    ``sha256``: the digest the file was checked against; a copy that differs is refused.
+    """
+    global _COPIES
+    path = Path(path)
+    with _COPIES_LOCK:
+        if _COPIES is None:
+            _COPIES = Path(tempfile.mkdtemp(prefix="pfp-libraries-"))
+            atexit.register(shutil.rmtree, _COPIES, True)
+        fd, tmp = tempfile.mkstemp(dir=_COPIES, suffix=".tmp")
+        os.close(fd)
+        try:
+            shutil.copyfile(path, tmp)
+            digest = file_sha256(tmp)
+            if sha256 is not None and digest != sha256:
+                raise LibraryError(f"{path}: changed while it was being loaded (sha256 {digest[:12]}..., checked "
+                                   f"{sha256[:12]}...); load it again")
+            copy = _COPIES / f"{digest[:32]}-{path.name}"
+            if copy.exists():
+                return copy
+            os.replace(tmp, copy)
+            return copy
+        finally:
+            Path(tmp).unlink(missing_ok=True)

@@ -54,7 +54,7 @@ from pfp.backends.tvm.targets import (
 from pfp.data.idx import DataError
 from pfp.io import atomic_path, atomic_savez, atomic_write_json
 from pfp_runtime.library import LibraryError as _UnsafeLibrary
-from pfp_runtime.library import check_library, library_record
+from pfp_runtime.library import check_library, library_record, private_copy
 
 # tvm_ffi imports torch eagerly when it is installed (a work-around of a symbol clash on Windows);
 # a process that has not imported torch (a board, a serving process) keeps it out: TVM's runtime
@@ -292,7 +292,7 @@ class CompiledModel:
             raise LibraryError(str(error)) from None
         weights = _read_weights(path, meta_path, metadata) if metadata["weights"] else {}
         try:
-            module = tvm.runtime.load_module(str(path))
+            module = tvm.runtime.load_module(str(private_copy(path, metadata["files"]["library"]["sha256"])))
         except Exception as error:  # noqa: BLE001 - the FFI raises its own error types
             lines = str(error).strip().splitlines()
             raise LibraryError(f"{path}: cannot load the compiled library ({lines[-1] if lines else type(error).__name__})") from None
@@ -393,6 +393,8 @@ def export_library(executable, path: str | Path, target) -> Path:
             raise RuntimeError(f"cross-linking for {target_arch(target)} needs {cross} on PATH "
                                "(Debian/Ubuntu: apt-get install gcc-aarch64-linux-gnu)")
         kwargs["cc"] = compiler
+    for leftover in path.parent.glob(f".{path.name}.*.tmp*"):  # temp files of an export that was killed
+        leftover.unlink(missing_ok=True)
     with atomic_path(path) as tmp:  # no half-written library if linking fails
         executable.export_library(str(tmp), **kwargs)
     return path
