@@ -68,6 +68,10 @@ def load_pfp_params(path: PathLike, model: Optional[str], *, parent: Optional[Pa
             if field in _NON_NEGATIVE and np.any(value < 0):
                 raise ParameterFileError(f"{where}: {key} has negative values; variances must be >= 0")
             values[field] = torch.from_numpy(value)
+        mean, var, m2 = (values[field].numpy() for field in ("weight_mean", "weight_var", "weight_m2"))
+        if not np.allclose(m2, var + np.square(mean), rtol=1e-4, atol=1e-30):  # float32 rounding of the converter's sum
+            raise ParameterFileError(f"{where}: {layer.name}.weight_m2 is not weight_var + weight_mean^2 (E[w^2]); "
+                                     "the file is inconsistent, re-run the convert stage")
         params[layer.name] = GaussianLayerParams(**values)
     layers = arrays.pop(COVARIANCE_KEY, np.array(0))
     try:
