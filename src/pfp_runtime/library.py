@@ -140,6 +140,7 @@ def private_copy(path: str | Path, sha256: str | None = None) -> Path:
         if _COPIES is None:
             _COPIES = Path(tempfile.mkdtemp(prefix="pfp-libraries-"))
             atexit.register(shutil.rmtree, _COPIES, True)
+        _COPIES.mkdir(exist_ok=True)  # a temp-folder cleaner may have removed it under a long-running process
         fd, tmp = tempfile.mkstemp(dir=_COPIES, suffix=".tmp")
         os.close(fd)
         try:
