@@ -102,6 +102,9 @@ def build_bundle(pfp_model: PFPModel, folder: str | Path, *, target: str, batch_
                  made_from: Mapping[str, str] | None = None) -> BuiltBundle:
     """Compile and write the bundle of ``pfp_model`` for ``target`` into ``folder`` (replaced atomically).
 
+    The bundle is built in a temporary folder beside ``folder`` and swapped in whole (:func:`_swap_in`);
+    temporary folders of a build that was killed are removed first.
+
     The OOD threshold comes from ``validation_images`` (uint8 in-distribution images, host targets
     only: the bundle scores them itself) or is given (``threshold``, e.g. the host bundle's for a
     board's). ``databases`` (batch size -> tuning work dir) compiles those batch sizes with the

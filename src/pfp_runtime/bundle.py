@@ -13,6 +13,11 @@ A bundle folder holds
   format (``sha256sum -c SHA256SUMS`` checks a copy by hand).
 
 A ``.tar``/``.tar.gz`` archive of such a folder loads as well (unpacked to a temporary folder).
+
+Before any library is mapped, :func:`read_bundle` checks the fields, every checksum, and that each
+library is a whole ELF shared library for ``target.arch`` (:mod:`pfp_runtime.library`: a truncated
+one would end the process with SIGBUS even when ``SHA256SUMS`` was re-made after the damage); the
+predictor then runs each library once and refuses one whose output does not fit ``bundle.json``.
 """
 
 from __future__ import annotations

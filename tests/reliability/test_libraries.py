@@ -262,23 +262,28 @@ _EXPORT_AND_PAUSE = """
 """
 
 
-def _kill_export_at(path: Path, pause_at: str, *, seed: int, weights_as_params: bool, tmp_path: Path) -> None:
-    """Start an export of another model to ``path``, SIGKILL it when it reaches ``pause_at``."""
-    marker = tmp_path / f"paused-{pause_at}-{path.parent.name}"
+def _kill_when_paused(code: str, *args, marker: Path, what: str) -> None:
+    """Run ``code`` (with ``args``) in a child that writes ``marker`` and sleeps where it should be killed; SIGKILL it there."""
     assert not marker.exists()
-    child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(_EXPORT_AND_PAUSE), str(path), str(seed),
-                              "1" if weights_as_params else "0", pause_at, str(marker), SPEC.to_json(), str(BATCH)],
+    child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), *map(str, args)],
                              env=environment(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 180
     while not marker.exists():
         if child.poll() is not None or time.monotonic() > deadline:
             child.kill()
             _, err = child.communicate()
-            pytest.fail(f"the export did not reach {pause_at!r} (exit {child.returncode}): {err[-2000:]}")
+            pytest.fail(f"the child did not reach {what!r} (exit {child.returncode}): {err[-2000:]}")
         time.sleep(0.05)
     os.kill(child.pid, signal.SIGKILL)
     child.communicate(timeout=30)
     assert child.returncode == -signal.SIGKILL
+
+
+def _kill_export_at(path: Path, pause_at: str, *, seed: int, weights_as_params: bool, tmp_path: Path) -> None:
+    """Start an export of another model to ``path``, SIGKILL it when it reaches ``pause_at``."""
+    marker = tmp_path / f"paused-{pause_at}-{path.parent.name}"
+    _kill_when_paused(_EXPORT_AND_PAUSE, path, seed, "1" if weights_as_params else "0", pause_at, marker, SPEC.to_json(),
+                      BATCH, marker=marker, what=pause_at)
 
 
 def test_an_export_killed_between_its_writes_never_leaves_a_loadable_mismatched_set(tmp_path):
@@ -327,30 +332,42 @@ def test_an_export_killed_between_its_writes_never_leaves_a_loadable_mismatched_
            tried=1, survived=1)
 
 
-def test_a_rebuilt_bundle_replaces_the_old_one_in_one_step(tmp_path, bundle):
-    """The finished bundle is swapped in whole (renameat2 RENAME_EXCHANGE): never a half-deleted old one."""
-    from pfp.bundle import _swap_in
+_BUILD_AND_PAUSE = """
+    import os, sys, time
+    from pathlib import Path
+    import pfp.bundle
+    from tests.common import make_bundle
+    folder, marker = sys.argv[1:]
 
-    folder = shutil.copytree(bundle, tmp_path / "host")
-    work = shutil.copytree(bundle, tmp_path / ".host.work")
-    (work / "marker").write_text("new")
-    _swap_in(work, folder)
-    assert (folder / "marker").read_text() == "new" and not (work / "marker").exists()
-    assert (work / METADATA_FILE).is_file()  # the old bundle, whole, for the caller to remove
+    def pausing(work):  # every library compiled and the metadata written: only the checksums and the swap left
+        Path(marker).write_text(str(os.getpid()))
+        time.sleep(120)  # killed here
+
+    pfp.bundle.write_checksums = pausing
+    make_bundle(Path(folder), "mlp", batch_sizes=(1,), seed=5)
+"""
 
 
-def test_a_bundle_rebuilt_in_place_and_loaded_again_runs_its_new_code(tmp_path, bundle):
+def test_a_bundle_build_killed_leaves_the_old_bundle_and_the_next_build_replaces_it_whole(tmp_path, bundle):
     from pfp_runtime import load_bundle
 
     images = np.random.default_rng(2).integers(0, 256, (3, 28, 28), dtype=np.uint8)
-    folder = shutil.copytree(bundle, tmp_path / "host")
+    folder = shutil.copytree(bundle, tmp_path / "mlp")
     before = load_bundle(folder).predict(images)
-    rebuilt = make_bundle(tmp_path / "other", "mlp", batch_sizes=(1,), seed=5).folder
-    shutil.rmtree(folder)
-    shutil.copytree(rebuilt, folder)
+    _kill_when_paused(_BUILD_AND_PAUSE, folder, tmp_path / "paused", marker=tmp_path / "paused", what="checksums")
+    assert [p.name.startswith(".mlp.") for p in tmp_path.iterdir() if p.is_dir() and p != folder] == [True]
+    np.testing.assert_array_equal(load_bundle(folder).predict(images).logit_mean, before.logit_mean)  # old one, whole
+
+    # the next build: its killed predecessor's temp folder removed, the new bundle swapped in (RENAME_EXCHANGE)
+    make_bundle(folder, "mlp", batch_sizes=(1,), seed=5)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["mlp"]
+    # loaded again by this process, from the same path: the new libraries' code (the dynamic loader used to
+    # hand back the old library loaded from that path)
     after = load_bundle(folder).predict(images)
-    expected = load_bundle(rebuilt).predict(images)
+    expected = load_bundle(shutil.copytree(folder, tmp_path / "copy")).predict(images)
     np.testing.assert_array_equal(after.logit_mean, expected.logit_mean)
     assert not np.allclose(after.logit_mean, before.logit_mean)
+    record("fault", "bundle build SIGKILLed before its swap: old bundle intact, temp folder cleaned by the next build",
+           tried=1, survived=1)
     record("probe", "bundle rebuilt in place, loaded again by the same process: ran the old code",
            tried=1, survived=1)
