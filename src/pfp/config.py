@@ -64,7 +64,7 @@ class DataConfig(_Section):
 
 
 class VAEConfig(_Section):
-    hidden: list[int] = [512, 256]
+    hidden: list[Annotated[int, Field(ge=1)]] = [512, 256]  # [] : a linear VAE
     latent_dim: int = Field(32, ge=2)
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(128, ge=1)
@@ -298,8 +298,8 @@ class TuneParams(_Section):
     repeat: int = Field(1, ge=1)  # measurements of a candidate, each of `number` runs
     genetic_num_iters: int = Field(2, ge=1)  # evolutionary search generations per iteration
     max_init_unmeasured: int = Field(16, ge=1)  # unmeasured initial candidates (at most population_size)
-    search_seed: Optional[int] = 0  # seed of the search (None: random)
-    search_threads: Union[int, Literal["physical"]] = "physical"  # threads of the cost model and evolution
+    search_seed: Optional[int] = Field(0, ge=0, le=2**63 - 1)  # seed of the search (None: random; TVM's int64)
+    search_threads: Union[Annotated[int, Field(ge=1)], Literal["physical"]] = "physical"  # threads of the cost model and evolution
     builder_timeout_sec: float = Field(300.0, gt=0)  # a builder worker's start and one candidate's build
     builder_workers: Optional[int] = Field(None, ge=1)  # None: one per logical CPU
     lean_builder: bool = True  # build candidates without importing TVM's tensor intrinsics (no tensorize on CPU)
