@@ -428,6 +428,48 @@ def test_unreadable_params_file_is_a_clear_error_at_the_entry_point(tmp_path, co
            survived=1)
 
 
+#: a one-model params file, everything small (the benchmark's serving part briefly, no peers)
+ONE_MODEL = {
+    "models": ["mlp"], "train": {"mlp": {}},
+    "data": {"mnist_dir": str(REPO / "data/embedded/mnist"), "ood_dir": str(REPO / "data/embedded/fashion-mnist")},
+    "tune": {"batch_sizes": [2], "variants": ["pfp", "det"], "trials_per_task": 0, "svi_samples": 3, "number": 1,
+             "min_repeat_ms": 1},
+    "bundle": {"batch_sizes": [1, 2], "head_draws": 16},
+    "benchmark": {"batch_sizes": [2], "svi_samples": 3, "repeat": 1, "warmup": 0, "tvm_number": 1, "tvm_repeat": 1,
+                  "peers": [], "serving_batch_sizes": [2], "serving_threads": [1], "serving_rounds": 2,
+                  "serving_turn_ms": 2.0, "serving_max_calls": 3, "serving_warmup": 0, "serving_torch_threads": 1,
+                  "head_images": 12, "head_reference_draws": 1000},
+}
+
+
+def test_one_model_params_run_the_benchmark_stage_under_dvc(tmp_path):
+    """dvc.yaml's benchmark stage once declared both models' plot folders, so `models: [mlp]` could not finish it."""
+    from flows.workspace import prepare_workspace, stage_env
+    from pfp.stage import bundle_dir
+    from tests.common import make_bundle, write_model_artifacts, write_prepared
+
+    source = tmp_path / "one-model.yaml"
+    source.write_text(yaml.safe_dump(ONE_MODEL))
+    workspace = prepare_workspace(tmp_path / "workspace", source, remote=str(tmp_path / "remote"))
+    # the upstream stages' outputs of one (random) MLP: prepared data, posterior/pfp/calibration, host bundle
+    write_prepared(workspace)
+    write_model_artifacts(workspace, "mlp", variance_scale=0.5)
+    make_bundle(workspace / bundle_dir("mlp", "host"), "mlp", batch_sizes=(1, 2), variance_scale=0.5, head_draws=16)
+    env = {**stage_env("benchmark"), "MLFLOW_TRACKING_URI": "", "OMP_NUM_THREADS": "1", "TVM_NUM_THREADS": "1"}
+    done = subprocess.run([str(Path(sys.executable).parent / "dvc"), "repro", "--single-item", "benchmark"], cwd=workspace,
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    latency = json.loads((workspace / "metrics/latency.json").read_text())
+    assert set(latency) == {"mlp"} and latency["mlp"]["batch_2"]["pfp_tvm_ms"] > 0
+    assert json.loads((workspace / "metrics/serving.json").read_text())["models"].keys() == {"mlp"}
+    plots = sorted(p.relative_to(workspace).as_posix() for p in (workspace / "plots").rglob("*.png"))
+    assert plots == ["plots/benchmark/mlp/latency.png"]
+    lock = yaml.safe_load((workspace / "dvc.lock").read_text())["stages"]["benchmark"]
+    assert "plots/benchmark" in {out["path"] for out in lock["outs"]}
+    record("probe", "one-model params: the benchmark stage follows the model list (dvc.yaml named both models' plots)",
+           tried=1, survived=1)
+
+
 def test_record_the_figures():
     """Last in the module: the hypothesis examples counted above (each passed its checks)."""
     assert EXAMPLES, "run with the rest of the module"
