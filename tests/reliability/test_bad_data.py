@@ -15,7 +15,6 @@ import struct
 import subprocess
 import sys
 import tempfile
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -35,8 +34,6 @@ N = 12  # images per synthetic split: small, the checks are per byte and per hea
 SETTINGS = settings(max_examples=200, deadline=None, database=None,
                     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
-#: hypothesis examples per row (the figures are recorded once, by the last test of this module)
-EXAMPLES: Counter = Counter()
 
 
 def _split(folder: Path, gz: bool) -> tuple[Path, Path, np.ndarray, np.ndarray]:
@@ -95,7 +92,7 @@ def test_flipped_bytes_are_refused_or_harmless(tmp_path, case, data):
         stored[position] ^= data.draw(st.integers(1, 255))
     target.write_bytes(bytes(stored))
     _outcome(folder, target, images, labels)
-    EXAMPLES["IDX: bytes flipped"] += 1
+    record("bad_input", "IDX: bytes flipped", tried=1, survived=1)
 
 
 @SETTINGS
@@ -108,7 +105,7 @@ def test_truncated_files_are_refused(tmp_path, case, data):
     stored = target.read_bytes()
     target.write_bytes(stored[: data.draw(st.integers(0, len(stored) - 1))])
     assert _outcome(folder, target, images, labels) == "refused"
-    EXAMPLES["IDX: truncated"] += 1
+    record("bad_input", "IDX: truncated", tried=1, survived=1)
 
 
 @SETTINGS
@@ -125,7 +122,7 @@ def test_edited_headers_are_refused(tmp_path, case, data):
     _store(target, bytes(content))
     # one header byte changed: another magic, dtype, rank or size, never a file of the same shape
     assert _outcome(folder, target, images, labels) == "refused"
-    EXAMPLES["IDX: header edited"] += 1
+    record("bad_input", "IDX: header edited", tried=1, survived=1)
 
 
 @SETTINGS
@@ -146,7 +143,7 @@ def test_changed_counts_are_refused(tmp_path, case, count, trim):
         payload = (payload * 3)[: count * item]
     _store(target, content[:4] + struct.pack(">I", count) + content[8:header] + payload)
     assert _outcome(folder, target, images, labels) == "refused"
-    EXAMPLES["IDX: counts changed"] += 1
+    record("bad_input", "IDX: counts changed", tried=1, survived=1)
 
 
 # ------------------------------------------------------------------------------------ data folders
@@ -273,7 +270,7 @@ def test_broken_data_folders_are_refused_naming_the_path(tmp_path, breakage):
     with pytest.raises(DataError) as error:
         prepare_dirty_mnist(_params(mnist, ood), progress=False)
     assert str(named) in str(error.value), str(error.value)
-    EXAMPLES["data folders: empty/unreadable/non-image"] += 1
+    record("bad_input", "data folders: empty/unreadable/non-image", tried=1, survived=1)
     if breakage in (_zero_test_images, _zero_ood_images):
         assert "holds no images" in str(error.value)
         record("probe", f"{breakage.__name__.strip('_').replace('_', ' ')}: refused at prepare (was a traceback in evaluate)",
@@ -334,11 +331,5 @@ def test_prepare_entry_point_fails_cleanly(tmp_path, breakage):
         assert "Permission denied" in done.stderr
         record("probe", "unreadable data folder: clear error (was a PermissionError traceback)", tried=1, survived=1)
     else:
-        EXAMPLES["prepare stage entry point: bad data (exit 2, file named, nothing written)"] += 1
+        record("bad_input", "prepare stage entry point: bad data (exit 2, file named, nothing written)", tried=1, survived=1)
 
-
-def test_record_the_figures():
-    """Last in the module: the hypothesis examples and folder cases counted above (each passed its checks)."""
-    assert EXAMPLES, "run with the rest of the module"
-    for row, count in sorted(EXAMPLES.items()):
-        record("bad_input", row, tried=count, survived=count)

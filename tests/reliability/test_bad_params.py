@@ -16,7 +16,6 @@ import subprocess
 import sys
 import types
 import typing
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Union
@@ -37,8 +36,6 @@ BASE = {"models": list(MODELS), "train": {"mlp": {}, "lenet": {}}}  # the smalle
 SETTINGS = settings(max_examples=150, deadline=None, database=None,
                     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
-#: hypothesis examples per row (recorded once, by the last test of this module)
-EXAMPLES: Counter = Counter()
 
 
 # ------------------------------------------------------------------------------------------ the schema
@@ -310,7 +307,7 @@ def test_wrong_types_are_refused_naming_the_key(tmp_path, data):
     leaf = data.draw(st.sampled_from(LEAVES))
     value = data.draw(wrong_type(leaf))
     _refused(tmp_path, _set(_fresh(), leaf.path, value), leaf.key)
-    EXAMPLES["params: wrong type"] += 1
+    record("bad_input", "params: wrong type", tried=1, survived=1)
 
 
 @SETTINGS
@@ -319,7 +316,7 @@ def test_out_of_range_values_are_refused_naming_the_key(tmp_path, data):
     leaf = data.draw(st.sampled_from(RANGED))
     value = data.draw(out_of_range(leaf))
     _refused(tmp_path, _set(_fresh(), leaf.path, value), leaf.key)
-    EXAMPLES["params: out of range"] += 1
+    record("bad_input", "params: out of range", tried=1, survived=1)
 
 
 @SETTINGS
@@ -333,7 +330,7 @@ def test_unknown_keys_are_refused_naming_them(tmp_path, data):
         node = node.setdefault(part, {})
     node[key] = data.draw(st.one_of(st.integers(), _words, st.booleans()))
     _refused(tmp_path, raw, ".".join(section + (key,)))
-    EXAMPLES["params: unknown key"] += 1
+    record("bad_input", "params: unknown key", tried=1, survived=1)
 
 
 @SETTINGS
@@ -360,7 +357,7 @@ def test_wrong_nesting_is_refused_naming_the_key(tmp_path, data):
         raw[leaf.key] = data.draw(valid_value(leaf))
         key = leaf.key
     _refused(tmp_path, raw, key)
-    EXAMPLES["params: wrong nesting"] += 1
+    record("bad_input", "params: wrong nesting", tried=1, survived=1)
 
 
 @SETTINGS
@@ -377,7 +374,7 @@ def test_valid_files_are_accepted_as_written(tmp_path, data):
     params = load_params(path)
     for key, value in values.items():
         assert _read_back(params, key) == value, key
-    EXAMPLES["params: valid files accepted"] += 1
+    record("property", "params: valid files accepted", tried=1, survived=1)
 
 
 # ------------------------------------------------------------------------------------------ probes
@@ -469,9 +466,3 @@ def test_one_model_params_run_the_benchmark_stage_under_dvc(tmp_path):
     record("probe", "one-model params: the benchmark stage follows the model list (dvc.yaml named both models' plots)",
            tried=1, survived=1)
 
-
-def test_record_the_figures():
-    """Last in the module: the hypothesis examples counted above (each passed its checks)."""
-    assert EXAMPLES, "run with the rest of the module"
-    for row, count in sorted(EXAMPLES.items()):
-        record("property" if row.endswith("accepted") else "bad_input", row, tried=count, survived=count)
