@@ -277,6 +277,63 @@ def test_broken_data_folders_are_refused_naming_the_path(tmp_path, breakage):
                tried=1, survived=1)
 
 
+def _ambiguous(folder: Path, samples, labels) -> None:
+    import torch
+
+    folder.mkdir()
+    torch.save(samples, folder / "amnist_samples.pt")
+    torch.save(labels, folder / "amnist_labels.pt")
+
+
+def _ambiguous_not_tensors(folder):
+    import torch
+
+    _ambiguous(folder, {"samples": torch.zeros(3, 1, 28, 28)}, torch.zeros(3, 10, dtype=torch.long))
+    return folder / "amnist_samples.pt"
+
+
+def _ambiguous_nan_pixels(folder):
+    import torch
+
+    samples = torch.rand(3, 1, 28, 28)
+    samples[1, 0, 5, 5] = float("nan")
+    _ambiguous(folder, samples, torch.zeros(3, 10, dtype=torch.long))
+    return folder / "amnist_samples.pt"
+
+
+def _ambiguous_nan_labels(folder):
+    import torch
+
+    labels = torch.zeros(3, 10)
+    labels[2, 3] = float("nan")
+    _ambiguous(folder, torch.rand(3, 1, 28, 28), labels)
+    return folder / "amnist_labels.pt"
+
+
+def _ambiguous_garbage(folder):
+    folder.mkdir()
+    (folder / "amnist_samples.pt").write_bytes(b"PK\x03\x04 not a torch archive")
+    (folder / "amnist_labels.pt").write_bytes(b"")
+    return folder
+
+
+@pytest.mark.parametrize("breakage", [_ambiguous_not_tensors, _ambiguous_nan_pixels, _ambiguous_nan_labels, _ambiguous_garbage],
+                         ids=lambda f: f.__name__.strip("_"))
+def test_broken_original_ambiguous_files_are_refused(tmp_path, breakage):
+    """data.ambiguous_dir (DDU's .pt files): a pickle of something else, NaN pixels or labels -> DataError naming the file."""
+    from pfp.config import AmbiguousConfig
+    from pfp.data.ambiguous import load_original
+
+    named = breakage(tmp_path / "amnist")
+    with pytest.raises(DataError) as error:
+        load_original(tmp_path / "amnist", AmbiguousConfig(), seed=0)
+    assert str(named) in str(error.value), str(error.value)
+    record("bad_input", "data folders: empty/unreadable/non-image", tried=1, survived=1)
+    if breakage is _ambiguous_not_tensors:
+        record("probe", "original Ambiguous-MNIST file holding no tensor: refused (was an AttributeError traceback)",
+               tried=1, survived=1)
+
+
 # ------------------------------------------------------------------------- the stage's entry point
 
 
