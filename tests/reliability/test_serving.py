@@ -22,9 +22,12 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import hypothesis
 import mlflow
 import numpy as np
 import pytest
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
@@ -442,3 +445,55 @@ def test_the_model_refuses_more_than_its_default_limit_and_a_bad_limit_setting(c
     with pytest.raises(ValueError, match=rf"\${MAX_IMAGES_ENV}='lots': expected a positive whole number of images"):
         mlflow.pyfunc.load_model(champion)  # a server with this setting does not start
     record("bad_input", "inference: huge batch", tried=1, survived=1)
+
+
+# -- property: any array is either predicted (valid pixels) or refused with InputError, nothing else
+
+_DTYPES = ["uint8", "int16", "int64", "uint64", "float16", "float32", "float64", "bool", "complex64", "<U1", "datetime64[s]"]
+_SHAPES = ["batch", "batch with channel", "one image", "27 rows", "flattened", "empty"]
+
+
+def _shape(kind: str, n: int) -> tuple[int, ...]:
+    return {"batch": (n, 28, 28), "batch with channel": (n, 1, 28, 28), "one image": (28, 28), "27 rows": (n, 27, 28),
+            "flattened": (n, 784), "empty": (0, 28, 28)}[kind]
+
+
+def test_any_array_is_predicted_or_refused_with_input_error(runtime):
+    @st.composite
+    def images(draw):
+        dtype = np.dtype(draw(st.sampled_from(_DTYPES)))
+        shape = _shape(draw(st.sampled_from(_SHAPES)), draw(st.integers(1, 5)))
+        if dtype.kind == "f":
+            # mostly valid pixels, sometimes a NaN/inf or a value out of 0-1 somewhere
+            elements = st.floats(0, 1, width=dtype.itemsize * 8) | st.sampled_from([np.nan, np.inf, -np.inf, -0.5, 1.5, 255.0])
+            fill = st.floats(0, 1, width=dtype.itemsize * 8)
+        elif dtype.kind in "ui":
+            info = np.iinfo(dtype)
+            elements = st.integers(0, 255) | st.integers(int(info.min), int(info.max))
+            fill = st.integers(0, 255)
+        else:
+            return np.zeros(shape, dtype)
+        return draw(hnp.arrays(dtype, shape, elements=elements, fill=fill))
+
+    examples = 0
+
+    @hypothesis.settings(max_examples=150, deadline=None, database=None)
+    @hypothesis.given(images())
+    def check(x):
+        nonlocal examples
+        examples += 1
+        shape_ok = x.shape[1:] in ((28, 28), (1, 28, 28)) and x.shape[0] > 0 or x.shape == (28, 28)
+        top = 1.0 if x.dtype.kind == "f" else 255
+        valid = x.dtype.kind in "uif" and shape_ok and bool(np.isfinite(x).all() and (x >= 0).all() and (x <= top).all())
+        if not valid:
+            with pytest.raises(InputError):
+                runtime.predict(x)
+            return
+        prediction = runtime.predict(x)
+        n = 1 if x.shape == (28, 28) else x.shape[0]
+        assert prediction.probs.shape == (n, 10) and np.isfinite(prediction.probs).all()
+        np.testing.assert_allclose(prediction.probs.sum(axis=1), 1, atol=1e-5)
+        assert (prediction.mi >= -1e-6).all() and (prediction.sme >= prediction.mi - 1e-5).all()
+
+    check()
+    record("property", "runtime predictor: any array predicted or refused (hypothesis)", tried=examples, survived=examples)
