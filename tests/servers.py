@@ -29,6 +29,11 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+#: seconds a test server gets to stop after SIGTERM before SIGKILL (gunicorn's graceful timeout is 30 s; the
+#: tests' state lives in temp folders, so nothing is lost by not waiting for it)
+STOP_GRACE = 10
+
+
 def source_env(**extra: str) -> dict[str, str]:
     """This process's environment with this checkout's sources first on PYTHONPATH (the editable install may point elsewhere)."""
     paths = [str(REPO / "src"), str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
@@ -63,7 +68,7 @@ def _process(command: list[str], log: Path, env: dict[str, str] | None, health: 
             if process.poll() is None:
                 os.killpg(process.pid, 15)  # the server and the workers it started (its own session)
                 try:
-                    process.wait(timeout=30)
+                    process.wait(timeout=STOP_GRACE)
                 except subprocess.TimeoutExpired:
                     os.killpg(process.pid, 9)
                     process.wait(timeout=30)
@@ -138,7 +143,7 @@ def prefect_worker(api_url: str, pool: str, log: Path, env: dict[str, str] | Non
             if process.poll() is None:
                 os.killpg(process.pid, 15)
                 try:
-                    process.wait(timeout=30)
+                    process.wait(timeout=STOP_GRACE)
                 except subprocess.TimeoutExpired:
                     os.killpg(process.pid, 9)
                     process.wait(timeout=30)

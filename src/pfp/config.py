@@ -6,12 +6,14 @@ the offending key named (``train.mlp.epochs: must be >= 0``), never deep inside 
 
 from __future__ import annotations
 
+import types
+import typing
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from pfp.backends.base import Backend
 from pfp.backends.tvm.targets import TargetName
@@ -22,9 +24,32 @@ class ConfigError(ValueError):
     """A parameter file is missing, unreadable or holds an invalid value."""
 
 
+def _numeric(annotation: Any) -> bool:
+    """Whether a field's type is a number or a list of numbers (through Optional, Union and Annotated)."""
+    if annotation in (int, float):
+        return True
+    origin = typing.get_origin(annotation)
+    if origin is Annotated:
+        return _numeric(typing.get_args(annotation)[0])
+    if origin in (Union, types.UnionType, list):
+        return any(_numeric(arg) for arg in typing.get_args(annotation))
+    return False
+
+
 class _Section(BaseModel):
-    # Unknown keys are typos more often than not: refuse them.
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Unknown keys are typos more often than not: refuse them. NaN and infinities are never a
+    # meaningful learning rate, scale or limit: pydantic would otherwise accept them (nan > 0 is not checked).
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        # pydantic's lax mode reads `epochs: true` as 1: a YAML boolean where a number belongs is a mistake
+        if info.field_name and _numeric(cls.model_fields[info.field_name].annotation):
+            items = value if isinstance(value, list) else [value]
+            if any(isinstance(item, bool) for item in items):
+                raise ValueError("must be a number, not a boolean")
+        return value
 
 
 class DataConfig(_Section):
@@ -39,7 +64,7 @@ class DataConfig(_Section):
 
 
 class VAEConfig(_Section):
-    hidden: list[int] = [512, 256]
+    hidden: list[Annotated[int, Field(ge=1)]] = [512, 256]  # [] : a linear VAE
     latent_dim: int = Field(32, ge=2)
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(128, ge=1)
@@ -273,8 +298,8 @@ class TuneParams(_Section):
     repeat: int = Field(1, ge=1)  # measurements of a candidate, each of `number` runs
     genetic_num_iters: int = Field(2, ge=1)  # evolutionary search generations per iteration
     max_init_unmeasured: int = Field(16, ge=1)  # unmeasured initial candidates (at most population_size)
-    search_seed: Optional[int] = 0  # seed of the search (None: random)
-    search_threads: Union[int, Literal["physical"]] = "physical"  # threads of the cost model and evolution
+    search_seed: Optional[int] = Field(0, ge=0, le=2**63 - 1)  # seed of the search (None: random; TVM's int64)
+    search_threads: Union[Annotated[int, Field(ge=1)], Literal["physical"]] = "physical"  # threads of the cost model and evolution
     builder_timeout_sec: float = Field(300.0, gt=0)  # a builder worker's start and one candidate's build
     builder_workers: Optional[int] = Field(None, ge=1)  # None: one per logical CPU
     lean_builder: bool = True  # build candidates without importing TVM's tensor intrinsics (no tensorize on CPU)
@@ -345,9 +370,13 @@ class PromoteConfig(_Section):
     require_latency: bool = False  # refuse when a latency at batch 1 is missing (else that check is skipped)
 
 
+#: largest seed: pyro.set_rng_seed seeds numpy's legacy generator (< 2**32), and stages use seed + 1 and seed + 2
+MAX_SEED = 2**32 - 1 - 2
+
+
 class PipelineParams(_Section):
-    seed: int = 0
-    models: list[Architecture] = [Architecture.MLP, Architecture.LENET]
+    seed: int = Field(0, ge=0, le=MAX_SEED)
+    models: list[Architecture] = Field([Architecture.MLP, Architecture.LENET], min_length=1)
     data: DataConfig = DataConfig()
     ambiguous: AmbiguousConfig = AmbiguousConfig()
     train: dict[Architecture, TrainConfig] = {}
@@ -358,6 +387,13 @@ class PipelineParams(_Section):
     bundle: BundleConfig = BundleConfig()
     benchmark: BenchmarkConfig = BenchmarkConfig()
     promote: PromoteConfig = PromoteConfig()
+
+    @field_validator("models")
+    @classmethod
+    def _distinct_models(cls, models: list[Architecture]) -> list[Architecture]:
+        if len(set(models)) != len(models):
+            raise ValueError("lists a model twice")
+        return models
 
     @model_validator(mode="after")
     def _every_model_has_train_section(self) -> "PipelineParams":
@@ -384,10 +420,16 @@ def parse_params(raw: dict[str, Any], source: str = "params") -> PipelineParams:
 
 def load_params(path: str | Path = "params.yaml") -> PipelineParams:
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: parameter file not found")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        if not path.is_file():
+            raise ConfigError(f"{path}: parameter file not found" + (" (a folder)" if path.is_dir() else ""))
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {error.start}: {error.reason})") from None
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read the parameter file: {error.strerror or error}") from None
+    try:
+        raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: not valid YAML: {error}") from None
     if not isinstance(raw, dict):

@@ -42,6 +42,7 @@ _IDX_LABELS_MAGIC = 0x00000801
 _GZIP_SIGNATURE = b"\x1f\x8b"
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _NPY_SIGNATURE = b"\x93NUMPY"
+_READ_BLOCK = 1 << 24  # bytes
 
 
 class ImageFileError(InputError):
@@ -138,13 +139,19 @@ def _read_idx(path: Path, name: str) -> np.ndarray:
             if compressed:
                 raise ImageFileError(f"{name}: corrupt or truncated gzip file ({error})") from None
             raise ImageFileError(f"{name}: cannot read ({getattr(error, 'strerror', None) or error})") from None
-    return np.frombuffer(data, np.uint8).reshape(count, *IMAGE_SIZE).copy()
+    return np.frombuffer(data, np.uint8).reshape(count, *IMAGE_SIZE)  # a view of the bytearray read: writable, no copy
 
 
-def _read_idx_pixels(stream, count: int, name: str) -> bytes:
+def _read_idx_pixels(stream, count: int, name: str) -> bytearray:
     size = IMAGE_SIZE[0] * IMAGE_SIZE[1]
     expected = count * size
-    data = stream.read(expected)
+    # in blocks: a header may announce billions of images, and one read(expected) allocated all of them (MemoryError)
+    data = bytearray()
+    while len(data) < expected:
+        block = stream.read(min(_READ_BLOCK, expected - len(data)))
+        if not block:
+            break
+        data += block
     if len(data) < expected:
         raise ImageFileError(f"{name}: truncated: the header says {count} images ({expected} bytes), "
                              f"the file holds {len(data)} bytes ({len(data) // size} whole images)")

@@ -130,6 +130,8 @@ def check_images(images, input_shape: tuple[int, ...]) -> np.ndarray:
     kind = x.dtype.kind
     if kind not in "uif":  # bool is kind "b"
         raise InputError(f"images: dtype {x.dtype} not supported; give uint8 pixels 0-255 or floats 0-1")
+    if x.ndim and x.shape[0] == 0:  # before the shape: [] (shape (0,)) is an empty batch too
+        raise InputError("images: empty batch (0 images)")
     shape = tuple(input_shape)  # (1, 28, 28)
     if x.shape[1:] != shape:
         if x.shape == shape[1:]:
@@ -139,8 +141,6 @@ def check_images(images, input_shape: tuple[int, ...]) -> np.ndarray:
         if x.ndim != len(shape) + 1 or x.shape[1:] != shape:
             raise InputError(f"images: shape {x.shape}, expected (N, {', '.join(map(str, shape[1:]))}) or "
                              f"(N, {', '.join(map(str, shape))})")
-    if x.shape[0] == 0:
-        raise InputError("images: empty batch (0 images)")
     if x.dtype.char == "B":  # uint8: every value is a pixel
         return x
     lowest, highest = x.min(), x.max()  # NaN propagates, so NaN fails the range check too
@@ -197,12 +197,14 @@ class Predictor:
         self._libraries = {size: _Library(path, size, self.input_shape) for size, path in bundle.libraries.items()}
         for size, library in self._libraries.items():
             _check_output(library, bundle, size)
-        self._plans: dict[int, list[int]] = {}
+        self._largest = max(self._libraries)
+        self._tails: dict[int, list[int]] = {}  # rest (< the largest size) -> its plan
         self._lock = threading.Lock()  # the libraries' input buffers are shared
         self._normaliser = _normaliser(bundle)
         self._threshold = bundle.ood_threshold
         self._score = bundle.ood_score
         self._columns = packed_columns(bundle.classes)
+        self._width = max(c.stop if isinstance(c, slice) else c + 1 for c in self._columns.values())  # packed columns
 
     @property
     def batch_sizes(self) -> list[int]:
@@ -225,23 +227,30 @@ class Predictor:
         """Probabilities, predicted class, logit mean/variance, MI, SME and OOD flag of every image."""
         x = self._images(images)
         count = x.shape[0]
-        plan = self._plans.get(count)
-        if plan is None:
-            plan = self._plans.setdefault(count, chunk_plan(count, self.batch_sizes))
+        plan = self._plan(count)
         with self._lock:
             if len(plan) == 1:  # one call (the common case: keep it lean)
                 packed = self._run(self._libraries[plan[0]], x, count)
-            else:
-                parts, start = [], 0
+            else:  # each chunk's output copied out at once: the VM's tensors are freed (and reused) as it goes
+                packed, start = np.empty((count, self._width), np.float32), 0
                 for size in plan:
                     rows = min(size, count - start)
-                    parts.append(self._run(self._libraries[size], x[start:start + rows], rows))
+                    packed[start:start + rows] = self._run(self._libraries[size], x[start:start + rows], rows)
                     start += rows
-                packed = np.concatenate(parts)
         columns = self._columns
         probs, mi, sme = packed[:, columns["probs"]], packed[:, columns["mi"]], packed[:, columns["sme"]]
         return Prediction(probs, probs.argmax(axis=1), packed[:, columns["logit_mean"]], packed[:, columns["logit_var"]],
                           mi, sme, (mi if self._score == "mi" else sme) > self._threshold)
+
+    def _plan(self, count: int) -> list[int]:
+        """:func:`chunk_plan` of ``count``; the plans of the rests (fewer images than the largest size) are cached,
+        so the cache stays small whatever batch sizes callers send (a plan per count leaked memory in a server)."""
+        largest = self._largest
+        full, rest = divmod(count, largest)
+        tail = self._tails.get(rest)
+        if tail is None:
+            tail = self._tails.setdefault(rest, chunk_plan(rest, self.batch_sizes))
+        return [largest] * full + tail if full else tail
 
     def _run(self, library: _Library, chunk: np.ndarray, rows: int) -> np.ndarray:
         """The packed output rows of ``chunk`` (at most the library's batch size), normalised into its input tensor."""

@@ -81,7 +81,7 @@ def test_pipeline_end_to_end(tmp_path, tiny_pipeline, mlflow_server):
     assert latency["lenet"]["batch_2"]["pfp_cov_tvm_ms"] > 0
     # figures only (which is faster is the benchmark's to say, not a test's: these machines are shared)
     assert latency["lenet"]["batch_2"]["svi_tvm_ms"] > 0 and latency["lenet"]["batch_2"]["det_tvm_ms"] > 0
-    assert (workdir / "plots/lenet/benchmark/latency.png").is_file()
+    assert (workdir / "plots/benchmark/lenet/latency.png").is_file()
     profile = json.loads((workdir / "metrics/profile.json").read_text())
     lenet = profile["lenet"]["batch_2"]
     # mean, variance and E[w^2] per weight (the first layer needs no E[w^2]): between 2x and 3x the twin's

@@ -66,7 +66,7 @@ def test_run_writes_latency_profile_serving_and_plots(bundled_workspace, tune_pa
     assert set(entry["memory"]) == {"pfp", "det"}
     assert entry["memory"]["pfp"]["weight_bytes"] > entry["memory"]["det"]["weight_bytes"] > 0
     assert entry["pfp_operators"] and all(row["ms"] >= 0 for row in entry["pfp_operators"])
-    assert [str(p) for p in outcome.plots] == ["plots/mlp/benchmark/latency.png"] and outcome.plots[0].is_file()
+    assert [str(p) for p in outcome.plots] == ["plots/benchmark/mlp/latency.png"] and outcome.plots[0].is_file()
     check_serving(outcome, config)
     assert os.environ.get("TVM_NUM_THREADS") == threads_before  # the thread switching is undone
 

@@ -196,6 +196,13 @@ def load_original(folder: str | Path, config: AmbiguousConfig, *, seed: int) -> 
         targets = torch.load(paths[1], weights_only=True)
     except Exception as error:  # torch raises many types for a corrupt file
         raise DataError(f"{folder}: cannot read Ambiguous-MNIST files ({error})") from None
+    for path, value in zip(paths, (samples, targets)):
+        if not isinstance(value, torch.Tensor):
+            raise DataError(f"{path}: expected a tensor, found a {type(value).__name__}")
+    if not bool(torch.isfinite(samples.float()).all()):  # NaN would be cast to an arbitrary pixel value
+        raise DataError(f"{paths[0]}: holds NaN or infinite pixel values")
+    if targets.is_floating_point() and not bool((torch.isfinite(targets) & (targets == targets.round())).all()):
+        raise DataError(f"{paths[1]}: labels must be whole numbers in [0, 9]")
     if samples.ndim != 4 or tuple(samples.shape[1:]) != (1, 28, 28):
         raise DataError(f"{paths[0]}: expected shape (N, 1, 28, 28), got {tuple(samples.shape)}")
     if targets.ndim != 2 or targets.shape[0] != samples.shape[0]:

@@ -17,7 +17,7 @@ import torch
 
 from pfp.config import PipelineParams
 from pfp.data.ambiguous import generate_ambiguous, load_original
-from pfp.data.idx import DataError, download_dataset, load_split, sha256_file
+from pfp.data.idx import DataError, download_dataset, load_split, sha256_file, split_files
 from pfp.io import atomic_savez, atomic_write_text
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
@@ -33,9 +33,31 @@ def _source_folder(configured: str | None, dataset: str, download_dir: str, key:
     if configured is None:
         return download_dataset(dataset, Path(download_dir) / dataset)
     folder = Path(configured)
-    if not folder.is_dir():
-        raise DataError(f"data.{key}: folder {folder} does not exist")
+    try:
+        if not folder.is_dir():
+            what = "is not a folder" if folder.exists() else "does not exist"
+            raise DataError(f"data.{key}: folder {folder} {what}")
+        next(folder.iterdir(), None)  # listable: the manifest hashes every file in it
+    except OSError as exc:
+        raise DataError(f"data.{key}: cannot read the data folder {folder}: {exc.strerror or exc}") from exc
     return folder
+
+
+#: where each prepared split comes from (for the message when one would be empty)
+_SPLIT_SOURCES = {"mnist_test": ("mnist_dir", "t10k"), "ood_test": ("ood_dir", "t10k"), "mnist_train": ("mnist_dir", "train"),
+                  "mnist_val": ("mnist_dir", "train")}
+
+
+def _refuse_empty_splits(arrays: dict[str, np.ndarray], folders: dict[str, Path]) -> None:
+    """An empty split prepares fine and fails much later (evaluate): refuse it here, naming its source file."""
+    for key in SPLIT_KEYS:
+        if f"{key}_x" not in arrays or arrays[f"{key}_x"].shape[0]:
+            continue
+        if key in _SPLIT_SOURCES:
+            param, split = _SPLIT_SOURCES[key]
+            images, _ = split_files(folders[param], split)
+            raise DataError(f"{images}: holds no images, so the {key} split would be empty (data.{param})")
+        raise DataError(f"ambiguous: the {key} split would be empty (check the ambiguous section of the params)")
 
 
 def _array_hash(array: np.ndarray) -> str:
@@ -62,6 +84,7 @@ def prepare_dirty_mnist(params: PipelineParams, *, progress: bool = True) -> tup
         "mnist_test_x": test_images[: data.test_size], "mnist_test_y": test_labels[: data.test_size].astype(np.int64),
         "ood_test_x": ood_images[: data.ood_size], "ood_test_y": ood_labels[: data.ood_size].astype(np.int64),
     }
+    _refuse_empty_splits(arrays, {"mnist_dir": mnist_dir, "ood_dir": ood_dir})
     if data.ambiguous_dir is not None:
         ambiguous = load_original(data.ambiguous_dir, params.ambiguous, seed=params.seed)
         ambiguous_source = "original"
@@ -71,6 +94,7 @@ def prepare_dirty_mnist(params: PipelineParams, *, progress: bool = True) -> tup
     for split in ("train", "val", "test"):
         arrays[f"ambiguous_{split}_x"] = getattr(ambiguous, f"{split}_images")
         arrays[f"ambiguous_{split}_y"] = getattr(ambiguous, f"{split}_labels")
+    _refuse_empty_splits(arrays, {"mnist_dir": mnist_dir, "ood_dir": ood_dir})
 
     source_files = sorted(p for folder in (mnist_dir, ood_dir) for p in folder.iterdir() if "ubyte" in p.name)
     manifest = {

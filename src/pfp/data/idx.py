@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import math
 import os
 import struct
 import tempfile
@@ -111,14 +112,14 @@ _FILE_MODE = 0o666 & ~_read_umask()
 def _read_bytes(path: PathLike) -> bytes:
     """Whole (decompressed) content of ``path``; gzip detected by suffix or magic."""
     p = Path(path)
-    if not p.exists():
-        raise DataError(f"{p}: file does not exist")
-    if not p.is_file():
-        raise DataError(f"{p}: not a regular file")
     try:
+        if not p.exists():
+            raise DataError(f"{p}: file does not exist" + (" (a broken symbolic link)" if p.is_symlink() else ""))
+        if not p.is_file():
+            raise DataError(f"{p}: not a regular file")
         raw = p.read_bytes()
-    except OSError as exc:
-        raise DataError(f"{p}: cannot read file: {exc}") from exc
+    except OSError as exc:  # e.g. a folder on the way that cannot be searched
+        raise DataError(f"{p}: cannot read file: {exc.strerror or exc}") from exc
     if p.name.endswith(".gz") or raw[:2] == _GZIP_MAGIC:
         try:
             return gzip.decompress(raw)
@@ -143,7 +144,7 @@ def _parse_idx(path: PathLike, data: bytes, magic: int, ndim: int) -> np.ndarray
             f"for {ndim} dimension sizes"
         )
     dims = struct.unpack(f">{ndim}I", data[4:header_len])
-    expected = int(np.prod(dims, dtype=np.int64)) if dims else 0
+    expected = math.prod(dims)  # Python ints: np.prod would wrap around in int64 for absurd header dims
     payload = len(data) - header_len
     if payload < expected:
         raise DataError(
@@ -263,12 +264,26 @@ def _split_filenames(split: str) -> tuple[str, str]:
 
 def _find(folder: Path, stem: str) -> Path:
     candidates = [folder / f"{stem}.gz", folder / stem]
-    for c in candidates:
-        if c.is_file():
-            return c
+    try:
+        for c in candidates:
+            if c.is_file():
+                return c
+        for c in candidates:  # present, but not a file we can read (a folder, a FIFO, a dangling link)
+            if c.is_symlink() and not c.exists():
+                raise DataError(f"{c}: broken symbolic link (its target {os.readlink(c)} does not exist)")
+            if c.exists():
+                raise DataError(f"{c}: not a regular file")
+    except OSError as exc:  # the folder cannot be listed or searched
+        raise DataError(f"{exc.filename or folder}: cannot read the data folder: {exc.strerror or exc}") from exc
     raise DataError(
         f"{folder}: missing file; looked for " + " and ".join(c.name for c in candidates)
     )
+
+
+def split_files(folder: PathLike, split: str) -> tuple[Path, Path]:
+    """The image and label files of ``split`` in ``folder`` (gz preferred), as :func:`load_split` reads them."""
+    img_stem, lbl_stem = _split_filenames(split)
+    return _find(Path(folder), img_stem), _find(Path(folder), lbl_stem)
 
 
 def load_split(folder: PathLike, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -280,12 +295,14 @@ def load_split(folder: PathLike, split: str) -> tuple[np.ndarray, np.ndarray]:
     if split not in SPLITS:
         raise DataError(f"{folder}: unknown split {split!r}, expected one of {SPLITS}")
     d = Path(folder)
-    if not d.exists():
-        raise DataError(f"{d}: data folder does not exist")
-    if not d.is_dir():
-        raise DataError(f"{d}: data folder path is not a directory")
-    img_stem, lbl_stem = _split_filenames(split)
-    img_path, lbl_path = _find(d, img_stem), _find(d, lbl_stem)
+    try:
+        if not d.exists():
+            raise DataError(f"{d}: data folder does not exist")
+        if not d.is_dir():
+            raise DataError(f"{d}: data folder path is not a directory")
+    except OSError as exc:
+        raise DataError(f"{d}: cannot read the data folder: {exc.strerror or exc}") from exc
+    img_path, lbl_path = split_files(d, split)
     images = read_idx_images(img_path)
     labels = read_idx_labels(lbl_path)
     if images.shape[0] != labels.shape[0]:

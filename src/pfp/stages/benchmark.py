@@ -25,7 +25,7 @@ from pfp.serving_bench import ServingModel, benchmark_serving, serving_images
 from pfp.stage import METRICS_DIR, PLOTS_DIR, PREPARED_DIR, bundle_dir, tvm_dir
 from pfp.tuning import library_path, load_library
 
-__all__ = ["BenchmarkOutcome", "host_libraries", "latency_path", "memory_metrics", "profile_path", "run",
+__all__ = ["BenchmarkOutcome", "benchmark_plots_dir", "host_libraries", "latency_path", "memory_metrics", "profile_path", "run",
            "serving_path"]
 
 #: the backend whose compiled predictors (and memory plan) the benchmark reports
@@ -42,6 +42,12 @@ def profile_path() -> Path:
 
 def serving_path() -> Path:
     return METRICS_DIR / "serving.json"
+
+
+def benchmark_plots_dir() -> Path:
+    """One folder for every configured model's plots (``MODEL/latency.png``): dvc.yaml declares this folder,
+    so the stage's outputs follow the params' model list."""
+    return PLOTS_DIR / "benchmark"
 
 
 def host_libraries(model: str, tune: TuneParams, batch: int) -> dict[Variant, Predictor]:
@@ -104,7 +110,7 @@ def run(models: list[str], config: BenchmarkConfig, tune: TuneParams, *, seed: i
             for name, value in results[model][f"batch_{batch}"].items():
                 if name.endswith("_ms"):
                     series.setdefault(name, {})[batch] = value
-        written.append(plots.latency_vs_batch(series, PLOTS_DIR / model / "benchmark" / "latency.png",
+        written.append(plots.latency_vs_batch(series, benchmark_plots_dir() / model / "latency.png",
                                               title=f"{model}: latency per batch (host CPU)"))
     atomic_write_json(latency_path(), results)
     atomic_write_json(profile_path(), profile)
