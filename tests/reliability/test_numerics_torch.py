@@ -162,7 +162,8 @@ def pool_tolerances(mean, var, rule: str) -> tuple[np.ndarray, np.ndarray]:
 
     s^2 = the window's summed variances + 3 CLARK_EPS; float32 rounding of a stage's mean (~1e-7 of the
     window's largest |mean|, u) can move the next stage's comparison, shifting its variance by ~u^2.
-    The logistic rule adds its documented error (LOGISTIC_POOL_*_ERROR x s, x s^2).
+    The logistic rule adds its documented error over any window (LOGISTIC_POOL_MEAN_ERROR_ANY x s,
+    LOGISTIC_POOL_VAR_ERROR x s^2).
     """
     windows = lambda a: np.stack([a[..., di::2, dj::2] for di in (0, 1) for dj in (0, 1)])  # noqa: E731
     s2 = windows(np.maximum(_f64(var), 0)).sum(0) + 3 * ref.CLARK_EPS
@@ -171,7 +172,7 @@ def pool_tolerances(mean, var, rule: str) -> tuple[np.ndarray, np.ndarray]:
         return np.zeros_like(s2), np.zeros_like(s2)
     mean_atol, var_atol = 1e-5 * np.sqrt(s2) + 3 * EPS_MEAN + u, 1e-5 * s2 + 4 * u**2 + 1e-11
     if rule == "clark_logistic":
-        mean_atol = mean_atol + ref.LOGISTIC_POOL_MEAN_ERROR * np.sqrt(s2)
+        mean_atol = mean_atol + ref.LOGISTIC_POOL_MEAN_ERROR_ANY * np.sqrt(s2)
         var_atol = var_atol + ref.LOGISTIC_POOL_VAR_ERROR * s2
     return mean_atol, var_atol
 
@@ -268,8 +269,35 @@ def test_maxpool_extremes(rule):
                        rtol=0 if rule == "argmax_mean" else 2e-5)
         COUNTS[row] += 1
 
+    COUNTS[row] = 0
     examples()
     record("property", row, tried=COUNTS[row], survived=COUNTS[row])
+
+
+def test_logistic_pool_worst_window_is_within_the_bound_over_any_window():
+    """Probe: the documented LOGISTIC_POOL_MEAN_ERROR (3.5e-3 s, measured on random windows) was exceeded
+    (hypothesis found 7.1e-3 s; optimisation 1.36e-2 s): two near-deterministic elements tie and two lie
+    far below with large variances. Fixed by stating the bound over all windows, LOGISTIC_POOL_MEAN_ERROR_ANY."""
+    mean = torch.tensor([[[[-3.7110, 1.7899], [-1.7810, 1.7902]]]], dtype=torch.float64)
+    var = torch.tensor([[[[4.4023, 1.8e-3], [2.0356, 1e-4]]]], dtype=torch.float64)
+    exact_mean, exact_var = ref.maxpool2x2(mean, var, "clark")
+    mean_l, var_l = ref.maxpool2x2(mean, var, "clark_logistic")
+    s = float(var.sum().sqrt())
+    error = float((mean_l - exact_mean).abs()) / s
+    assert ref.LOGISTIC_POOL_MEAN_ERROR < error <= ref.LOGISTIC_POOL_MEAN_ERROR_ANY, error
+    assert float((var_l - exact_var).abs()) <= ref.LOGISTIC_POOL_VAR_ERROR * s**2
+    # and the hypothesis example that found it (three deterministic zeros), in float32
+    mean32 = np.zeros(POOL_PROBE, F32)
+    var32 = np.zeros(POOL_PROBE, F32)
+    mean32[0, 0, 2, 0], var32[0, 0, 2, 0] = -4.0, 2.0
+    got = ref.maxpool2x2(_t(mean32), _t(var32), "clark_logistic")
+    assert_moments("logistic pool probe", *got, *maxpool_reference(mean32, var32, "clark_logistic"),
+                   *pool_tolerances(mean32, var32, "clark_logistic"))
+    record("probe", "logistic max-pool mean error bound understated ~4x (tied near-deterministic elements)",
+           tried=1, survived=1)
+
+
+POOL_PROBE = (1, 2, 4, 4)
 
 
 # --------------------------------------------------------------------------- linear layers
@@ -374,6 +402,18 @@ def covariance_reference(spec: ModelSpec, params: dict, x, layers: int) -> np.nd
     return np.maximum(corrected, 0)
 
 
+def variance_envelope(spec: ModelSpec, params: dict, x) -> np.ndarray:
+    """Logit variance of the float64 network with every ReLU passing its input variance on unchanged (an upper
+    envelope of the variance any ReLU's rounding can reach the logits with)."""
+    mean, var = np.asarray(x, np.float64).reshape(len(x), -1), None
+    for layer in spec.layers:
+        if layer.kind == "dense":
+            mean, var = dense_reference(mean, var, params[layer.name])
+        elif layer.kind == "relu":
+            mean = relu_reference(mean, var)[0] if var is not None else np.maximum(mean, 0)
+    return var
+
+
 def _normal_cdf(a):
     from scipy.special import ndtr
 
@@ -399,8 +439,10 @@ def _covariance_examples(case):
     expected_mean, _ = walk64(TAIL, params, x)
     expected_var = covariance_reference(TAIL, params, x, layers)
     # the correction adds and subtracts terms as large as the linearised block's variance: its float32
-    # error is ~1e-6 of the largest of them, not of the (possibly much smaller) corrected variance
-    scale = np.maximum(np.abs(expected_var), _f64(plain_var)) + _f64(var.abs())
+    # error is ~1e-6 of the largest of them, not of the (possibly much smaller) corrected variance; and a
+    # ReLU far in its negative tail keeps only ~1e-6 of its *input* variance exactly (relu test), which the
+    # envelope (every ReLU passing its input variance on) bounds
+    scale = np.maximum(np.abs(expected_var), _f64(plain_var)) + _f64(var.abs()) + variance_envelope(TAIL, params, x)
     magnitude = np.abs(expected_mean).max(-1, keepdims=True) + 1e-30
     assert_moments(f"covariance correction k={layers}", mean, var, expected_mean, expected_var,
                    mean_atol=1e-5 * magnitude, var_atol=1e-4 * scale.max(-1, keepdims=True) + 1e-30, rtol=1e-4)
