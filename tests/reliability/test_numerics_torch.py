@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import math
+import os
 
 import mpmath
 import numpy as np
@@ -30,7 +31,8 @@ from pfp.spec import Dense, Flatten, ModelSpec, ReLU
 from tests.reliability.report import record
 
 #: examples per operator: together with the TVM module well under a minute on a quiet host
-EXAMPLES = 40
+#: (PFP_NUMERICS_EXAMPLES raises it for a longer hunt)
+EXAMPLES = int(os.environ.get("PFP_NUMERICS_EXAMPLES", "40"))
 SETTINGS = settings(max_examples=EXAMPLES, deadline=None, database=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 F32 = np.float32

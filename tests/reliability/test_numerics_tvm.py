@@ -33,8 +33,10 @@ from tests.reliability.report import record  # noqa: E402
 from tests.reliability.test_numerics_torch import (  # noqa: E402
     EPS_MEAN,
     F32,
+    MC_SAMPLES,
     SETTINGS,
     _f64,
+    _mc_check,
     assert_moments,
     conv_reference,
     dense_reference,
@@ -292,3 +294,17 @@ def test_uncertainty_head_extremes():
 
     _run(row, examples)
 
+
+
+def test_relu_monte_carlo_at_fixed_points():
+    """The compiled ReLU against sampling at the torch module's points (the rectified Gaussian is exact)."""
+    rng = np.random.default_rng(1)
+    points_mean = np.array([0.0, 1e4, -3.0, 2.5, 1e-3], F32)
+    points_var = np.array([1.0, 1e6, 1.0, 1e-6, 1e-6], F32)
+    mean = np.zeros(KERNELS["relu_gaussian"][1][0], F32)
+    var = np.zeros_like(mean)
+    mean.flat[:5], var.flat[:5] = points_mean, points_var
+    got_mean, got_var = kernel("relu_gaussian")(mean, var)
+    samples = points_mean + np.sqrt(points_var.astype(np.float64)) * rng.standard_normal((MC_SAMPLES, 5))
+    _mc_check("relu (tvm)", got_mean.flat[:5], got_var.flat[:5], np.maximum(samples, 0))
+    record("property", "Monte-Carlo fixed points: relu (tvm)", tried=5, survived=5)
