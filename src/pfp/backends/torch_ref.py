@@ -34,6 +34,7 @@ __all__ = [
     "LOGISTIC_MEAN_MAX_ERROR",
     "LOGISTIC_PDF_MAX_ERROR",
     "LOGISTIC_POOL_MEAN_ERROR",
+    "LOGISTIC_POOL_MEAN_ERROR_ANY",
     "LOGISTIC_POOL_VAR_ERROR",
     "LOGISTIC_VAR_MAX_ERROR",
     "GaussianLayerParams",
@@ -200,6 +201,13 @@ LOGISTIC_VAR_MAX_ERROR = 1.3e-3
 #: (pairwise Clark's own bias against the true max of four is ~0.1 s). Bounds with a margin:
 LOGISTIC_POOL_MEAN_ERROR = 3.5e-3
 LOGISTIC_POOL_VAR_ERROR = 2.5e-3
+#: The mean bound above does not hold for every window: when two near-deterministic elements tie and the
+#: other two lie far below with large variances, the vertical max takes the square root of two small
+#: first-stage variances whose absolute error (LOGISTIC_VAR_MAX_ERROR t^2) is large relative to them.
+#: Worst case found by optimisation (Nelder-Mead from 300 random windows, float64; the window is in
+#: tests/reliability/test_numerics_torch.py): 1.36e-2 s on the mean, while the variance stayed within
+#: LOGISTIC_POOL_VAR_ERROR (worst 1.92e-3 s^2). Bound over all windows, with a margin:
+LOGISTIC_POOL_MEAN_ERROR_ANY = 1.6e-2
 
 
 def _logistic_stats(a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
