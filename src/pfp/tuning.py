@@ -189,7 +189,7 @@ def tune_model(posterior: Posterior, pfp_model: PFPModel, params: TuneParams, ou
         _install_library(staged, guard, path)
         seconds = time.perf_counter() - start
         # which board measured what: the runner's parallelism, measurements per board, sessions open at
-        # once, and each measurement (phase, task, board, median ms; None: failed)
+        # once, and each measurement (phase, task, board, median ms; None: failed, with its error)
         results.append(TunedLibrary(variant, batch, path, {
             "seconds": seconds, "tasks": report.table(), "untunable": report.untunable,
             "records": report.records_after, "rpc_workers": report.rpc_workers, "boards": report.boards(),
@@ -197,7 +197,7 @@ def tune_model(posterior: Posterior, pfp_model: PFPModel, params: TuneParams, ou
             "measuring_seconds": boards.busy_seconds(report.measurements),
             "search_trials": report.search_trials, "search_seconds": report.search_seconds,
             "trials_per_second": report.trials_per_second, "guard": guard,
-            "measurements": [{name: item[name] for name in ("phase", "task", "board", "ms")}
+            "measurements": [{name: item[name] for name in ("phase", "task", "board", "ms", "error")}
                              for item in report.measurements]}))
         print(f"  guard: {_guard_line(guard)}", flush=True)
         print(f"  {seconds:.0f} s; schedules kept: "

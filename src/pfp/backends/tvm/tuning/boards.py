@@ -120,10 +120,11 @@ def runner_hooks(log_path: str | os.PathLike | None, cooldown_ms: int = 0) -> di
 # --------------------------------------------------------------------------- joining the log with what was measured
 
 class BoardRecorder:
-    """Collects ``{"phase", "task", "board", "ms", "start", "end"}`` per measurement into ``measurements``.
+    """Collects ``{"phase", "task", "board", "ms", "start", "end", "error"}`` per measurement into ``measurements``.
 
-    ``ms`` is the median of the run (None when it failed); ``start``/``end`` are the session's
-    wall-clock seconds on the board (None for the local runner, whose board is :data:`LOCAL`).
+    ``ms`` is the median of the run (None when it failed, ``error`` then its last line); ``start``/``end``
+    are the session's wall-clock seconds on the board (None for the local runner, whose board is
+    :data:`LOCAL`, and for an RPC measurement killed before its session ended, board :data:`UNKNOWN`).
     """
 
     def __init__(self, measurements: list[dict] | None = None) -> None:
@@ -161,9 +162,10 @@ class BoardRecorder:
         entry = self._entry(str(artifact)) if artifact else None
         median = 1e3 * statistics.median(float(v) for v in run_secs) if not error and run_secs else None
         board = entry["board"] if entry else UNKNOWN if self.remote else LOCAL
+        lines = [line for line in str(error or "").splitlines() if line.strip()]
         self.measurements.append({"phase": phase, "task": task, "board": board,
                                   "ms": median, "start": entry["start"] if entry else None,
-                                  "end": entry["end"] if entry else None})
+                                  "end": entry["end"] if entry else None, "error": lines[-1].strip() if lines else None})
 
     def callback(self, task_names: list[str]):
         """A measure callback recording every search candidate (``phase="search"``) of the tasks ``task_names``."""

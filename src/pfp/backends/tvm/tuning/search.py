@@ -18,7 +18,7 @@ from pfp.backends.tvm.schedules import HAND_SCHEDULE_VERSION
 from pfp.backends.tvm.targets import make_target
 from pfp.backends.tvm.tuning._compat import import_tensor_intrinsics, unnamed_handlers_detached, untunable
 from pfp.backends.tvm.tuning.boards import BoardRecorder
-from pfp.backends.tvm.tuning.config import TuneConfig, TuneReport
+from pfp.backends.tvm.tuning.config import TuneConfig, TuneReport, parse_tracker
 from pfp.backends.tvm.tuning.measure import (
     TrackerError,
     check_tracker,
@@ -197,6 +197,13 @@ def _check_boards_left(config: TuneConfig, recorder: BoardRecorder, phase: str) 
         return
     try:
         check_tracker(config.rpc_tracker, config.rpc_key)
+        # the tracker keeps a key's queue after its last server left: count the servers themselves
+        host, port = parse_tracker(config.rpc_tracker)
+        rpc_config = ms.runner.RPCConfig(tracker_host=host, tracker_port=port, tracker_key=config.rpc_key)
+        if rpc_config.count_num_servers(allow_missing=True) == 0:
+            raise TrackerError(f"RPC tracker {config.rpc_tracker} has no server registered under key "
+                               f"{config.rpc_key!r} any more (killed or disconnected?); start one with "
+                               "infra/rpc/start-server.sh and run the tuning again: it resumes from its database")
     except TrackerError as error:
         raise TrackerError(f"tuning stopped: {failed} measurement(s) of the {phase} phase failed and {error}") from None
     logger.warning("%d measurement(s) of the %s phase failed (timed out or lost their RPC server); tuning goes on "
