@@ -35,7 +35,6 @@ from tests.backends.tvm.helpers import (  # noqa: E402
     fast_config,
     free_port,
     random_params,
-    start_process_group,
     start_tracker,
     stop_process_group,
 )
@@ -43,7 +42,7 @@ from tests.reliability.report import record  # noqa: E402
 from tests.servers import REPO, source_env  # noqa: E402
 
 KEY = "fault-test"
-SESSION_TIMEOUT = 8  # seconds one RPC measurement may take before its worker is killed
+SESSION_TIMEOUT = 10  # seconds of one RPC session; its measurement's worker is killed 5 s later (measurement_bound)
 
 
 def tiny_module():
@@ -293,9 +292,11 @@ def two_servers(tmp_path):
     try:
         for index in range(2):
             server_port = free_port()
-            servers.append(start_process_group(["bash", str(RPC_DIR / "start-server.sh")], dict(
-                env, TRACKER=f"127.0.0.1:{port}", RPC_KEY=KEY, SERVER_HOST="127.0.0.1", SERVER_PORT=str(server_port),
-                SERVER_PORT_END=str(server_port + 1)), logs / f"server{index}.log"))
+            server_env = dict(env, TRACKER=f"127.0.0.1:{port}", RPC_KEY=KEY, SERVER_HOST="127.0.0.1",
+                              SERVER_PORT=str(server_port), SERVER_PORT_END=str(server_port + 1))
+            with (logs / f"server{index}.log").open("w") as out:  # not niced: a starved server overruns its sessions
+                servers.append(subprocess.Popen(["bash", str(RPC_DIR / "start-server.sh")], env=server_env, stdout=out,
+                                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True))
         deadline = time.monotonic() + 120
         while _count_servers(port) < 2:
             assert time.monotonic() < deadline, "the RPC servers did not register within 120 s"
@@ -358,7 +359,8 @@ def test_rpc_server_hung_during_measurement(tmp_path, two_servers):
     # the server stopped mid-measurement: that measurement was killed at the time-out, and the other server
     # measured every other candidate (the stopped one never went back to the tracker's queue)
     assert len(failed) == 1 and failed[0]["board"] == "unknown", failed
-    assert failed[0]["error"] == f"RPCRunner: Timeout, killed after {SESSION_TIMEOUT} seconds", failed
+    assert failed[0]["error"] == f"RPCRunner: Timeout, killed after {SESSION_TIMEOUT} seconds", failed  # TVM's text
+    assert failed[0]["start"] is None  # its session never ended (no board log line)
     assert "1 measurement(s) of the search phase failed" in log
     boards = {m["board"] for m in search if m["ms"] is not None}
     assert len(boards) == 1 and len(search) - len(failed) >= 6, search  # (a task may exhaust its space early)
@@ -372,16 +374,23 @@ def test_rpc_server_hung_during_measurement(tmp_path, two_servers):
 def test_rpc_server_killed_during_measurement(tmp_path, two_servers):
     address, servers = two_servers
     tried = survived = 0
-    # (1) one server killed mid-measurement: that measurement fails at once, the tracker drops the server, the
-    # search goes on with the other
-    killed = []
-    report, seconds, _ = _tune_with_fault(tmp_path / "one", address,
-                                          lambda: killed.append(signal_when_serving(servers, signal.SIGKILL)))
+    # (1) one server killed mid-measurement: that measurement fails at once (or, killed while the session was
+    # being set up, TVM's client asks the tracker again and gets the other server), the tracker drops the
+    # server, and the search goes on with the other
+    killed, faulted_at = [], []
+
+    def kill_one():
+        killed.append(signal_when_serving(servers, signal.SIGKILL))
+        faulted_at.append(time.time())
+
+    report, seconds, _ = _tune_with_fault(tmp_path / "one", address, kill_one)
     tried += 1
     assert report["error"] is None, report["error"]
     search = [m for m in report["measurements"] if m["phase"] == "search"]
     failed = [m for m in search if m["ms"] is None]
-    assert len(search) >= 6 and len(failed) == 1 and "Timeout" not in failed[0]["error"], search
+    assert len(search) >= 6 and len(failed) <= 1 and all("Timeout" not in m["error"] for m in failed), search
+    survivor = {m["board"] for m in search if m["ms"] is not None and m["start"] > faulted_at[0]}
+    assert len(survivor) == 1, search  # after the kill, one board measured everything
     assert sorted(report["tuned"]) == ["fc1_dense_joint_first", "fc2_dense_joint", "reshape"]
     assert seconds < 240 + 2 * SESSION_TIMEOUT
     survived += 1

@@ -26,7 +26,7 @@ from pfp.backends.tvm.tuning.boards import BoardRecorder, rpc_workers, runner_ho
 from pfp.backends.tvm.tuning.config import TuneConfig, parse_tracker
 
 __all__ = ["TrackerError", "check_tracker", "export_aarch64_so", "lean_build", "make_builder", "make_runner",
-           "measure", "measure_hand_schedules"]
+           "measure", "measure_hand_schedules", "measurement_bound"]
 
 logger = logging.getLogger(__name__)
 
@@ -129,8 +129,18 @@ def make_runner(config: TuneConfig, recorder: BoardRecorder | None = None) -> ms
     logger.info("RPC runner: %d measurement(s) at once on the servers under key %r at %s",
                 workers, config.rpc_key, config.rpc_tracker)
     runner = ms.runner.RPCRunner(rpc_config=rpc_config, evaluator_config=evaluator, max_workers=workers, **hooks)
-    _bound_measurements(runner, workers, config.session_timeout_sec)
+    _bound_measurements(runner, workers, measurement_bound(config.session_timeout_sec))
     return runner
+
+
+def measurement_bound(session_timeout_sec: float) -> float:
+    """Seconds after which an RPC measurement's worker is killed: the session time-out and a grace.
+
+    A live server ends an overlong session itself at ``session_timeout_sec`` (and the client gets an
+    error); killing the client first would reset the connection under the server. The grace leaves
+    the client-side kill to servers that no longer answer at all.
+    """
+    return session_timeout_sec + max(5.0, 0.25 * session_timeout_sec)
 
 
 def _bound_measurements(runner: ms.runner.RPCRunner, workers: int, seconds: float) -> None:
