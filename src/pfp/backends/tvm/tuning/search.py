@@ -189,7 +189,7 @@ def _check_boards_left(config: TuneConfig, recorder: BoardRecorder, phase: str) 
     """Stop with a clear error when measurements of ``phase`` failed and no server is left under the key.
 
     A failed measurement is recorded (``ms`` None) and the search goes on with the servers left (a
-    hung one is killed after ``session_timeout_sec``); with none left, every later measurement
+    hung one is killed at :func:`~.measure.measurement_bound`); with none left, every later measurement
     would fail, and a tuning that "succeeds" on hand schedules alone would hide it.
     """
     failed = sum(item["ms"] is None for item in recorder.measurements if item["phase"] == phase)
