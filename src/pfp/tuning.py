@@ -38,7 +38,7 @@ from pfp.data.idx import DataError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TunedLibrary", "guard_config", "library_path", "load_library", "schedule_sources", "tune_config",
+__all__ = ["TunedLibrary", "clean_leftovers", "guard_config", "library_path", "load_library", "schedule_sources", "tune_config",
            "tune_model"]
 
 
@@ -155,6 +155,7 @@ def tune_model(posterior: Posterior, pfp_model: PFPModel, params: TuneParams, ou
 
     out_dir = Path(out_dir)
     target_dir = out_dir / params.target.value
+    clean_leftovers(out_dir)
     results = []
     jobs = [(variant, batch) for variant in params.variants for batch in params.batch_sizes]
     for index, (variant, batch) in enumerate(jobs, 1):
@@ -188,7 +189,7 @@ def tune_model(posterior: Posterior, pfp_model: PFPModel, params: TuneParams, ou
         _install_library(staged, guard, path)
         seconds = time.perf_counter() - start
         # which board measured what: the runner's parallelism, measurements per board, sessions open at
-        # once, and each measurement (phase, task, board, median ms; None: failed)
+        # once, and each measurement (phase, task, board, median ms; None: failed, with its error)
         results.append(TunedLibrary(variant, batch, path, {
             "seconds": seconds, "tasks": report.table(), "untunable": report.untunable,
             "records": report.records_after, "rpc_workers": report.rpc_workers, "boards": report.boards(),
@@ -196,7 +197,7 @@ def tune_model(posterior: Posterior, pfp_model: PFPModel, params: TuneParams, ou
             "measuring_seconds": boards.busy_seconds(report.measurements),
             "search_trials": report.search_trials, "search_seconds": report.search_seconds,
             "trials_per_second": report.trials_per_second, "guard": guard,
-            "measurements": [{name: item[name] for name in ("phase", "task", "board", "ms")}
+            "measurements": [{name: item[name] for name in ("phase", "task", "board", "ms", "error")}
                              for item in report.measurements]}))
         print(f"  guard: {_guard_line(guard)}", flush=True)
         print(f"  {seconds:.0f} s; schedules kept: "
@@ -206,6 +207,28 @@ def tune_model(posterior: Posterior, pfp_model: PFPModel, params: TuneParams, ou
                   f"{report.rpc_workers} at once on " + ", ".join(
                       f"{board} ({count})" for board, count in report.boards("search").items()), flush=True)
     return results
+
+
+def clean_leftovers(out_dir: str | Path) -> list[Path]:
+    """Delete what a killed tune stage left in ``out_dir`` (DVC would cache it with the stage's output).
+
+    Per target: the staged builds (``.VARIANT_bB.tuned.so``, ``.hand.so`` and their metadata), atomic
+    writes' temp files, and per tuning work dir the files :func:`pfp.backends.tvm.tuning.records.clean_leftovers`
+    names. Returns what was deleted.
+    """
+    from pfp.backends.tvm.tuning import records
+
+    removed = []
+    for target_dir in (path for path in Path(out_dir).glob("*") if path.is_dir()):
+        for pattern in (".*.tuned.so*", ".*.hand.so*", ".*.tmp*"):
+            for path in target_dir.glob(pattern):
+                path.unlink(missing_ok=True)
+                removed.append(path)
+        for work_dir in (path for path in target_dir.iterdir() if path.is_dir()):
+            removed += records.clean_leftovers(work_dir)
+    if removed:
+        logger.warning("%s: removed %d file(s) left by an interrupted tune stage", out_dir, len(removed))
+    return removed
 
 
 def _drop_logs(work_dir: Path) -> None:

@@ -26,10 +26,12 @@ import tempfile
 import time
 from pathlib import Path
 
-__all__ = ["BoardRecorder", "LOCAL", "busy_seconds", "concurrency", "rpc_workers",
+__all__ = ["BoardRecorder", "LOCAL", "UNKNOWN", "busy_seconds", "concurrency", "rpc_workers",
            "run_evaluator_cooled", "runner_hooks"]
 
 LOCAL = "local"  # the board of measurements by the local runner
+#: the board of an RPC measurement killed before its session ended (a hung or dead server: no log line)
+UNKNOWN = "unknown"
 
 
 def rpc_workers(rpc_config, wanted: int | None = None) -> int:
@@ -48,6 +50,10 @@ def create_session(rpc_config):
     """
     from tvm.rpc import client
 
+    # fail now rather than wait in the tracker's queue for the session time-out: no server is left under the key
+    if rpc_config.count_num_servers(allow_missing=True) == 0:
+        raise RuntimeError(f"no RPC server is registered under key {rpc_config.tracker_key!r} at tracker "
+                           f"{rpc_config.tracker_host}:{rpc_config.tracker_port} (all stopped or killed?)")
     connect, handed = client.connect, []
 
     def connect_and_note(url, port, *args, **kwargs):
@@ -103,10 +109,9 @@ def run_evaluator_cooled(cooldown_ms: int, session, rt_mod, device, evaluator_co
 def runner_hooks(log_path: str | os.PathLike | None, cooldown_ms: int = 0) -> dict:
     """The ``RPCRunner`` keyword arguments that log each measurement's board to ``log_path`` (if given)
     and rest the board ``cooldown_ms`` between repeats (if > 0)."""
-    hooks = {}
+    hooks = {"f_create_session": create_session}
     if log_path is not None:
-        hooks = {"f_create_session": create_session, "f_upload_module": upload_module,
-                 "f_cleanup": functools.partial(cleanup, str(log_path))}
+        hooks.update({"f_upload_module": upload_module, "f_cleanup": functools.partial(cleanup, str(log_path))})
     if cooldown_ms:
         hooks["f_run_evaluator"] = functools.partial(run_evaluator_cooled, int(cooldown_ms))
     return hooks
@@ -115,10 +120,11 @@ def runner_hooks(log_path: str | os.PathLike | None, cooldown_ms: int = 0) -> di
 # --------------------------------------------------------------------------- joining the log with what was measured
 
 class BoardRecorder:
-    """Collects ``{"phase", "task", "board", "ms", "start", "end"}`` per measurement into ``measurements``.
+    """Collects ``{"phase", "task", "board", "ms", "start", "end", "error"}`` per measurement into ``measurements``.
 
-    ``ms`` is the median of the run (None when it failed); ``start``/``end`` are the session's
-    wall-clock seconds on the board (None for the local runner, whose board is :data:`LOCAL`).
+    ``ms`` is the median of the run (None when it failed, ``error`` then its last line); ``start``/``end``
+    are the session's wall-clock seconds on the board (None for the local runner, whose board is
+    :data:`LOCAL`, and for an RPC measurement killed before its session ended, board :data:`UNKNOWN`).
     """
 
     def __init__(self, measurements: list[dict] | None = None) -> None:
@@ -129,6 +135,7 @@ class BoardRecorder:
         self._offset = 0
         self._entries: dict[str, dict] = {}
         self.workers = 1  # the runner's parallelism (set by measure.make_runner)
+        self.remote = False  # an RPC runner (set by measure.make_runner): a measurement without a log line is UNKNOWN's
 
     def close(self) -> None:
         self.log_path.unlink(missing_ok=True)
@@ -154,9 +161,11 @@ class BoardRecorder:
     def record(self, phase: str, task: str, artifact: str | None, run_secs, error: str | None) -> None:
         entry = self._entry(str(artifact)) if artifact else None
         median = 1e3 * statistics.median(float(v) for v in run_secs) if not error and run_secs else None
-        self.measurements.append({"phase": phase, "task": task, "board": entry["board"] if entry else LOCAL,
+        board = entry["board"] if entry else UNKNOWN if self.remote else LOCAL
+        lines = [line for line in str(error or "").splitlines() if line.strip()]
+        self.measurements.append({"phase": phase, "task": task, "board": board,
                                   "ms": median, "start": entry["start"] if entry else None,
-                                  "end": entry["end"] if entry else None})
+                                  "end": entry["end"] if entry else None, "error": lines[-1].strip() if lines else None})
 
     def callback(self, task_names: list[str]):
         """A measure callback recording every search candidate (``phase="search"``) of the tasks ``task_names``."""

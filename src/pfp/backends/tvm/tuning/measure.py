@@ -26,7 +26,7 @@ from pfp.backends.tvm.tuning.boards import BoardRecorder, rpc_workers, runner_ho
 from pfp.backends.tvm.tuning.config import TuneConfig, parse_tracker
 
 __all__ = ["TrackerError", "check_tracker", "export_aarch64_so", "lean_build", "make_builder", "make_runner",
-           "measure", "measure_hand_schedules"]
+           "measure", "measure_hand_schedules", "measurement_bound"]
 
 logger = logging.getLogger(__name__)
 
@@ -124,11 +124,37 @@ def make_runner(config: TuneConfig, recorder: BoardRecorder | None = None) -> ms
                                      session_timeout_sec=int(config.session_timeout_sec))
     workers = rpc_workers(rpc_config, config.rpc_workers)
     if recorder is not None:
-        recorder.workers = workers
+        recorder.workers, recorder.remote = workers, True
     hooks = runner_hooks(recorder.log_path if recorder is not None else None, config.cooldown_ms)
     logger.info("RPC runner: %d measurement(s) at once on the servers under key %r at %s",
                 workers, config.rpc_key, config.rpc_tracker)
-    return ms.runner.RPCRunner(rpc_config=rpc_config, evaluator_config=evaluator, max_workers=workers, **hooks)
+    runner = ms.runner.RPCRunner(rpc_config=rpc_config, evaluator_config=evaluator, max_workers=workers, **hooks)
+    _bound_measurements(runner, workers, measurement_bound(config.session_timeout_sec))
+    return runner
+
+
+def measurement_bound(session_timeout_sec: float) -> float:
+    """Seconds after which an RPC measurement's worker is killed: the session time-out and a grace.
+
+    A live server ends an overlong session itself at ``session_timeout_sec`` (and the client gets an
+    error); killing the client first would reset the connection under the server. The grace leaves
+    the client-side kill to servers that no longer answer at all.
+    """
+    return session_timeout_sec + max(5.0, 0.25 * session_timeout_sec)
+
+
+def _bound_measurements(runner: ms.runner.RPCRunner, workers: int, seconds: float) -> None:
+    """Kill a measurement's worker after ``seconds`` (it fails with the runner's "Timeout" error).
+
+    TVM 0.27's ``RPCRunner`` sends ``session_timeout_sec`` to the server only, and its worker pool has
+    no time-out: a server that hangs (stopped, a frozen board, a dead network) never answers, and
+    the tuning waited forever. Its future reports a ``TimeoutError`` of the pool as a failed
+    measurement, so a pool with a time-out is all it takes.
+    """
+    from tvm.support.popen_pool import PopenPoolExecutor
+
+    runner.pool.shutdown(wait=True)  # its worker only ran the runner's sanity check
+    runner.pool = PopenPoolExecutor(max_workers=workers, timeout=seconds)
 
 
 def measure(candidates: list[tuple[str, s_tir.Schedule]], target: tvm.target.Target, builder, runner,
@@ -150,17 +176,23 @@ def measure(candidates: list[tuple[str, s_tir.Schedule]], target: tvm.target.Tar
             continue
         runnable.append((index, ms.runner.RunnerInput(result.artifact_path, "cpu", args_infos[index])))
     seconds: list[list[float]] = [[] for _ in candidates]
-    for round_index in range(rounds):
-        order = runnable[::-1] if round_index % 2 else runnable
-        for (index, _), future in zip(order, runner.run([runner_input for _, runner_input in order])):
-            result = future.result()
-            if recorder is not None:
-                recorder.record(phase, (tasks or [label for label, _ in candidates])[index],
-                                built[index].artifact_path, result.run_secs, result.error_msg)
-            if result.error_msg:
-                logger.warning("%s failed to run: %s", candidates[index][0], result.error_msg[-500:])
-                continue
-            seconds[index] += [float(v) for v in result.run_secs]
+    try:
+        for round_index in range(rounds):
+            order = runnable[::-1] if round_index % 2 else runnable
+            for (index, _), future in zip(order, runner.run([runner_input for _, runner_input in order])):
+                result = future.result()
+                if recorder is not None:
+                    recorder.record(phase, (tasks or [label for label, _ in candidates])[index],
+                                    built[index].artifact_path, result.run_secs, result.error_msg)
+                if result.error_msg:
+                    logger.warning("%s failed to run: %s", candidates[index][0], result.error_msg[-500:])
+                    continue
+                seconds[index] += [float(v) for v in result.run_secs]
+    finally:
+        # each build is a temp folder; the Meta Scheduler removes its own candidates' (these are ours)
+        for result in built:
+            if result.artifact_path:
+                shutil.rmtree(os.path.dirname(result.artifact_path), ignore_errors=True)
     return list(zip(args_infos, seconds))
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -21,14 +22,17 @@ from tvm.s_tir import meta_schedule as ms
 
 from pfp.backends.tvm.schedules import apply_hand_schedule
 from pfp.backends.tvm.tuning.config import ScheduleSource, TuneConfig
+from pfp.io import atomic_write_text
 
-__all__ = ["STATE_FILE", "best_other_record", "check_measured", "count_records",
-           "discard_incomparable_records", "hand_trace_text", "load_state", "measurement_setting", "open_database",
-           "record_source", "save_state", "task_key"]
+__all__ = ["RECORDS_FILE", "STATE_FILE", "WORKLOADS_FILE", "best_other_record", "check_measured",
+           "clean_leftovers", "count_records", "discard_incomparable_records", "hand_trace_text", "load_state",
+           "measurement_setting", "open_database", "record_source", "repair_database", "save_state", "task_key"]
 
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "pfp_tune_state.json"
+WORKLOADS_FILE = "database_workload.json"
+RECORDS_FILE = "database_tuning_record.json"
 _STATE_FORMAT = 1
 
 
@@ -47,10 +51,68 @@ def record_source(trace, hand_trace: str | None) -> ScheduleSource:
 
 
 def open_database(work_dir: str | os.PathLike) -> ms.database.JSONDatabase:
-    """The JSON database of ``work_dir`` (created if missing; existing records are kept)."""
+    """The JSON database of ``work_dir`` (created if missing; existing records are kept, a torn tail is
+    dropped first: :func:`repair_database`)."""
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
+    repair_database(work_dir)
     return ms.database.JSONDatabase(work_dir=str(work_dir), module_equality="structural")
+
+
+def _lines(path: Path) -> list[str]:
+    return [line for line in path.read_text(errors="replace").splitlines() if line.strip()] if path.is_file() else []
+
+
+def _parsed(line: str):
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:
+        return None
+
+
+def repair_database(work_dir: str | os.PathLike) -> int:
+    """Drop the lines of ``work_dir``'s JSON database that a killed writer left torn; returns how many.
+
+    TVM appends one JSON line per workload and per record; a process killed mid-append leaves a
+    partial last line, and ``JSONDatabase`` then refuses the whole database ("Unexpected token"), so
+    every later tuning would fail until someone deletes it. Every whole line is kept; the records of
+    a dropped workload go too (a record names its workload by line number, renumbered here). A file
+    is rewritten (atomically) only when it changes, e.g. a whole last line without its newline: the
+    next append would join two records on one line.
+    """
+    work_dir = Path(work_dir)
+    workloads_path, records_path = work_dir / WORKLOADS_FILE, work_dir / RECORDS_FILE
+    numbers: dict[int, int] = {}  # workload line number before -> after
+    workloads, written = [], _lines(workloads_path)
+    for old, line in enumerate(written):
+        if _parsed(line) is not None:
+            numbers[old] = len(workloads)
+            workloads.append(line)
+    records, torn_records, orphans = [], 0, 0
+    for line in _lines(records_path):
+        entry = _parsed(line)
+        if entry is None:
+            torn_records += 1
+            continue
+        index = entry[0] if isinstance(entry, list) and entry and isinstance(entry[0], int) else None
+        if index not in numbers:
+            orphans += 1
+            continue
+        if numbers[index] != index:
+            line = f"[{numbers[index]}," + line.split(",", 1)[1]
+        records.append(line)
+    torn_workloads = len(written) - len(workloads)
+    for path, lines in ((workloads_path, workloads), (records_path, records)):
+        text = "".join(f"{line}\n" for line in lines)
+        if path.is_file() and path.read_text(errors="replace") != text:
+            atomic_write_text(path, text)
+    dropped = torn_workloads + torn_records + orphans
+    if dropped:
+        logger.warning("%s: dropped %d torn line(s) of the tuning database (a tuning killed while writing?): "
+                       "%d workload(s), %d record(s), %d record(s) of a dropped workload; kept %d workload(s) "
+                       "and %d record(s)", work_dir, torn_workloads + torn_records, torn_workloads, torn_records,
+                       orphans, len(workloads), len(records))
+    return dropped
 
 
 def count_records(database: ms.database.Database, mod: tvm.IRModule | None = None) -> int:
@@ -108,10 +170,33 @@ def discard_incomparable_records(work_dir: Path, setting: str) -> None:
 
 
 def save_state(work_dir: Path, state: dict) -> None:
-    path = work_dir / STATE_FILE
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(state, indent=1))
-    tmp.replace(path)
+    atomic_write_text(work_dir / STATE_FILE, json.dumps(state, indent=1))
+
+
+def clean_leftovers(work_dir: str | os.PathLike) -> list[Path]:
+    """Delete what a tuning killed in ``work_dir`` left behind; returns what was deleted.
+
+    The run-off's staging databases (``.selection-*``), atomic writes' temp files (``.NAME.*.tmp*``,
+    and ``pfp_tune_state.tmp`` of earlier versions) and the Meta Scheduler's ``logs``: none is read
+    again, and a stage output folder would otherwise carry them into DVC's cache.
+    """
+    work_dir = Path(work_dir)
+    if not work_dir.is_dir():
+        return []
+    leftovers = [*work_dir.glob(".selection-*"), *work_dir.glob(".*.tmp*"), *work_dir.glob("*.tmp"), work_dir / "logs"]
+    removed = []
+    for path in leftovers:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.exists():
+            path.unlink(missing_ok=True)
+        else:
+            continue
+        removed.append(path)
+    if removed:
+        logger.info("%s: removed %d file(s) left by an interrupted tuning: %s", work_dir, len(removed),
+                    ", ".join(path.name for path in removed))
+    return removed
 
 
 def hand_trace_text(task) -> str | None:

@@ -18,11 +18,18 @@ from pfp.backends.tvm.schedules import HAND_SCHEDULE_VERSION
 from pfp.backends.tvm.targets import make_target
 from pfp.backends.tvm.tuning._compat import import_tensor_intrinsics, unnamed_handlers_detached, untunable
 from pfp.backends.tvm.tuning.boards import BoardRecorder
-from pfp.backends.tvm.tuning.config import TuneConfig, TuneReport
-from pfp.backends.tvm.tuning.measure import make_builder, make_runner, measure_hand_schedules
+from pfp.backends.tvm.tuning.config import TuneConfig, TuneReport, parse_tracker
+from pfp.backends.tvm.tuning.measure import (
+    TrackerError,
+    check_tracker,
+    make_builder,
+    make_runner,
+    measure_hand_schedules,
+)
 from pfp.backends.tvm.tuning.records import (
     best_other_record,
     check_measured,
+    clean_leftovers,
     count_records,
     discard_incomparable_records,
     load_state,
@@ -71,6 +78,7 @@ def _tune(mod: tvm.IRModule, target, config: TuneConfig, report: TuneReport,
     start = time.perf_counter()
     work_dir = config.work_path
     measured_with = measurement_setting(config)
+    clean_leftovers(work_dir)
     discard_incomparable_records(work_dir, measured_with)
     database = open_database(work_dir)
     report.records_before = count_records(database)
@@ -117,6 +125,7 @@ def _tune(mod: tvm.IRModule, target, config: TuneConfig, report: TuneReport,
     missing_hand = [task for task in tasks if hand_key(task) not in hand_done]
     if missing_hand:
         measured = measure_hand_schedules(missing_hand, target, config, database, recorder, shared_runner())
+        _check_boards_left(config, recorder, "hand")
         for task in missing_hand:
             if task.task_name in measured:
                 hand_done[hand_key(task)] = measured[task.task_name]
@@ -151,6 +160,7 @@ def _tune(mod: tvm.IRModule, target, config: TuneConfig, report: TuneReport,
                                builder=builder, runner=runner, database=database, module_equality="structural",
                                measure_callbacks=callbacks)
         report.search_seconds = time.perf_counter() - search_start
+        _check_boards_left(config, recorder, "search")
         full_budget = budget >= config.trials_per_task * len(pending)
         for key, task in pending:
             # a task may end early (search space exhausted): it is finished when the budget covered
@@ -163,6 +173,7 @@ def _tune(mod: tvm.IRModule, target, config: TuneConfig, report: TuneReport,
     report.records_after = count_records(database)
     if config.finalists:  # the run-off's side-by-side figures are the report's
         selection = run_off(tasks, database, target, config, report, recorder, shared_runner())
+        _check_boards_left(config, recorder, "run_off")
     else:
         selection = database
         for task in tasks:
@@ -172,3 +183,28 @@ def _tune(mod: tvm.IRModule, target, config: TuneConfig, report: TuneReport,
                     report.other_ms[task.task_name], report.other_source[task.task_name] = best
     report.seconds = time.perf_counter() - start
     return selection
+
+
+def _check_boards_left(config: TuneConfig, recorder: BoardRecorder, phase: str) -> None:
+    """Stop with a clear error when measurements of ``phase`` failed and no server is left under the key.
+
+    A failed measurement is recorded (``ms`` None) and the search goes on with the servers left (a
+    hung one is killed at :func:`~.measure.measurement_bound`); with none left, every later measurement
+    would fail, and a tuning that "succeeds" on hand schedules alone would hide it.
+    """
+    failed = sum(item["ms"] is None for item in recorder.measurements if item["phase"] == phase)
+    if not config.uses_rpc or not failed:
+        return
+    try:
+        check_tracker(config.rpc_tracker, config.rpc_key)
+        # the tracker keeps a key's queue after its last server left: count the servers themselves
+        host, port = parse_tracker(config.rpc_tracker)
+        rpc_config = ms.runner.RPCConfig(tracker_host=host, tracker_port=port, tracker_key=config.rpc_key)
+        if rpc_config.count_num_servers(allow_missing=True) == 0:
+            raise TrackerError(f"RPC tracker {config.rpc_tracker} has no server registered under key "
+                               f"{config.rpc_key!r} any more (killed or disconnected?); start one with "
+                               "infra/rpc/start-server.sh and run the tuning again: it resumes from its database")
+    except TrackerError as error:
+        raise TrackerError(f"tuning stopped: {failed} measurement(s) of the {phase} phase failed and {error}") from None
+    logger.warning("%d measurement(s) of the %s phase failed (timed out or lost their RPC server); tuning goes on "
+                   "with the servers left under key %r", failed, phase, config.rpc_key)
