@@ -161,7 +161,8 @@ def test_tracking_server_down_at_start_fails_fast_and_a_later_repro_finishes(wor
     experiment = client.get_experiment_by_name(env["PFP_MLFLOW_EXPERIMENT"])
     (run,) = client.search_runs([experiment.experiment_id])
     assert run.info.status == "FINISHED" and run.data.params["max_steps"] == "4"
-    assert len(client.get_metric_history(run.info.run_id, "elbo_loss")) == 4
+    logged = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "elbo_loss"), key=lambda m: m.step)]
+    assert logged == json.loads((workspace / "metrics/train_mlp.json").read_text())["elbo_loss"]  # the whole curve
     record("fault", "MLflow server down at start", tried=1, survived=1)
 
 
@@ -177,8 +178,7 @@ def test_tracking_server_killed_mid_run_fails_the_stage_clearly_and_a_later_repr
     from mlflow import MlflowClient
 
     before = _outputs(workspace)
-    steps = 60
-    _set_params(workspace, max_steps=steps)
+    _set_params(workspace, max_steps=None, epochs=30)  # long enough to lose the server in the middle
     port, store = free_port(), tmp_path / "mlflow"
     store.mkdir()
     uri = f"http://127.0.0.1:{port}"
@@ -207,7 +207,8 @@ def test_tracking_server_killed_mid_run_fails_the_stage_clearly_and_a_later_repr
         result = _dvc(workspace, "repro", "--single-item", "train@mlp", env=env)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         finished = client.search_runs([experiment.experiment_id], "attributes.status = 'FINISHED'")
-        assert len(finished) == 1 and len(client.get_metric_history(finished[0].info.run_id, "elbo_loss")) == steps
+        history = client.get_metric_history(finished[0].info.run_id, "elbo_loss")
+        assert len(finished) == 1 and len(history) == 30  # nothing lost: one loss per epoch
     assert _stage_changed(workspace, "train@mlp") == {} and _outputs(workspace) != before
     record("fault", "MLflow server killed mid-run", tried=1, survived=1)
 
@@ -318,7 +319,7 @@ def test_two_flow_runs_of_one_workspace_the_second_is_refused_before_it_touches_
         assert yaml.safe_load((workspace / "params.yaml").read_text())["train"]["mlp"]["max_steps"] == 4  # A's
     finally:
         if a.poll() is None:
-            os.killpg(a.pid, signal.SIGINT)  # as Ctrl-C: the flow stops its stage and puts its outputs back
+            os.kill(a.pid, signal.SIGINT)  # Ctrl-C to the flow (not its Prefect server): it stops its stage, puts the outputs back
         try:
             a.wait(timeout=120)
         except subprocess.TimeoutExpired:
