@@ -175,13 +175,18 @@ def previous_outputs_kept(workdir: str | Path, stage: str) -> Iterator[None]:
     kept = workdir / KEPT_DIR / stage.replace("@", "_")
     if kept.exists():  # a run killed while it kept them: that run's stage failed too, these are stale
         shutil.rmtree(kept)
-    outputs = [path for path in stage_outputs(workdir, stage) if path.exists()]
+    try:
+        declared = stage_outputs(workdir, stage)
+    except Exception:  # DVC cannot read the stage: `dvc repro` will say why, in the stage's log
+        yield
+        return
+    outputs = [path for path in declared if path.exists()]
     for path in outputs:
         _link_tree(path, kept / path.relative_to(workdir))
     try:
         yield
     except BaseException:
-        for path in stage_outputs(workdir, stage):
+        for path in declared:
             _remove(path)  # whatever the failed run left (DVC may have cached none of it)
         for path in outputs:
             path.parent.mkdir(parents=True, exist_ok=True)

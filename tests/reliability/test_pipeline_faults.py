@@ -274,8 +274,10 @@ def test_prepare_killed_mid_write_of_its_arrays_is_detected_by_dvc_and_redone_id
     _killed_at(marker, complete)
     assert not (prepared / "dirty_mnist.npz").exists() and not (prepared / "manifest.json").exists()
     assert "changed outs" in json.dumps(_stage_changed(workspace, "prepare"))
-    result = _dvc(workspace, "repro", "train@mlp")  # downstream: DVC redoes prepare first
+    # downstream: DVC redoes prepare first (not from its run cache: really again), then finds train's input unchanged
+    result = _dvc(workspace, "repro", "--no-run-cache", "train@mlp")
     assert result.returncode == 0 and "Running stage 'prepare'" in result.stdout, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "Stage 'train@mlp' didn't change" in result.stdout
     assert {p.name: _sha(p) for p in prepared.iterdir()} == before  # seeded: the same arrays, no temp file left
     record("fault", "stage killed mid-write (prepare)", tried=1, survived=1)
 
