@@ -34,7 +34,7 @@ import pytest
 import yaml
 
 from tests.reliability.report import record
-from tests.servers import BIN, _process, free_port, source_env
+from tests.servers import BIN, _process, _wait_healthy, free_port, source_env
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -166,15 +166,16 @@ def test_tracking_server_down_at_start_fails_fast_and_a_later_repro_finishes(wor
     record("fault", "MLflow server down at start", tried=1, survived=1)
 
 
-def _mlflow_server(root: Path, port: int):
-    command = [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-               "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--default-artifact-root", str(root / "artifacts")]
-    return _process(command, root / f"server-{time.time_ns()}.log", None, f"http://127.0.0.1:{port}/health", "MLflow server", 300)
+def _mlflow_command(root: Path, port: int) -> list[str]:
+    """``mlflow server`` on ``port`` with its store under ``root`` (tests/servers.py's picks a new port each time)."""
+    return [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+            "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--default-artifact-root", str(root / "artifacts")]
 
 
 @pytest.mark.slow
 def test_tracking_server_killed_mid_run_fails_the_stage_clearly_and_a_later_repro_loses_nothing(workspace, tmp_path):
-    """The server is SIGKILLed while train@mlp runs; after a restart (same store, same port) the repro completes."""
+    """The server (its process group) is SIGKILLed while train@mlp runs; after a restart (same store, same port)
+    the repro completes."""
     from mlflow import MlflowClient
 
     before = _outputs(workspace)
@@ -183,9 +184,10 @@ def test_tracking_server_killed_mid_run_fails_the_stage_clearly_and_a_later_repr
     store.mkdir()
     uri = f"http://127.0.0.1:{port}"
     env = _env(MLFLOW_TRACKING_URI=uri)
-    server = _mlflow_server(store, port)
-    server.__enter__()
+    with open(store / "first.log", "w") as log:
+        server = subprocess.Popen(_mlflow_command(store, port), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
+        _wait_healthy(f"{uri}/health", server, store / "first.log", "MLflow server", 300)
         client = MlflowClient(uri)
         stage = subprocess.Popen(["dvc", "repro", "--single-item", "train@mlp"], cwd=workspace, env=env, text=True,
                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -197,13 +199,14 @@ def test_tracking_server_killed_mid_run_fails_the_stage_clearly_and_a_later_repr
             assert stage.poll() is None and time.monotonic() < deadline, "the stage never opened its MLflow run"
             time.sleep(0.2)
     finally:
-        server.__exit__(None, None, None)  # SIGTERM to its process group, then SIGKILL
+        os.killpg(server.pid, signal.SIGKILL)  # the server and its workers, no goodbye
+        server.wait(timeout=60)
     output, _ = stage.communicate(timeout=300)
     assert stage.returncode != 0
     assert f"error: train@mlp: MLFLOW_TRACKING_URI={uri}: the MLflow tracking server does not answer" in output, output[-3000:]
     assert "stopped answering during the run" in output and "Traceback" not in output
     assert "changed outs" in json.dumps(_stage_changed(workspace, "train@mlp"))  # DVC recorded nothing of it
-    with _mlflow_server(store, port):  # back, on the same store
+    with _process(_mlflow_command(store, port), store / "second.log", None, f"{uri}/health", "MLflow server", 300):  # back
         result = _dvc(workspace, "repro", "--single-item", "train@mlp", env=env)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         finished = client.search_runs([experiment.experiment_id], "attributes.status = 'FINISHED'")
