@@ -25,6 +25,10 @@ LOCK_FILE = ".pfp-pipeline.lock"
 BOARD_LIMIT_PREFIX = "rpc-board:"
 
 
+#: the workspace locks this process holds
+_HELD: set[Path] = set()
+
+
 class WorkspaceBusy(RuntimeError):
     """Another pipeline run holds the workspace."""
 
@@ -44,9 +48,15 @@ def workspace_lock(workspace: Path, *, flow_run: str | None = None) -> Iterator[
     """Hold ``workspace`` for this run; raise :class:`WorkspaceBusy` at once if another run holds it.
 
     The lock is the kernel's, so it goes with the process that held it, even after a SIGKILL.
+    Re-entrant within a process: the command line takes it before it touches the workspace (its
+    log), the flow again when it starts (a deployment's runs start there).
     """
+    workspace = workspace.resolve()
     workspace.mkdir(parents=True, exist_ok=True)
     path = workspace / LOCK_FILE
+    if path in _HELD:  # this process holds it already (a second flock would refuse ourselves)
+        yield path
+        return
     handle = open(path, "a+")
     try:
         try:
@@ -60,7 +70,11 @@ def workspace_lock(workspace: Path, *, flow_run: str | None = None) -> Iterator[
         handle.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(),
                                  "flow_run": flow_run}))
         handle.flush()
-        yield path
+        _HELD.add(path)
+        try:
+            yield path
+        finally:
+            _HELD.discard(path)
     finally:
         handle.close()  # releases the lock
 

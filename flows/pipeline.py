@@ -23,10 +23,12 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +127,79 @@ def _run_logged(command: list[str], workdir: str, env: dict, log_file: str | Non
             log.close()
 
 
+# Where a stage's previous outputs wait while it runs (hard links: no copy), put back if it fails.
+KEPT_DIR = Path(".pfp") / "previous"
+
+
+def stage_outputs(workdir: str | Path, stage: str) -> list[Path]:
+    """Every output of ``stage`` (cached or not, metrics and plots too) as DVC's stage graph names it."""
+    from dvc.repo import Repo
+
+    with Repo(str(workdir)) as repo:
+        (found,) = repo.stage.collect(f"{Path(workdir).resolve() / 'dvc.yaml'}:{stage}")  # DVC resolves targets from the cwd
+        return [Path(out.fs_path) for out in found.outs]
+
+
+def _link_or_copy(source: str, target: str) -> None:
+    try:
+        os.link(source, target)
+    except OSError:  # another file system (an output folder that is a mount point), or no hard links there
+        shutil.copy2(source, target)
+
+
+def _link_tree(source: Path, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if source.is_dir():
+        shutil.copytree(source, target, symlinks=True, copy_function=_link_or_copy)
+    else:
+        _link_or_copy(str(source), str(target))
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def previous_outputs_kept(workdir: str | Path, stage: str) -> Iterator[None]:
+    """Put ``stage``'s previous outputs back when the block (the stage's run) fails or is interrupted.
+
+    DVC deletes a stage's outputs before it runs the stage, so a stage that fails (a full disk, a
+    tracking server gone, killed) would leave none, or a part of new ones, where dvc.lock records
+    the previous run's. Kept as hard links (every writer here replaces files, never rewrites
+    them in place), so keeping costs no copy; uncached metrics and plots come back too.
+    """
+    workdir = Path(workdir).resolve()
+    kept = workdir / KEPT_DIR / stage.replace("@", "_")
+    if kept.exists():  # a run killed while it kept them: that run's stage failed too, these are stale
+        shutil.rmtree(kept)
+    try:
+        declared = stage_outputs(workdir, stage)
+    except Exception:  # DVC cannot read the stage: `dvc repro` will say why, in the stage's log
+        yield
+        return
+    outputs = [path for path in declared if path.exists()]
+    for path in outputs:
+        _link_tree(path, kept / path.relative_to(workdir))
+    try:
+        yield
+    except BaseException:
+        for path in declared:
+            _remove(path)  # whatever the failed run left (DVC may have cached none of it)
+        for path in outputs:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(kept / path.relative_to(workdir), path)  # a rename, or a copy across file systems
+        raise
+    finally:
+        shutil.rmtree(kept, ignore_errors=True)
+
+
+class _StageExit(Exception):
+    """A stage's non-zero exit inside :func:`previous_outputs_kept` (so its outputs are put back)."""
+
+
 @task(name="dvc-stage", task_run_name="{stage}")
 def run_dvc_stage(stage: str, workdir: str, log_file: str | None = None, timeout_minutes: float | None = None,
                   board_key: str | None = None) -> str:
@@ -141,8 +216,12 @@ def run_dvc_stage(stage: str, workdir: str, log_file: str | None = None, timeout
     status = subprocess.run(["dvc", "status", "--json", stage], cwd=workdir, env=env, capture_output=True, text=True)
     changed = status.returncode != 0 or json.loads(status.stdout or "{}") != {}
     timeout = timeout_minutes * 60 if timeout_minutes else None
-    with guards.board_slot(board_key if changed else None):
-        returncode = _run_logged(["dvc", "repro", "--single-item", stage], workdir, env, log_file, timeout)
+    returncode: int | None = 0
+    with guards.board_slot(board_key if changed else None), contextlib.suppress(_StageExit):
+        with previous_outputs_kept(workdir, stage) if changed else contextlib.nullcontext():
+            returncode = _run_logged(["dvc", "repro", "--single-item", stage], workdir, env, log_file, timeout)
+            if returncode != 0:
+                raise _StageExit
     log_text = console.tail(log_file, 200) if log_file else ""
     if returncode != 0:
         detail = (f"timed out after {timeout_minutes:g} min and was stopped" if returncode is None
@@ -322,7 +401,6 @@ def _display(path: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    global _terminal
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default=str(REPO_ROOT), help="DVC workspace (default: this repo)")
     parser.add_argument("--params", default=None, help="params file for a separate workdir (default: params.yaml)")
@@ -337,6 +415,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stage-timeout", type=float, default=DEFAULT_STAGE_TIMEOUT_MINUTES, metavar="MINUTES",
                         help="stop a stage that runs longer (default %(default)s)")
     args = parser.parse_args(argv)
+    # the workspace is ours before anything in it changes: a second run started at the same time
+    # would otherwise truncate this run's flow log (and rewrite params and code) before it is refused
+    try:
+        with guards.workspace_lock(Path(args.workdir)):
+            return _main(args)
+    except guards.WorkspaceBusy as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 3
+
+
+def _main(args: argparse.Namespace) -> int:
+    global _terminal
     log_dir = Path(args.workdir).resolve() / console.LOG_DIR
     flow_log = log_dir / console.FLOW_LOG
     # from here on Prefect, MLflow, warnings and the stages write to the log files; the terminal gets ours

@@ -8,9 +8,11 @@ from pathlib import Path
 
 from pfp.config import ConfigError, PipelineParams, load_params
 from pfp.data.idx import DataError
+from pfp.io import WriteFailed
 
-# Errors a user can fix from the message alone (PosteriorError is a DataError): no traceback, exit code 2.
-USER_ERRORS = (ConfigError, DataError)
+# Errors a user can fix from the message alone (PosteriorError is a DataError; WriteFailed: a full disk):
+# no traceback, exit code 2.
+USER_ERRORS = (ConfigError, DataError, WriteFailed)
 
 # Where each stage writes; dvc.yaml names the same paths.
 PREPARED_DIR = Path("data/prepared")

@@ -245,6 +245,32 @@ def _quiet_system_metrics() -> None:
 
 
 @contextmanager
+def _server_lost(what: str) -> Iterator[None]:
+    """Turn MLflow's error when the tracking server went away during ``what`` into :class:`TrackingUnavailable`.
+
+    MLflow raises its own exception (after its HTTP retries) with a long urllib3 message; the stage
+    should instead end with one line that names the server, and the flow retries that error
+    (flows/pipeline.py ``TRANSIENT_ERRORS``). Errors of a server that still answers pass unchanged.
+    """
+    try:
+        yield
+    except TrackingUnavailable:
+        raise
+    except Exception as error:
+        from mlflow.exceptions import MlflowException
+
+        uri = tracking_uri()
+        if not isinstance(error, (MlflowException, OSError)) or not uri.startswith(("http://", "https://")):
+            raise
+        try:
+            check_tracking_server(uri, timeout=2, attempts=1)
+        except TrackingUnavailable as gone:
+            raise TrackingUnavailable(f"{what}: {gone} (it stopped answering during the run; its outputs are not "
+                                      "recorded in dvc.lock, run the stage again when the server is back)") from error
+        raise
+
+
+@contextmanager
 def stage_run(stage: str, *, params: Mapping[str, Any] | None = None, tags: Mapping[str, Any] | None = None,
               system_metrics: bool = False, datasets: Iterable[str] | None = None) -> Iterator[StageRun]:
     """An MLflow run for one pipeline stage, nested under the flow's run when there is one.
@@ -267,7 +293,7 @@ def stage_run(stage: str, *, params: Mapping[str, Any] | None = None, tags: Mapp
         base_tags["mlflow.parentRunId"] = parent
     # tag values must be strings for the REST store (a bool passes SQLite but fails on a server)
     tags = {key: str(value) for key, value in (tags or {}).items()}
-    with mlflow.start_run(run_name=stage, tags={**base_tags, **tags}, log_system_metrics=system_metrics) as run:
+    with _server_lost(stage), mlflow.start_run(run_name=stage, tags={**base_tags, **tags}, log_system_metrics=system_metrics) as run:
         handle = StageRun(mlflow, run)
         if params:
             handle.log_params(params)
@@ -283,7 +309,7 @@ def pipeline_run(name: str, *, tags: Mapping[str, Any] | None = None) -> Iterato
     commit = git_commit()
     # git_commit: ours since the first runs; mlflow.source.git.commit: what the MLflow UI shows
     run_tags = {"pfp.stage": "pipeline", "git_commit": commit, "mlflow.source.git.commit": commit, **(tags or {})}
-    with mlflow.start_run(run_name=name, tags=run_tags) as run:
+    with _server_lost(f"pipeline run {name}"), mlflow.start_run(run_name=name, tags=run_tags) as run:
         previous = os.environ.get(PARENT_RUN_ENV)
         os.environ[PARENT_RUN_ENV] = run.info.run_id
         try:
