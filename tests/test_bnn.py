@@ -298,7 +298,7 @@ def test_load_rejects_wrong_shape(tmp_path, saved_arrays):
 
 def test_load_rejects_missing_spec(tmp_path, saved_arrays):
     del saved_arrays["spec"]
-    assert "not a readable posterior file" in _load_error(_write(tmp_path, saved_arrays))
+    assert "no model description (entry 'spec')" in _load_error(_write(tmp_path, saved_arrays))
 
 
 def test_load_file_not_found(tmp_path):

@@ -22,8 +22,8 @@ from pfp.convert import pool_before_relu, with_pool_rule  # noqa: E402
 from pfp.data.dirty_mnist import normalise  # noqa: E402
 from pfp.spec import build_spec  # noqa: E402
 from tests.backends.tvm.helpers import random_params  # noqa: E402
+from tests.reliability.numerics import walk64  # noqa: E402
 from tests.reliability.report import record  # noqa: E402
-from tests.reliability.test_numerics_torch import walk64  # noqa: E402
 from tests.servers import real_images  # noqa: E402
 
 BATCH = 8
