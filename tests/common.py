@@ -116,3 +116,17 @@ def make_bundle(folder: Path, model: str = "mlp", *, target: str = "host", batch
     return build_bundle(pfp_model, folder, target=target, batch_sizes=batch_sizes, temperature=temperature,
                         variance_scale=variance_scale, head_draw_count=head_draws, seed=seed,
                         validation_images=validation, threshold=threshold)
+
+
+def assert_served_predictions(predictions: dict, expected: dict) -> None:
+    """The endpoint's ``predictions`` equal the runtime predictor's (``expected``: ``Prediction.to_dict()``)."""
+    from pfp.mlflow_model import OUTPUTS
+
+    assert set(predictions) == set(OUTPUTS)
+    for name in OUTPUTS:
+        got, want = np.asarray(predictions[name]), expected[name]
+        assert got.shape == want.shape, name
+        if want.dtype.kind == "f":
+            np.testing.assert_allclose(got, want, rtol=0, atol=1e-6, err_msg=name)
+        else:
+            np.testing.assert_array_equal(got, want, err_msg=name)

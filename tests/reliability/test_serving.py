@@ -34,6 +34,7 @@ from mlflow.exceptions import MlflowException
 from pfp.mlflow_model import MAX_IMAGES, MAX_IMAGES_ENV, OUTPUTS, log_bundle_model
 from pfp_runtime import InputError, load_bundle
 from pfp_runtime import cli as pfp_cli
+from tests.common import assert_served_predictions
 from tests.reliability.report import record
 from tests.servers import mlflow_model_server, real_images
 
@@ -105,15 +106,7 @@ def _refusal(status: int, raw: bytes) -> str:
 
 
 def _assert_runtime_numbers(raw: bytes, expected: dict) -> None:
-    predictions = json.loads(raw)["predictions"]
-    assert set(predictions) == set(OUTPUTS)
-    for name in OUTPUTS:
-        got, want = np.asarray(predictions[name]), expected[name]
-        assert got.shape == want.shape, name
-        if want.dtype.kind == "f":
-            np.testing.assert_allclose(got, want, rtol=0, atol=1e-6, err_msg=name)
-        else:
-            np.testing.assert_array_equal(got, want, err_msg=name)
+    assert_served_predictions(json.loads(raw)["predictions"], expected)
 
 
 def _server_tree_rss_mb(url: str) -> float:

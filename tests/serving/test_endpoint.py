@@ -10,8 +10,8 @@ import urllib.request
 import numpy as np
 import pytest
 
-from pfp.mlflow_model import OUTPUTS
 from pfp_runtime import load_bundle
+from tests.common import assert_served_predictions
 from tests.servers import real_images
 
 IMAGES = real_images(9, start=20)  # 9 = 4 + 4 + 1: the bundle's chunking runs too
@@ -31,28 +31,17 @@ def _post(url: str, body, content_type: str = "application/json") -> tuple[int, 
             return error.code, {"message": text}
 
 
-def _assert_matches(predictions: dict, expected: dict) -> None:
-    assert set(predictions) == set(OUTPUTS)
-    for name in OUTPUTS:
-        got, want = np.asarray(predictions[name]), expected[name]
-        assert got.shape == want.shape, name
-        if want.dtype.kind == "f":
-            np.testing.assert_allclose(got, want, rtol=0, atol=1e-6, err_msg=name)
-        else:
-            np.testing.assert_array_equal(got, want, err_msg=name)
-
-
 def test_served_batch_is_the_runtime_prediction(endpoint, lenet_bundle):
     runtime = load_bundle(lenet_bundle)
     x01 = (IMAGES / 255.0).astype(np.float32)
     # floats 0-1, as JSON numbers
     status, body = _post(endpoint, {"inputs": x01.tolist()})
     assert status == 200, body
-    _assert_matches(body["predictions"], runtime.predict(x01).to_dict())
+    assert_served_predictions(body["predictions"], runtime.predict(x01).to_dict())
     # integer pixels 0-255 with the pixels parameter: the runtime's numbers for the uint8 images
     status, body = _post(endpoint, {"inputs": IMAGES.tolist(), "params": {"pixels": "0-255"}})
     assert status == 200, body
-    _assert_matches(body["predictions"], runtime.predict(IMAGES).to_dict())
+    assert_served_predictions(body["predictions"], runtime.predict(IMAGES).to_dict())
     assert body["predictions"]["predicted"] == np.argmax(body["predictions"]["probs"], axis=1).tolist()
     # one image; the "instances" form as well
     status, body = _post(endpoint, {"instances": x01[:1].tolist()})
