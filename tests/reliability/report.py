@@ -20,7 +20,7 @@ from pathlib import Path
 
 #: what each kind of row counts
 KINDS = {
-    "fault": "fault scenarios injected into real processes",
+    "fault": "fault cases injected into real processes (a burst counts each request)",
     "bad_input": "bad-input cases tried (refused with a clear error)",
     "property": "property-test examples run",
     "probe": "defects found by probing, fixed and tested",

@@ -11,7 +11,7 @@ def test_markdown_sums_per_kind_and_names_the_tests():
         {"kind": "bad_input", "row": "IDX bytes flipped", "tried": 50, "survived": 49, "tests": ["tests/b.py::test_y"]},
         {"kind": "fault", "row": "disk full", "tried": 1, "survived": 1, "tests": ["tests/c.py::test_z"]},
     ])
-    assert "- fault scenarios injected into real processes: 3 tried, 3 survived" in text
+    assert "- fault cases injected into real processes (a burst counts each request): 3 tried, 3 survived" in text
     assert "- bad-input cases tried (refused with a clear error): 50 tried, 49 survived" in text
     assert "| bad_input | IDX bytes flipped | 50 | 49 | `tests/b.py::test_y` |" in text
 
