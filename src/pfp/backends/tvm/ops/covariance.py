@@ -1,8 +1,9 @@
 """Operators of the covariance-aware PFP's correction (:mod:`pfp.backends.covariance`).
 
 The Jacobian rows of the ``C`` logits are carried as one 2-D tensor ``G`` of shape
-``(B * C, units)`` (row ``b * C + c``), so every backward step is a dense-like reduction the
-hand schedules and the Meta Scheduler already handle.
+``(B * C, units)`` (row ``b * C + c``), so every backward step is one GEMM (``B * C`` rows times
+a weight matrix) that the Meta Scheduler can tune; its weights are stored (reduction, outputs) with
+the output axis zero-padded, which the hand schedule vectorises (:data:`GEMM_ANNOTATION`).
 """
 
 from __future__ import annotations
