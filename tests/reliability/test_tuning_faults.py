@@ -349,7 +349,7 @@ def _tune_with_fault(tmp_path, address, fault) -> tuple[dict, float, str]:
     return json.loads((tmp_path / "report.json").read_text()), time.monotonic() - faulted, log.read_text()
 
 
-# in the quick suite (about 40 s on a quiet host): the fault TVM's runner cannot survive alone
+@pytest.mark.slow  # a tracker, two servers and an RPC tuning: about 40 s (CI is at its 20 minutes)
 def test_rpc_server_hung_during_measurement(tmp_path, two_servers):
     address, servers = two_servers
     report, seconds, log = _tune_with_fault(tmp_path, address, lambda: signal_when_serving(servers, signal.SIGSTOP))
