@@ -338,7 +338,7 @@ def covariance_correction(ctx: _PFPContext) -> Tensor:
              for kind, name, mean, var in records if kind == "dense" and name in noisy}
     # independent: one vector forward through squared mean weights and squared slopes
     boundary = records[0][3]
-    independent = None if boundary is None else boundary
+    independent = boundary
     for i, (kind, name, _mean, _var) in enumerate(records):
         if kind == "dense":
             w2 = params[name].weight_mean.square()
