@@ -89,10 +89,13 @@ run-full: setup
 repro: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 
-# the ARM tests need the cross-linker and qemu: installed here (or a clear failure), never skipped
+# the ARM tests need the cross-linker and qemu: installed here (or a clear failure), never skipped.
+# TEST_WORKERS pytest-xdist workers (most tests are single-threaded and many wait on servers); a worker takes a
+# whole module, or a whole folder whose tests share a costly session fixture (tests/conftest.py: xdist_group)
+TEST_WORKERS ?= 2
 test: setup system-deps
 	$(BIN)/ruff check src tasks flows tests
-	$(BIN)/python -m pytest -q --durations=15
+	$(BIN)/python -m pytest -q --durations=15 -n $(TEST_WORKERS)
 
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow

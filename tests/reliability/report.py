@@ -5,7 +5,8 @@ e.g. ``record("fault", "tuning SIGKILL mid-search", tried=1, survived=1)`` or
 ``record("property", "relu_gaussian (tvm)", tried=examples, survived=examples)``. At the end of
 the session (``tests/conftest.py``) the rows, summed per (kind, row) with the tests that produced
 them, are printed as a table and written to ``$PFP_RELIABILITY_REPORT`` (default
-``reliability-report.json`` in the working directory); ``python -m tests.reliability.report FILE``
+``reliability-report.json`` in the working directory; under pytest-xdist the controller merges
+its workers' rows first); ``python -m tests.reliability.report FILE``
 renders that file as README's Markdown table.
 """
 
@@ -60,6 +61,16 @@ def record(kind: str, row: str, *, tried: int, survived: int) -> None:
         test = _current_test()
         if test not in entry.tests:
             entry.tests.append(test)
+
+
+def merge(entries: list[dict]) -> None:
+    """Add rows recorded in another process (a pytest-xdist worker's, as :func:`rows` gives them)."""
+    with _LOCK:
+        for e in entries:
+            entry = _ROWS.setdefault((e["kind"], e["row"]), Row(e["kind"], e["row"]))
+            entry.tried += e["tried"]
+            entry.survived += e["survived"]
+            entry.tests.extend(t for t in e["tests"] if t not in entry.tests)
 
 
 def rows() -> list[Row]:

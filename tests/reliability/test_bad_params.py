@@ -439,7 +439,6 @@ ONE_MODEL = {
 }
 
 
-@pytest.mark.slow  # a real DVC benchmark stage (about a minute): opt-in to keep CI under its 20 minutes
 def test_one_model_params_run_the_benchmark_stage_under_dvc(tmp_path):
     """dvc.yaml's benchmark stage once declared both models' plot folders, so `models: [mlp]` could not finish it."""
     from flows.workspace import prepare_workspace, stage_env

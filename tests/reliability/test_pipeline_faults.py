@@ -172,7 +172,6 @@ def _mlflow_command(root: Path, port: int) -> list[str]:
             "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--default-artifact-root", str(root / "artifacts")]
 
 
-@pytest.mark.slow
 def test_tracking_server_killed_mid_run_fails_the_stage_clearly_and_a_later_repro_loses_nothing(workspace, tmp_path):
     """The server (its process group) is SIGKILLed while train@mlp runs; after a restart (same store, same port)
     the repro completes."""
@@ -265,7 +264,6 @@ def test_train_killed_mid_write_of_its_posterior_is_never_picked_up_and_is_redon
     record("fault", "stage killed mid-write (train)", tried=1, survived=1)
 
 
-@pytest.mark.slow
 def test_prepare_killed_mid_write_of_its_arrays_is_detected_by_dvc_and_restored(workspace, tmp_path):
     """Plain ``dvc repro`` (no flow): the kill leaves no array file; DVC reports prepare changed and restores it."""
     prepared = workspace / "data/prepared"

@@ -204,7 +204,6 @@ def test_tuning_temp_files_cleaned(tmp_path):
 
 # --------------------------------------------------------------------------- SIGKILL mid-search
 
-@pytest.mark.slow  # two tunings of the tiny module: about 1-2 minutes on 2 cores
 def test_tuning_killed_with_sigkill_resumes(tmp_path):
     import torch
 
@@ -349,7 +348,6 @@ def _tune_with_fault(tmp_path, address, fault) -> tuple[dict, float, str]:
     return json.loads((tmp_path / "report.json").read_text()), time.monotonic() - faulted, log.read_text()
 
 
-@pytest.mark.slow  # a tracker, two servers and an RPC tuning: about 40 s (CI is at its 20 minutes)
 def test_rpc_server_hung_during_measurement(tmp_path, two_servers):
     address, servers = two_servers
     report, seconds, log = _tune_with_fault(tmp_path, address, lambda: signal_when_serving(servers, signal.SIGSTOP))
@@ -370,7 +368,6 @@ def test_rpc_server_hung_during_measurement(tmp_path, two_servers):
     record("fault", "RPC server hung (SIGSTOP) during measurement", tried=1, survived=1)
 
 
-@pytest.mark.slow  # a tracker, two servers and two RPC tunings: 2-3 minutes
 def test_rpc_server_killed_during_measurement(tmp_path, two_servers):
     address, servers = two_servers
     tried = survived = 0
@@ -401,12 +398,14 @@ def test_rpc_server_killed_during_measurement(tmp_path, two_servers):
     assert report["error"] is not None and f"has no server registered under key {KEY!r}" in report["error"], report
     assert "tuning stopped" in report["error"] and address in report["error"]
     search = [m for m in report["measurements"] if m["phase"] == "search"]
-    # the measurement in the killed session asks the tracker again and waits in its queue: killed at the bound
-    # (a Timeout); every later one fails at once, naming the key, instead of waiting out its own time-out
+    # the measurement in the killed session fails at once on its board (the socket is gone), or, killed while its
+    # session was being set up, asks the tracker again and waits in its queue: killed at the bound (a Timeout);
+    # every later one fails at once, naming the key, instead of waiting out its own time-out
     assert search and all(m["ms"] is None for m in search), search
-    timeouts = [m for m in search if m["error"].startswith("RPCRunner: Timeout")]
-    assert len(timeouts) <= 1 and all("no RPC server is registered under key" in m["error"]
-                                      for m in search if m not in timeouts), search
+    in_session = [m for m in search if m["error"].startswith("RPCRunner: Timeout")
+                  or (m["board"] != "unknown" and "Socket" in m["error"])]
+    assert len(in_session) <= 1 and all("no RPC server is registered under key" in m["error"]
+                                        for m in search if m not in in_session), search
     assert seconds < 180, f"{seconds:.0f} s after the last server was killed"
     survived += 1
     record("fault", "RPC server killed during measurement", tried=tried, survived=survived)
