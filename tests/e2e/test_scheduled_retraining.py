@@ -105,7 +105,6 @@ def _reverse_idx(path: Path, header: int) -> None:
     path.write_bytes(gzip.compress(raw[:header] + body.reshape(count, -1)[::-1].tobytes()))
 
 
-@pytest.mark.slow  # about 3 minutes (a retraining run on the worker); the quick suite keeps the worker's failure path
 def test_deployment_runs_on_a_worker_queued_skipping_and_retraining_on_new_data(prefect_api, tiny_pipeline):
     from flows import deployment
     from flows.artifacts import METRICS_KEY, MLFLOW_KEY, PROMOTION_KEY, STAGES_KEY
@@ -159,7 +158,7 @@ def test_failed_stage_shows_its_cause_in_the_prefect_api(prefect_api, tmp_path):
     _, worker, worker_log = prefect_api
     empty = tmp_path / "no-images"
     empty.mkdir()
-    # its own deployment on the same pool and worker (the retraining test's is opt-in, -m slow)
+    # its own deployment on the same pool and worker (the retraining test's runs in the shared tiny run's workspace)
     deployment.deploy(cron=None, parameters={"workdir": str(tmp_path / "workspace")}, name="failure-paths")
     name = f"{deployment.FLOW_NAME}/failure-paths"
     run = deployment.trigger({"workdir": str(tmp_path / "workspace"), "params": str(tmp_path / "missing.yaml"),
