@@ -54,23 +54,21 @@ def record(kind: str, row: str, *, tried: int, survived: int) -> None:
         raise ValueError(f"unknown reliability kind {kind!r}; one of {sorted(KINDS)}")
     if not (0 <= survived <= tried):
         raise ValueError(f"survived ({survived}) must be within 0..tried ({tried})")
-    with _LOCK:
-        entry = _ROWS.setdefault((kind, row), Row(kind, row))
-        entry.tried += tried
-        entry.survived += survived
-        test = _current_test()
-        if test not in entry.tests:
-            entry.tests.append(test)
+    _add(kind, row, tried, survived, [_current_test()])
 
 
 def merge(entries: list[dict]) -> None:
     """Add rows recorded in another process (a pytest-xdist worker's, as :func:`rows` gives them)."""
+    for e in entries:
+        _add(e["kind"], e["row"], e["tried"], e["survived"], e["tests"])
+
+
+def _add(kind: str, row: str, tried: int, survived: int, tests: list[str]) -> None:
     with _LOCK:
-        for e in entries:
-            entry = _ROWS.setdefault((e["kind"], e["row"]), Row(e["kind"], e["row"]))
-            entry.tried += e["tried"]
-            entry.survived += e["survived"]
-            entry.tests.extend(t for t in e["tests"] if t not in entry.tests)
+        entry = _ROWS.setdefault((kind, row), Row(kind, row))
+        entry.tried += tried
+        entry.survived += survived
+        entry.tests.extend(t for t in tests if t not in entry.tests)
 
 
 def rows() -> list[Row]:
