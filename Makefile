@@ -95,7 +95,8 @@ repro: setup
 TEST_WORKERS ?= 2
 test: setup system-deps
 	$(BIN)/ruff check src tasks flows tests
-	$(BIN)/python -m pytest -q --durations=15 -n $(TEST_WORKERS)
+	$(BIN)/python -m pytest -q --durations=15 -n $(TEST_WORKERS) -m 'not slow and not quiet_host'
+	$(BIN)/python -m pytest -q -m 'quiet_host and not slow'
 
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow

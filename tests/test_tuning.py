@@ -189,6 +189,7 @@ def guarded(tmp_path_factory):
     return out, {lib.variant: lib for lib in libraries}
 
 
+@pytest.mark.quiet_host  # times the host: `make test` runs it after the parallel part, alone
 def test_guard_keeps_the_hand_build_when_the_tuned_module_is_slower(guarded):
     out, libraries = guarded
     lib = libraries[Variant.PFP]
@@ -207,6 +208,7 @@ def test_guard_keeps_the_hand_build_when_the_tuned_module_is_slower(guarded):
     assert shipped < (guard["tuned_ms"] * guard["hand_ms"]) ** 0.5
 
 
+@pytest.mark.quiet_host  # times the host: `make test` runs it after the parallel part, alone
 def test_guard_keeps_the_tuned_module_when_it_is_as_fast(guarded):
     out, libraries = guarded
     lib = libraries[Variant.DET]
