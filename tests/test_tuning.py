@@ -202,9 +202,7 @@ def test_guard_keeps_the_hand_build_when_the_tuned_module_is_slower(guarded):
     library = load_library(out, "host", Variant.PFP, 10, model="mlp")
     info = library.describe()
     assert info["schedule"] == "hand" and info["guard"]["kept"] == "hand" and info["guard"]["tuned_ms"] == guard["tuned_ms"]
-    # its own speed: the fastest of 9 rounds (`make test`'s other xdist worker shares the two cores; a median
-    # measured under that load is compared with the guard's figures from a quieter moment)
-    shipped = min(library.time(number=200, repeat=1)["median_ms"] for _ in range(9))
+    shipped = np.median([library.time(number=200, repeat=1)["median_ms"] for _ in range(5)])
     assert shipped < (guard["tuned_ms"] * guard["hand_ms"]) ** 0.5
 
 
